@@ -1,0 +1,359 @@
+"""Closed-form score machines: IS, LS, ELS and bbELS.
+
+References:
+- M. Kamb and S. Ganguli, "An analytic theory of creativity in convolutional diffusion
+  models", ICML 2025 (arXiv 2412.20292); eq. 38 for ELS.  theory.md section 2 restates the
+  machines; section 1 the conversion ``eps_hat = -b_t * s``.
+- Public code: github.com/Kambm/convolutional_diffusion (MIT).  Deviations, on purpose:
+  the softmax is normalised over the WHOLE dictionary (the public code averages per batch);
+  ELS offers both the theory's periodic dictionary (default) and the public code's
+  interior-only ("valid") one.
+
+Usage::
+
+    from els_audit.machines import build_machine
+    m = build_machine("ELS", images, labels, schedule="cosine-legacy", dictionary="periodic")
+    s = m.score(x, t, k=5)                 # x (B, C, H, W), t float or (B,) -> (B, C, H, W)
+    s, diag = m.score(x, t, k=5, diagnostics=True)
+
+All machines share one exact kernel (:mod:`._engine`): a grouped, tiled, online-softmax
+dot-product attention over a deduplicated patch dictionary (:mod:`._dictionary`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..schedules import NoiseSchedule, get_schedule
+from ._dictionary import PatchDictionary, build_dictionary
+from ._engine import grouped_softmax_average
+
+__all__ = ["build_machine", "ScoreMachine", "ScoreDiagnostics", "MACHINE_KINDS", "scale_schedule_eps"]
+
+MACHINE_KINDS = ("IS", "LS", "ELS", "bbELS")
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class ScoreDiagnostics:
+    """Per-pixel diagnostics from the same pass as the score.
+
+    Shapes (B, H, W):
+      source_image: long, index (into the images given to ``build_machine``) of the
+          highest-weight dictionary entry; source_y, source_x: the centre of its patch.
+          Identical patches are merged: the first occurrence (lowest image index, then
+          row-major position) stands for all of them.
+      weight: softmax weight of that single entry.
+      multiplicity: how many identical entries share that weight.
+      entropy: softmax entropy (nats) over the whole dictionary.
+    """
+
+    source_image: torch.Tensor
+    source_y: torch.Tensor
+    source_x: torch.Tensor
+    weight: torch.Tensor
+    multiplicity: torch.Tensor
+    entropy: torch.Tensor
+
+    def to_dict(self) -> dict:
+        return {f: getattr(self, f).tolist() for f in self.__dataclass_fields__}
+
+
+class ScoreMachine:
+    """A closed-form score machine over a fixed training set.
+
+    Build with :func:`build_machine`.  ``score(x, t, k)`` returns the machine's score;
+    ``eps(x, t, label, k)`` the equivalent noise prediction ``-b_t * s`` that drives the
+    shared DDIM sampler.
+    """
+
+    def __init__(self, kind: str, images: torch.Tensor, labels: Optional[torch.Tensor],
+                 schedule: NoiseSchedule, dictionary: str, k: Optional[int], memory_budget: int):
+        self.kind = kind
+        self.images = images
+        self.labels = labels
+        self.schedule = schedule
+        self.dictionary = dictionary
+        self.default_k = k
+        self.memory_budget = int(memory_budget)
+        self._cache: "OrderedDict[tuple, PatchDictionary]" = OrderedDict()
+
+    # -- public ---------------------------------------------------------------------------
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def to_dict(self) -> dict:
+        N, C, H, W = self.images.shape
+        return {"kind": self.kind, "dictionary": self.dictionary if self.kind == "ELS" else None,
+                "schedule": getattr(self.schedule, "name", repr(self.schedule)),
+                "n_images": N, "image_shape": [C, H, W], "default_k": self.default_k,
+                "conditional": self.labels is not None, "dtype": str(self.images.dtype)}
+
+    def score(self, x: torch.Tensor, t: Union[float, torch.Tensor], k: Optional[int] = None,
+              label: Union[None, int, torch.Tensor] = None, *, diagnostics: bool = False):
+        """The machine's score at ``x``.
+
+        Args:
+            x: (B, C, H, W) noisy images, same dtype as the machine's images.
+            t: time in [0, 1], a float or a (B,) tensor.
+            k: odd patch size (ignored by IS); defaults to the ``k`` given at build time.
+            label: restrict the dictionary to training images of this class: an int, or a
+                (B,) tensor of per-image labels.  Needs labels at build time.
+            diagnostics: also return :class:`ScoreDiagnostics`.
+        Returns:
+            score (B, C, H, W), or ``(score, diagnostics)``.
+        """
+        x = self._check_x(x)
+        B = x.shape[0]
+        t_vec = self._check_t(t, B, x.dtype)
+        a, b = self.schedule.alpha_sigma(t_vec, dtype=x.dtype)                        # (B,), (B,)
+        if torch.any(b <= 0):
+            raise ValueError("the score is undefined at t = 0 (b_t = 0); use t > 0")
+        k = self._resolve_k(k)
+        labels = self._check_label(label, B)
+        if labels is None:
+            mean, diag = self._mean_centre(x, a, b, k, None, diagnostics)
+        else:
+            mean = torch.empty_like(x)
+            parts = []
+            for lab in torch.unique(labels).tolist():
+                sel = (labels == lab).nonzero().flatten()
+                m_l, d_l = self._mean_centre(x[sel], a[sel], b[sel], k, int(lab), diagnostics)
+                mean[sel] = m_l
+                parts.append((sel, d_l))
+            diag = _merge_diag(parts, B) if diagnostics else None
+        score = -(x - a[:, None, None, None] * mean) / (b**2)[:, None, None, None]
+        return (score, diag) if diagnostics else score
+
+    def eps(self, x: torch.Tensor, t: Union[float, torch.Tensor], label=None, k: Optional[int] = None):
+        """Noise prediction ``eps_hat = -b_t * score`` (theory.md section 1)."""
+        x = self._check_x(x)
+        t_vec = self._check_t(t, x.shape[0], x.dtype)
+        _, b = self.schedule.alpha_sigma(t_vec, dtype=x.dtype)
+        return -b[:, None, None, None] * self.score(x, t_vec, k=k, label=label)
+
+    def denoised(self, x: torch.Tensor, t, k: Optional[int] = None, label=None) -> torch.Tensor:
+        """The machine's estimate of the clean image, E[x0 | x_t] = sum_j w_j centre_j."""
+        x = self._check_x(x)
+        t_vec = self._check_t(t, x.shape[0], x.dtype)
+        a, b = self.schedule.alpha_sigma(t_vec, dtype=x.dtype)
+        s = self.score(x, t_vec, k=k, label=label)
+        return (x + (b**2)[:, None, None, None] * s) / a[:, None, None, None]
+
+    def dictionary_stats(self, k: Optional[int] = None, label: Optional[int] = None) -> dict:
+        """Sizes of the dictionary at ``k``: keys before and after merging duplicates."""
+        if self.kind == "IS":
+            n = int(self._images_for(label)[0].shape[0])
+            return {"k": None, "groups": 1, "keys": n, "unique_keys": n}
+        d = self._dictionary(self._resolve_k(k), label)
+        return {"k": d.k, "groups": len(d.groups), "keys": d.total_keys, "unique_keys": d.unique_keys,
+                "bytes": d.nbytes()}
+
+    # -- internals ------------------------------------------------------------------------
+    def _mean_centre(self, x, a, b, k, label, diagnostics):
+        B, C, H, W = x.shape
+        imgs, ids = self._images_for(label)
+        if self.kind == "IS":
+            return _ideal_mean(imgs, ids, x, a, b, diagnostics)
+        dic = self._dictionary(k, label)
+        r = k // 2
+        if dic.mode == "zeros":
+            q = F.unfold(x, k, padding=r)                                              # (B, Ckk, HW)
+        else:
+            q = F.unfold(_circular_pad(x, r), k)                                        # (B, Ckk, HW)
+        res = grouped_softmax_average(dic, q, a, b, diagnostics=diagnostics)
+        mean = res.mean_centre.reshape(B, C, H, W)
+        if not diagnostics:
+            return mean, None
+        src = res.winner_source.reshape(B, H, W, 3)
+        diag = ScoreDiagnostics(src[..., 0], src[..., 1], src[..., 2],
+                                res.winner_weight.reshape(B, H, W),
+                                res.winner_count.reshape(B, H, W), res.entropy.reshape(B, H, W))
+        return mean, diag
+
+    def _images_for(self, label):
+        if label is None:
+            return self.images, torch.arange(self.images.shape[0])
+        ids = (self.labels == label).nonzero().flatten()
+        return self.images[ids], ids
+
+    def _dictionary(self, k: int, label: Optional[int]) -> PatchDictionary:
+        key = (k, label)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        imgs, ids = self._images_for(label)
+        mode = {"LS": "zeros", "bbELS": "zeros"}.get(self.kind) or (
+            "circular" if self.dictionary == "periodic" else "valid")
+        d = build_dictionary(self.kind, imgs, k, mode=mode, image_ids=ids)
+        self._cache[key] = d
+        # NB: keep cached dictionaries within the memory budget (least recently used out)
+        while len(self._cache) > 1 and sum(v.nbytes() for v in self._cache.values()) > self.memory_budget // 2:
+            self._cache.popitem(last=False)
+        return d
+
+    def _resolve_k(self, k):
+        if self.kind == "IS":
+            return None
+        k = self.default_k if k is None else k
+        if k is None:
+            raise ValueError(f"{self.kind} needs a patch size: pass k= to score() or build_machine()")
+        _check_k(k)
+        return int(k)
+
+    def _check_x(self, x):
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            raise ValueError(f"x must be a (B, C, H, W) tensor; got {getattr(x, 'shape', type(x))}")
+        if tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"x has shape (C, H, W) = {tuple(x.shape[1:])} but the dictionary images are "
+                             f"{self.image_shape}; resize the input or build the machine on matching data")
+        if x.dtype != self.images.dtype:
+            raise ValueError(f"x is {x.dtype} but the machine's images are {self.images.dtype}; convert one")
+        if not torch.all(torch.isfinite(x)):
+            raise ValueError("x contains NaN or infinite values")
+        return x
+
+    @staticmethod
+    def _check_t(t, B, dtype):
+        t = torch.as_tensor(t, dtype=dtype)
+        if t.ndim == 0:
+            t = t.expand(B)
+        if t.shape != (B,):
+            raise ValueError(f"t must be a float or a ({B},) tensor; got shape {tuple(t.shape)}")
+        return t
+
+    def _check_label(self, label, B):
+        if label is None:
+            return None
+        if self.labels is None:
+            raise ValueError("a label was given but the machine was built without labels; pass labels= to build_machine")
+        lab = torch.as_tensor(label, dtype=torch.long)
+        if lab.ndim == 0:
+            lab = lab.expand(B)
+        if lab.shape != (B,):
+            raise ValueError(f"label must be an int or a ({B},) tensor; got shape {tuple(lab.shape)}")
+        present = set(torch.unique(self.labels).tolist())
+        missing = sorted(set(lab.tolist()) - present)
+        if missing:
+            raise ValueError(f"no training images with label(s) {missing}; labels present: {sorted(present)}")
+        return lab
+
+
+def build_machine(kind: str, images: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+                  schedule: Union[str, NoiseSchedule] = "cosine-legacy", dictionary: str = "periodic",
+                  k: Optional[int] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> ScoreMachine:
+    """Build a closed-form score machine over training images.
+
+    Args:
+        kind: "IS" (ideal score), "LS" (local score), "ELS" (equivariant local score) or
+            "bbELS" (boundary-broken ELS); see theory.md section 2.
+        images: (N, C, H, W) training images, usually in [-1, 1]; float32 or float64 (the
+            computation runs in this dtype).
+        labels: optional (N,) integer class labels, enabling ``label=`` in ``score``.
+        schedule: noise schedule name or object giving (a_t, b_t).
+        dictionary: ELS only: "periodic" (every patch at every location with wrap-around,
+            the theory) or "valid" (interior patches only, the authors' public code).
+        k: default odd patch size for ``score`` (not used by IS).
+        memory_budget: bytes; cached dictionaries are evicted beyond half of it and the
+            kernel's tiles are small, so memory is bounded whatever N, H, W and k are.
+    Returns:
+        :class:`ScoreMachine`.
+    """
+    if kind not in MACHINE_KINDS:
+        raise ValueError(f"unknown machine kind {kind!r}; choose one of {', '.join(MACHINE_KINDS)}")
+    if dictionary not in ("periodic", "valid"):
+        raise ValueError(f"dictionary must be 'periodic' or 'valid'; got {dictionary!r}")
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty (N, C, H, W) tensor; got {getattr(images, 'shape', type(images))}")
+    if images.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"images must be float32 or float64; got {images.dtype}")
+    if not torch.all(torch.isfinite(images)):
+        raise ValueError("images contain NaN or infinite values")
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},); got {tuple(labels.shape)}")
+    if k is not None:
+        _check_k(k)
+    return ScoreMachine(kind, images.contiguous(), labels, get_schedule(schedule), dictionary, k, memory_budget)
+
+
+def scale_schedule_eps(machine: ScoreMachine, scales: Sequence[int], steps: int):
+    """An ``eps(x, t, label)`` callable that uses ``scales[i-1]`` at grid time ``t_i = i/steps``.
+
+    ``scales`` has one odd patch size per step, index 0 = least noise (t = 1/steps), as in
+    theory.md's table.  Drive it with :func:`els_audit.sampler.ddim_sample` on the same
+    ``steps``.
+    """
+    if len(scales) != steps:
+        raise ValueError(f"need one scale per step: got {len(scales)} scales for {steps} steps")
+    for k in scales:
+        _check_k(k)
+
+    def eps(x, t, label=None):
+        t0 = float(torch.as_tensor(t).reshape(-1)[0])
+        i = int(round(t0 * steps))
+        if not 1 <= i <= steps or abs(t0 * steps - i) > 1e-6:
+            raise ValueError(f"t = {t0} is not on the {steps}-step grid")
+        return machine.eps(x, t, label=label, k=scales[i - 1])
+
+    return eps
+
+
+# ---------------------------------------------------------------------------------------
+def _check_k(k) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k <= 0 or k % 2 == 0:
+        raise ValueError(f"patch size k must be a positive odd integer; got {k!r}")
+
+
+def _circular_pad(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Circular padding by r on H and W, wrapping as often as needed (F.pad refuses r > size)."""
+    H, W = x.shape[-2:]
+    ry, rx = -(-r // H) * 2 + 1, -(-r // W) * 2 + 1
+    tiled = x.repeat(1, 1, ry, rx)
+    oy, ox = (ry // 2) * H - r, (rx // 2) * W - r
+    return tiled[:, :, oy: oy + H + 2 * r, ox: ox + W + 2 * r]
+
+
+def _ideal_mean(imgs, ids, x, a, b, diagnostics):
+    """IS: one softmax over whole images (the optimum of score matching)."""
+    B = x.shape[0]
+    flat_d = imgs.reshape(imgs.shape[0], -1)                                              # (N, D)
+    flat_x = x.reshape(B, -1)                                                            # (B, D)
+    mu = flat_d.mean(0)
+    d = flat_d - mu                                                                      # p' = p - mu
+    q = flat_x - a[:, None] * mu                                                         # q' = q - a mu
+    logits = (a / b**2)[:, None] * (q @ d.t()) - ((a**2) / (2 * b**2))[:, None] * (d * d).sum(1)  # (B, N)
+    logz = torch.logsumexp(logits, 1, keepdim=True)
+    w = torch.exp(logits - logz)                                                         # (B, N)
+    mean = (w @ flat_d).reshape(x.shape)
+    if not diagnostics:
+        return mean, None
+    _, H, W = x.shape[1:]
+    best = w.argmax(1)                                                                   # (B,)
+    ent = -(w * torch.log(w.clamp_min(torch.finfo(w.dtype).tiny))).sum(1)
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    full = lambda v: v[:, None, None].expand(B, H, W).clone()  # noqa: E731
+    diag = ScoreDiagnostics(full(ids[best]), yy.expand(B, H, W).clone(), xx.expand(B, H, W).clone(),
+                            full(w.gather(1, best[:, None])[:, 0]), torch.ones(B, H, W, dtype=torch.long),
+                            full(ent))
+    return mean, diag
+
+
+def _merge_diag(parts, B):
+    first = parts[0][1]
+    fields = {}
+    for f in first.__dataclass_fields__:
+        ref = getattr(first, f)
+        out = torch.empty((B,) + tuple(ref.shape[1:]), dtype=ref.dtype)
+        for sel, d in parts:
+            out[sel] = getattr(d, f)
+        fields[f] = out
+    return ScoreDiagnostics(**fields)
