@@ -120,39 +120,49 @@ def _axis_patterns(n: int, r: int) -> list[tuple[list[int], list[int]]]:
 def _hash_dedup(patches_fn: "_KeyEnumerator", total: int, K: int, chunk: int, seed: int = 0x5EED):
     """Exact deduplication of ``total`` patch rows produced chunk-wise by ``patches_fn``.
 
-    Rows are hashed by two random float64 projections; rows with equal hashes are then
-    compared element-wise with their representative, so a hash collision can never merge
-    two different patches (it falls back to an exact row-wise ``torch.unique``).
+    Rows are hashed by a random float64 projection and sorted (stable) by hash; rows with
+    equal hashes are then compared element-wise with their representative, so a hash
+    collision can never merge two different patches (it falls back to an exact row-wise
+    ``torch.unique``).  The same pass accumulates the float64 sum of all rows.
 
-    Returns (rep_index (M,), inverse (total,), counts (M,)), where rep_index is the first
-    occurrence of each unique row.
+    Returns (rep_index (M,), inverse (total,), counts (M,), row_sum (K,) float64), where
+    rep_index is the first occurrence of each unique row.
     """
     g = torch.Generator().manual_seed(seed)
-    R = torch.randn(K, 2, generator=g, dtype=torch.float64)
-    h = torch.empty(total, 2, dtype=torch.float64)
+    R = torch.randn(K, generator=g, dtype=torch.float64)
+    h = torch.empty(total, dtype=torch.float64)
+    row_sum = torch.zeros(K, dtype=torch.float64)
     for s in range(0, total, chunk):
         e = min(total, s + chunk)
-        h[s:e] = patches_fn(s, e).to(torch.float64) @ R
-    _, inverse, counts = torch.unique(h, dim=0, return_inverse=True, return_counts=True)
-    M = counts.numel()
-    rep = torch.full((M,), total, dtype=torch.long)
-    rep.scatter_reduce_(0, inverse, torch.arange(total), reduce="amin")
+        rows = patches_fn(s, e).to(torch.float64)
+        h[s:e] = rows @ R
+        row_sum += rows.sum(0)
+    rep, inverse, counts = _runs(h)
     # verify: every row equals its representative
-    ok = True
     for s in range(0, total, chunk):
         e = min(total, s + chunk)
-        rows = patches_fn(s, e)
-        reps = patches_fn.at(rep[inverse[s:e]])
-        if not torch.equal(rows, reps):
-            ok = False
+        if not torch.equal(patches_fn(s, e), patches_fn.at(rep[inverse[s:e]])):
             break
-    if ok:
-        return rep, inverse, counts
+    else:
+        return rep, inverse, counts, row_sum
     # NB: hash collision (never observed); exact but slow fallback.
     allrows = torch.cat([patches_fn(s, min(total, s + chunk)) for s in range(0, total, chunk)])
     _, inverse, counts = torch.unique(allrows, dim=0, return_inverse=True, return_counts=True)
     rep = torch.full((counts.numel(),), total, dtype=torch.long)
     rep.scatter_reduce_(0, inverse, torch.arange(total), reduce="amin")
+    return rep, inverse, counts, row_sum
+
+
+def _runs(h: torch.Tensor):
+    """Groups of equal values in h: (first index of each group, group id per element, sizes)."""
+    hs, order = torch.sort(h, stable=True)              # equal hashes keep index order
+    new = torch.ones_like(hs, dtype=torch.bool)
+    new[1:] = hs[1:] != hs[:-1]
+    run_id = torch.cumsum(new, 0) - 1                                                # (total,)
+    rep = order[new]                                     # first (lowest) index of each run
+    inverse = torch.empty_like(run_id)
+    inverse[order] = run_id
+    counts = torch.bincount(run_id)
     return rep, inverse, counts
 
 
@@ -174,6 +184,10 @@ class _KeyEnumerator:
         self.pos_base = (yy.reshape(-1) + oy) * Wp + (xx.reshape(-1) + ox)             # (npos,)
         self.img_stride = C * Hp * Wp
         self.total = n_img * self.npos
+        self.k = int(round((offsets.numel() // C) ** 0.5))
+        # index of each key position among the unfold windows of a padded image
+        self.pos_win = (yy.reshape(-1) + oy) * (Wp - self.k + 1) + (xx.reshape(-1) + ox)
+        self.n_windows = (Hp - self.k + 1) * (Wp - self.k + 1)
 
     def base(self, idx: torch.Tensor) -> torch.Tensor:
         img, pos = idx // self.npos, idx % self.npos
@@ -187,7 +201,12 @@ class _KeyEnumerator:
         return torch.take(self.padded, self.base(idx)[:, None] + self.offsets[None, :])
 
     def __call__(self, s: int, e: int) -> torch.Tensor:
-        return self.at(torch.arange(s, e))
+        """Rows s..e-1; whole images at a time use unfold (much faster than a gather)."""
+        if s % self.npos or e % self.npos or 4 * self.npos < self.n_windows:
+            return self.at(torch.arange(s, e))
+        n0, n1 = s // self.npos, e // self.npos
+        win = F.unfold(self.padded[n0:n1], self.k)                          # (n, K, L) all windows
+        return win[:, :, self.pos_win].permute(0, 2, 1).reshape(-1, win.shape[1])  # (n*npos, K)
 
 
 def build_dictionary(
@@ -257,12 +276,9 @@ def build_dictionary(
     groups = []
     for qy, qx, ky, kx in specs:
         enum = _KeyEnumerator(padded, offsets, N, torch.tensor(ky), torch.tensor(kx), origin, image_ids)
-        rep, inverse, counts = _hash_dedup(enum, enum.total, K, chunk)
-        # group mean patch and unique-key statistics
-        mean = torch.zeros(K, dtype=torch.float64)
-        for s in range(0, enum.total, chunk):
-            mean += enum(s, min(enum.total, s + chunk)).to(torch.float64).sum(0)
-        mean = (mean / enum.total).to(images.dtype)                                   # (K,)
+        img_chunk = max(1, chunk // enum.npos) * enum.npos                             # whole images
+        rep, inverse, counts, row_sum = _hash_dedup(enum, enum.total, K, img_chunk)
+        mean = (row_sum / enum.total).to(images.dtype)                                # (K,) group mean patch
         M = rep.numel()
         sq = torch.empty(M, dtype=images.dtype)
         cen = torch.empty(M, C, dtype=images.dtype)

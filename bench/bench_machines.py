@@ -1,0 +1,114 @@
+"""Side-by-side timing of the machines engine against the unfold + GEMM baseline.
+
+    python bench/bench_machines.py                  # MNIST-5k at 32x32, the full table
+    python bench/bench_machines.py --smoke          # 300 images, a few cells (about a minute)
+
+Both run in one process, float32, all threads, alternating (engine, baseline) per cell and
+keeping the best of --repeat runs each, so machine noise hits both alike.  Dictionaries are
+built once per k for both before timing (build times are reported separately).  The answer
+of every cell is compared: max |s_engine - s_baseline| / max |s_baseline|.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baseline import UnfoldGemmMachine  # noqa: E402
+
+from els_audit.data import load_dataset  # noqa: E402
+from els_audit.machines import build_machine  # noqa: E402
+from els_audit.schedules import get_schedule  # noqa: E402
+
+
+def best_of(fn, repeat):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="mnist5k:size=32")
+    ap.add_argument("--batch", type=int, default=2, help="query images per evaluation")
+    ap.add_argument("--kinds", default="bbELS,ELS")
+    ap.add_argument("--single-ks", default="3,7,11,15")
+    ap.add_argument("--sweep-ks", default="3,5,7,9,11,13,15")
+    ap.add_argument("--ts", default="0.1,0.5,0.9")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    ap.add_argument("--smoke", action="store_true", help="small and quick: 300 images, k 3 and 7, t 0.5")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.data, args.single_ks, args.sweep_ks, args.ts = "mnist5k:size=32:limit=300", "3,7", "3,5,7", "0.5"
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ds = load_dataset(args.data)
+    imgs = ds.images                                                             # (N, C, H, W)
+    N, C, H, W = imgs.shape
+    sched = get_schedule("cosine-legacy")
+    # queries: noised, horizontally flipped training digits (digit-like, not in the dictionary)
+    g = torch.Generator().manual_seed(0)
+    x0 = imgs[torch.randperm(N, generator=g)[: args.batch]].flip(-1)
+    noise = torch.randn(x0.shape, generator=g)
+    kinds = args.kinds.split(",")
+    single_ks = [int(v) for v in args.single_ks.split(",")]
+    sweep_ks = [int(v) for v in args.sweep_ks.split(",")]
+    ts = [float(v) for v in args.ts.split(",")]
+    all_ks = sorted(set(single_ks) | set(sweep_ks))
+    print(f"data {args.data}: N={N} {C}x{H}x{W}; batch {args.batch}; threads {torch.get_num_threads()}", flush=True)
+
+    rows, builds = [], []
+    for kind in kinds:
+        eng = build_machine(kind, imgs)
+        base = {}
+        for k in all_ks:
+            tb, base[k] = best_of(lambda: UnfoldGemmMachine(kind, imgs, k), 1)
+            te, _ = best_of(lambda: eng._dictionary(k, None), 1)
+            st = eng.dictionary_stats(k)
+            builds.append({"kind": kind, "k": k, "baseline_build_s": tb, "engine_build_s": te,
+                           "keys": st["keys"], "unique_keys": st["unique_keys"]})
+            print(f"  build {kind} k={k}: baseline {tb:.1f}s, engine {te:.1f}s, "
+                  f"keys {st['keys']} -> unique {st['unique_keys']} ({st['unique_keys'] / st['keys']:.1%})", flush=True)
+        for t in ts:
+            a, b = (float(v) for v in sched.alpha_sigma(t))
+            x = a * x0 + b * noise
+            times = {}
+            for k in all_ks:
+                te, s_e = best_of(lambda: eng.score(x, t, k=k), args.repeat)
+                tb, s_b = best_of(lambda: base[k].score(x, a, b), args.repeat)
+                err = ((s_e - s_b).abs().max() / s_b.abs().max()).item()
+                logits = args.batch * H * W * N * H * W
+                times[k] = (te, tb)
+                row = {"kind": kind, "t": t, "k": k, "engine_s": te, "baseline_s": tb, "speedup": tb / te,
+                       "rel_err": err, "engine_logits_per_s": logits / te, "baseline_logits_per_s": logits / tb,
+                       "single": k in single_ks}
+                rows.append(row)
+                print(f"  {kind:5s} t={t:.1f} k={k:2d}: engine {te:7.2f}s  baseline {tb:7.2f}s  "
+                      f"x{tb / te:5.2f}  err {err:.1e}  {logits / te / 1e9:.2f} G logits/s", flush=True)
+            se = sum(times[k][0] for k in sweep_ks)
+            sb = sum(times[k][1] for k in sweep_ks)
+            rows.append({"kind": kind, "t": t, "k": "sweep", "engine_s": se, "baseline_s": sb, "speedup": sb / se})
+            print(f"  {kind:5s} t={t:.1f} sweep {sweep_ks}: engine {se:.1f}s baseline {sb:.1f}s  x{sb / se:.2f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "builds": builds,
+                                         "rows": rows, "threads": torch.get_num_threads(),
+                                         "torch": torch.__version__}, indent=1))
+    worst = max((r["rel_err"] for r in rows if "rel_err" in r), default=0.0)
+    print(f"max relative difference engine vs baseline: {worst:.1e}")
+    return 0 if worst < 1e-4 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
