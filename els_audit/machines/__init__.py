@@ -50,7 +50,9 @@ class ScoreDiagnostics:
           Identical patches are merged: the first occurrence (lowest image index, then
           row-major position) stands for all of them.
       weight: softmax weight of that single entry.
-      multiplicity: how many identical entries share that weight.
+      multiplicity: how many identical entries were merged with it (they share its weight);
+          1 when the dictionary streams because deduplication would exceed the memory
+          budget (then duplicates are not merged and not counted).
       entropy: softmax entropy (nats) over the whole dictionary.
     """
 
@@ -154,7 +156,7 @@ class ScoreMachine:
             return {"k": None, "groups": 1, "keys": n, "unique_keys": n}
         d = self._dictionary(self._resolve_k(k), label)
         return {"k": d.k, "groups": len(d.groups), "keys": d.total_keys, "unique_keys": d.unique_keys,
-                "bytes": d.nbytes()}
+                "deduplicated": d.deduplicated, "bytes": d.nbytes()}
 
     # -- internals ------------------------------------------------------------------------
     def _mean_centre(self, x, a, b, k, label, diagnostics):
@@ -192,7 +194,7 @@ class ScoreMachine:
         imgs, ids = self._images_for(label)
         mode = {"LS": "zeros", "bbELS": "zeros"}.get(self.kind) or (
             "circular" if self.dictionary == "periodic" else "valid")
-        d = build_dictionary(self.kind, imgs, k, mode=mode, image_ids=ids)
+        d = build_dictionary(self.kind, imgs, k, mode=mode, image_ids=ids, dedup_budget=self.memory_budget // 2)
         self._cache[key] = d
         # NB: keep cached dictionaries within the memory budget (least recently used out)
         while len(self._cache) > 1 and sum(v.nbytes() for v in self._cache.values()) > self.memory_budget // 2:

@@ -31,40 +31,99 @@ whatever N, H, W and k are.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PatchGroup", "PatchDictionary", "build_dictionary", "patch_offsets"]
+__all__ = ["KeyChunk", "PatchGroup", "PatchDictionary", "build_dictionary", "patch_offsets", "DEDUP_BYTES_PER_KEY"]
 
 
 @dataclass
-class PatchGroup:
-    """Query pixels that share one key set, and that key set (deduplicated).
+class KeyChunk:
+    """A slice of a group's keys, as the engine consumes them.
 
-    Shapes (M = number of unique keys, K = C * k * k, P = query pixels in the group):
-      query_pixels: (P,) long, flat pixel index y * W + x
-      key_base: (M,) long, flat index of the patch's top-left element in the padded images
-      key_source: (M, 3) long, (image index in the full data set, centre y, centre x) of
-          the first occurrence of the key
-      key_count: (M,) multiplicity; key_log_count: (M,) its log, in the compute dtype
-      key_sqnorm: (M,) ||p - mean||^2 ; key_centre: (M, C) centre pixel of the patch
-      mean: (K,) mean patch of the group's full (non-deduplicated) key multiset
+    keys: (m, K) raw patches; sqnorm: (m,) ||p - mean||^2; centre: (m, C);
+    log_count: (m,) log multiplicity of merged duplicates, or None (all ones);
+    start: position of the first key in the group's key order.
     """
 
-    query_pixels: torch.Tensor
-    key_base: torch.Tensor
-    key_source: torch.Tensor
-    key_count: torch.Tensor
-    key_log_count: torch.Tensor
-    key_sqnorm: torch.Tensor
-    key_centre: torch.Tensor
-    mean: torch.Tensor
-    total_keys: int  # keys before deduplication
+    keys: torch.Tensor
+    sqnorm: torch.Tensor
+    centre: torch.Tensor
+    log_count: Optional[torch.Tensor]
+    start: int
+
+
+class PatchGroup:
+    """Query pixels that share one key set, and that key set.
+
+    Deduplicated groups store, per unique key (M of them): the enumeration index of its
+    first occurrence, its multiplicity, squared norm and centre; patches are gathered from
+    the padded images when the engine asks for a chunk.  Streaming groups (used when the
+    deduplication itself would not fit the memory budget) store nothing per key and
+    enumerate every key, image by image.
+
+    query_pixels: (P,) long, flat pixel index y * W + x; mean: (K,) mean patch of the
+    group's full key multiset; total_keys: keys before deduplication.
+    """
+
+    def __init__(self, enum: "_KeyEnumerator", query_pixels: torch.Tensor, mean: torch.Tensor,
+                 centre_idx: torch.Tensor, rep: Optional[torch.Tensor] = None,
+                 counts: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32):
+        self.enum = enum
+        self.query_pixels = query_pixels
+        self.mean = mean
+        self.centre_idx = centre_idx
+        self.total_keys = enum.total
+        self.deduplicated = rep is not None
+        if self.deduplicated:
+            self.rep = rep                                                            # (M,) long
+            self.count = counts.to(torch.int32)                                       # (M,)
+            self.log_count = counts.to(dtype).log()                                   # (M,)
+            M = rep.numel()
+            self.sqnorm = torch.empty(M, dtype=dtype)
+            self.centre = torch.empty(M, len(centre_idx), dtype=dtype)
+            step = max(1, (1 << 22) // max(1, mean.numel()))
+            for s in range(0, M, step):
+                keys = enum.at(rep[s: s + step])                                      # (m, K)
+                d = keys - mean
+                self.sqnorm[s: s + step] = (d * d).sum(1)
+                self.centre[s: s + step] = keys[:, centre_idx]
 
     @property
-    def n_unique(self) -> int:
-        return int(self.key_base.numel())
+    def n_keys(self) -> int:
+        """Keys the engine iterates over (unique keys when deduplicated)."""
+        return int(self.rep.numel()) if self.deduplicated else self.total_keys
+
+    def chunks(self, size: int) -> Iterator[KeyChunk]:
+        """Key chunks of about ``size`` keys (streaming groups round to whole images)."""
+        if self.deduplicated:
+            for s in range(0, self.n_keys, size):
+                yield KeyChunk(self.enum.at(self.rep[s: s + size]), self.sqnorm[s: s + size],
+                               self.centre[s: s + size], self.log_count[s: s + size], s)
+            return
+        step = max(1, size // self.enum.npos) * self.enum.npos
+        for s in range(0, self.total_keys, step):
+            keys = self.enum(s, min(self.total_keys, s + step))
+            d = keys - self.mean
+            yield KeyChunk(keys, (d * d).sum(1), keys[:, self.centre_idx], None, s)
+
+    def source(self, idx: torch.Tensor) -> torch.Tensor:
+        """(len(idx), 3) long: (image, centre y, centre x) of keys at positions idx."""
+        return self.enum.source(self.rep[idx] if self.deduplicated else idx)
+
+    def multiplicity(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.deduplicated:
+            return self.count[idx].long()
+        return torch.ones(idx.shape, dtype=torch.long)
+
+    def nbytes(self) -> int:
+        n = sum(t.numel() * t.element_size() for t in (self.query_pixels, self.mean))
+        if self.deduplicated:
+            n += sum(t.numel() * t.element_size()
+                     for t in (self.rep, self.count, self.log_count, self.sqnorm, self.centre))
+        return n + self.enum.nbytes()
 
 
 @dataclass
@@ -74,18 +133,12 @@ class PatchDictionary:
     kind: str
     k: int
     mode: str            # "circular" | "valid" | "zeros"
-    padded: torch.Tensor  # (N, C, Hp, Wp) padded images, flattened by gather offsets
-    offsets: torch.Tensor  # (K,) offsets of the patch elements from its top-left element
+    padded: torch.Tensor  # (N, C, Hp, Wp) padded images the keys are read from
     groups: list[PatchGroup]
     image_shape: tuple[int, int, int]
 
     def nbytes(self) -> int:
-        n = self.padded.numel() * self.padded.element_size() + self.offsets.numel() * 8
-        for g in self.groups:
-            for t in (g.query_pixels, g.key_base, g.key_source, g.key_count, g.key_log_count,
-                      g.key_sqnorm, g.key_centre, g.mean):
-                n += t.numel() * t.element_size()
-        return n
+        return self.padded.numel() * self.padded.element_size() + sum(g.nbytes() for g in self.groups)
 
     @property
     def total_keys(self) -> int:
@@ -93,11 +146,14 @@ class PatchDictionary:
 
     @property
     def unique_keys(self) -> int:
-        return sum(g.n_unique for g in self.groups)
+        return sum(g.n_keys for g in self.groups)
 
-    def gather(self, base: torch.Tensor) -> torch.Tensor:
-        """Patches (len(base), K) whose top-left elements sit at ``base``."""
-        return torch.take(self.padded, base[:, None] + self.offsets[None, :])
+    @property
+    def deduplicated(self) -> bool:
+        return all(g.deduplicated for g in self.groups)
+
+
+DEDUP_BYTES_PER_KEY = 48
 
 
 def patch_offsets(C: int, k: int, Hp: int, Wp: int) -> torch.Tensor:
@@ -169,7 +225,7 @@ def _runs(h: torch.Tensor):
 class _KeyEnumerator:
     """Enumerates the keys of one group: images x key positions, in (image, y, x) order."""
 
-    def __init__(self, dic_padded: torch.Tensor, offsets: torch.Tensor, n_img: int,
+    def __init__(self, dic_padded: torch.Tensor, offsets: torch.Tensor, k: int, n_img: int,
                  ys: torch.Tensor, xs: torch.Tensor, pad_origin: tuple[int, int], image_ids: torch.Tensor):
         N, C, Hp, Wp = dic_padded.shape
         self.padded = dic_padded
@@ -184,7 +240,7 @@ class _KeyEnumerator:
         self.pos_base = (yy.reshape(-1) + oy) * Wp + (xx.reshape(-1) + ox)             # (npos,)
         self.img_stride = C * Hp * Wp
         self.total = n_img * self.npos
-        self.k = int(round((offsets.numel() // C) ** 0.5))
+        self.k = k
         # index of each key position among the unfold windows of a padded image
         self.pos_win = (yy.reshape(-1) + oy) * (Wp - self.k + 1) + (xx.reshape(-1) + ox)
         self.n_windows = (Hp - self.k + 1) * (Wp - self.k + 1)
@@ -196,6 +252,9 @@ class _KeyEnumerator:
     def source(self, idx: torch.Tensor) -> torch.Tensor:
         img, pos = idx // self.npos, idx % self.npos
         return torch.stack([self.image_ids[img], self.pos_y[pos], self.pos_x[pos]], 1)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.pos_base, self.pos_win, self.pos_y, self.pos_x))
 
     def at(self, idx: torch.Tensor) -> torch.Tensor:
         return torch.take(self.padded, self.base(idx)[:, None] + self.offsets[None, :])
@@ -217,6 +276,7 @@ def build_dictionary(
     mode: str,
     image_ids: torch.Tensor | None = None,
     chunk_elems: int = 1 << 24,
+    dedup_budget: Optional[int] = None,
 ) -> PatchDictionary:
     """Build the grouped, deduplicated patch dictionary of a local machine.
 
@@ -227,6 +287,8 @@ def build_dictionary(
         mode: "circular" (ELS periodic), "valid" (ELS interior patches), "zeros" (LS, bbELS).
         image_ids: (N,) index of each image in the caller's full data set (for provenance).
         chunk_elems: elements per gathered chunk (bounds the memory of the build).
+        dedup_budget: bytes the deduplication may use; above it, keys stream (None: always
+            deduplicate).
     Returns:
         :class:`PatchDictionary`.
     """
@@ -273,32 +335,24 @@ def build_dictionary(
     # window top-left for centre (y, x) in padded coordinates: (y + r - r, x + r - r) for
     # padded modes, (y - r, x - r) for 'valid' (no padding; only interior centres are used)
     origin = (0, 0) if mode in ("zeros", "circular") else (-r, -r)
+    # NB: deduplication needs ~DEDUP_BYTES_PER_KEY bytes per key (hashes, sort, inverse)
+    # and keeps ~(20 + 4C) per unique key; beyond the budget the groups stream instead
+    # (exact too, no merging of duplicates).
+    total = N * sum(len(ky) * len(kx) for _, _, ky, kx in specs)
+    padded_bytes = padded.numel() * padded.element_size()
+    dedup = dedup_budget is None or padded_bytes + total * (DEDUP_BYTES_PER_KEY + 4 * C) <= dedup_budget
     groups = []
     for qy, qx, ky, kx in specs:
-        enum = _KeyEnumerator(padded, offsets, N, torch.tensor(ky), torch.tensor(kx), origin, image_ids)
+        enum = _KeyEnumerator(padded, offsets, k, N, torch.tensor(ky), torch.tensor(kx), origin, image_ids)
         img_chunk = max(1, chunk // enum.npos) * enum.npos                             # whole images
-        rep, inverse, counts, row_sum = _hash_dedup(enum, enum.total, K, img_chunk)
+        rep, counts, row_sum = None, None, torch.zeros(K, dtype=torch.float64)
+        if dedup:
+            rep, _, counts, row_sum = _hash_dedup(enum, enum.total, K, img_chunk)
+        else:
+            for s in range(0, enum.total, img_chunk):
+                row_sum += enum(s, min(enum.total, s + img_chunk)).to(torch.float64).sum(0)
         mean = (row_sum / enum.total).to(images.dtype)                                # (K,) group mean patch
-        M = rep.numel()
-        sq = torch.empty(M, dtype=images.dtype)
-        cen = torch.empty(M, C, dtype=images.dtype)
-        for s in range(0, M, chunk):
-            e = min(M, s + chunk)
-            p = enum.at(rep[s:e])                                                        # (m, K)
-            cen[s:e] = p[:, centre_idx]
-            d = p - mean
-            sq[s:e] = (d * d).sum(1)
         qyy, qxx = torch.meshgrid(torch.tensor(qy), torch.tensor(qx), indexing="ij")
-        groups.append(PatchGroup(
-            query_pixels=(qyy * W + qxx).reshape(-1),
-            key_base=enum.base(rep),
-            key_source=enum.source(rep),
-            key_count=counts,
-            key_log_count=counts.to(images.dtype).log(),
-            key_sqnorm=sq,
-            key_centre=cen,
-            mean=mean,
-            total_keys=enum.total,
-        ))
-    return PatchDictionary(kind=kind, k=k, mode=mode, padded=padded, offsets=offsets,
-                           groups=groups, image_shape=(C, H, W))
+        groups.append(PatchGroup(enum, (qyy * W + qxx).reshape(-1), mean, centre_idx, rep, counts,
+                                 dtype=images.dtype))
+    return PatchDictionary(kind=kind, k=k, mode=mode, padded=padded, groups=groups, image_shape=(C, H, W))

@@ -91,7 +91,7 @@ def grouped_softmax_average(
         qa = torch.cat([q * coef_lin[:, None, None],
                         coef_sq[:, None, None].expand(B, P, 1)], dim=2).reshape(B * P, K + 1)
         R = B * P
-        M = g.n_unique
+        M = g.n_keys
         ncol = C + 2 if diagnostics else C + 1                                          # centre, 1, [log count]
         acc = torch.zeros(R, ncol, dtype=dtype)
         m = torch.full((R,), float("-inf"), dtype=dtype)
@@ -101,31 +101,33 @@ def grouped_softmax_average(
             best_i = torch.zeros(R, dtype=torch.long)
         # tile shape: Rt query rows x Mc keys
         Mc = max(64, min(M, tile_elems // max(1, min(R, 256))))
-        Rt = max(1, min(R, tile_elems // Mc))
-        buf = torch.empty(Rt * Mc, dtype=dtype)
-        for ks in range(0, M, Mc):
-            ke = min(M, ks + Mc)
-            mc = ke - ks
-            keys = dic.gather(g.key_base[ks:ke]) - g.mean                               # (mc, K)
-            kaug = torch.cat([keys, g.key_sqnorm[ks:ke, None]], 1)                      # (mc, K+1)
-            kaug_t = kaug.t()
-            bias = g.key_log_count[ks:ke]                                               # (mc,)
-            cols = [g.key_centre[ks:ke].t(), torch.ones(1, mc, dtype=dtype)]
+        buf = None
+        for ch in g.chunks(Mc):
+            mc = ch.keys.shape[0]
+            Rt = max(1, min(R, tile_elems // mc))
+            if buf is None or buf.numel() < Rt * mc:
+                buf = torch.empty(Rt * mc, dtype=dtype)
+            kaug_t = torch.cat([ch.keys - g.mean, ch.sqnorm[:, None]], 1).t()           # (K+1, mc)
+            bias = ch.log_count                                                         # (mc,) or None
+            cols = [ch.centre.t(), torch.ones(1, mc, dtype=dtype)]
             if diagnostics:
-                cols.append(bias[None, :])
+                cols.append(torch.zeros(1, mc, dtype=dtype) if bias is None else bias[None, :])
             vals_t = torch.cat(cols, 0).t()                                             # (mc, ncol), column-major
             for rs in range(0, R, Rt):
                 re = min(R, rs + Rt)
                 L = buf[: (re - rs) * mc].view(re - rs, mc)
-                torch.addmm(bias, qa[rs:re], kaug_t, out=L)                             # (rt, mc) logits
+                if bias is None:
+                    torch.mm(qa[rs:re], kaug_t, out=L)                                  # (rt, mc) logits
+                else:
+                    torch.addmm(bias, qa[rs:re], kaug_t, out=L)
                 m_old = m[rs:re]
                 m_new = torch.maximum(m_old, L.amax(1))
                 if diagnostics:
-                    ent_logit = L - bias                                                # per-entry logits
+                    ent_logit = L if bias is None else L - bias                         # per-entry logits
                     bv, bi = ent_logit.max(1)
                     upd = bv > best[rs:re]
                     best[rs:re] = torch.where(upd, bv, best[rs:re])
-                    best_i[rs:re] = torch.where(upd, bi + ks, best_i[rs:re])
+                    best_i[rs:re] = torch.where(upd, bi + ch.start, best_i[rs:re])
                 scale = torch.exp(m_old - m_new)                                        # (rt,) 0 at start
                 L.sub_(m_new[:, None])
                 if diagnostics:
@@ -148,8 +150,8 @@ def grouped_softmax_average(
             ent[:, g.query_pixels] = h.reshape(B, P)
             w = torch.exp(best - m) / z                                                 # single-entry weight
             w_wt[:, g.query_pixels] = w.reshape(B, P)
-            w_src[:, g.query_pixels] = g.key_source[best_i].reshape(B, P, 3)
-            w_cnt[:, g.query_pixels] = g.key_count[best_i].reshape(B, P)
+            w_src[:, g.query_pixels] = g.source(best_i).reshape(B, P, 3)
+            w_cnt[:, g.query_pixels] = g.multiplicity(best_i).reshape(B, P)
     if diagnostics:
         return GroupedResult(out, w_src, w_wt, w_cnt, ent)
     return GroupedResult(out)

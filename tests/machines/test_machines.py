@@ -228,3 +228,21 @@ def test_bad_build_arguments():
         build_machine("ELS", imgs).score(torch.zeros(1, 1, 5, 5, dtype=torch.float64), 0.5, k=3, label=0)
     with pytest.raises(ValueError, match="k <= image size"):
         build_machine("ELS", imgs, dictionary="valid").score(torch.zeros(1, 1, 5, 5, dtype=torch.float64), 0.5, k=7)
+
+
+@pytest.mark.parametrize("kind", ["ELS", "bbELS", "LS"])
+def test_streaming_dictionary_when_dedup_exceeds_budget(kind):
+    # A budget too small for deduplication makes the groups stream every key instead:
+    # same answers, duplicates no longer merged.
+    imgs, x = data(1, 5, 6)
+    t = torch.tensor([0.1, 0.4, 0.9], dtype=torch.float64)
+    m = build_machine(kind, imgs, memory_budget=1000)
+    got, diag = m.score(x, t, k=3, diagnostics=True)
+    st = m.dictionary_stats(k=3)
+    assert not st["deduplicated"] and st["unique_keys"] == st["keys"]
+    want, ref = brute_score(kind, imgs, x, ab(t), k=3, diagnostics=True)
+    assert rel_err(got, want) < 1e-5
+    deduped = build_machine(kind, imgs).score(x, t, k=3, diagnostics=True)[1]
+    assert torch.equal(diag.source_image, deduped.source_image)
+    assert torch.allclose(diag.entropy, deduped.entropy, rtol=1e-10)
+    assert torch.all(diag.multiplicity == 1)
