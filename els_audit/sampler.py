@@ -94,7 +94,7 @@ def ddim_sample(
         t_now, t_next = grid[i], grid[i + 1]
         a_now, b_now = (float(v) for v in sched.alpha_sigma(t_now))
         a_next, b_next = (float(v) for v in sched.alpha_sigma(t_next))
-        t_vec = torch.full((B,), t_now, dtype=x.dtype)
+        t_vec = torch.full((B,), t_now, dtype=x.dtype, device=x.device)
         eps = eps_fn(x, t_vec, label)
         if eps.shape != x.shape:
             raise ValueError(f"denoiser returned shape {tuple(eps.shape)} for input {tuple(x.shape)}")
