@@ -87,16 +87,7 @@ def _check_steps(steps) -> int:
 
 def _resolve_labels(label, n: int, machine: ScoreMachine) -> Optional[torch.Tensor]:
     """None, an int for every seed, or one label per seed -> (n,) long tensor or None."""
-    if label is None:
-        return None
-    if machine.labels is None:
-        raise ValueError("a label was given but the machine was built without labels; pass labels= to build_machine")
-    lab = torch.as_tensor(label, dtype=torch.long)
-    if lab.ndim == 0:
-        lab = lab.expand(n).clone()
-    if lab.shape != (n,):
-        raise ValueError(f"label must be an int or one label per seed ({n}); got shape {tuple(lab.shape)}")
-    return lab
+    return machine.check_label(label, n)
 
 
 def _resolve_schedule(schedule, machine: ScoreMachine, steps: int) -> NoiseSchedule:

@@ -45,6 +45,7 @@ from typing import Any, ClassVar, Iterable, Mapping, Optional
 import numpy as np
 import torch
 
+from .hashing import file_sha256
 from .registry import PluginError, Registry
 
 __all__ = [
@@ -673,15 +674,6 @@ def labels_from_array(arr: Any, n: int, where: str) -> torch.Tensor:
     if n and int(a.min()) < 0:
         raise DataSpecError(f"{where}: labels must be >= 0, found {int(a.min())}")
     return torch.from_numpy(a.astype(np.int64, copy=True))
-
-
-def file_sha256(path: "str | os.PathLike[str]", chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class TreeHasher:

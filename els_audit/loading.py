@@ -31,7 +31,6 @@ Spec strings ``zoo:NAME`` load the bundled model ``NAME`` (see :mod:`els_audit.z
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -44,6 +43,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
+from .hashing import file_sha256
 from .registry import PluginError, Registry
 
 __all__ = [
@@ -141,18 +141,6 @@ def validate_setting(name: str, value: Any, where: str) -> Any:
 
 
 # ---------------------------------------------------------------------------- hashing / dtype
-def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
 def describe_dtype(module: Any) -> str:
     """The parameters' dtype ("float32"), "mixed(float16,float32)", or "none"."""
     params = list(_parameters(module))

@@ -29,14 +29,6 @@ def data(N=12, H=8, seed=0):
     return torch.rand(N, 1, H, H, generator=g, dtype=torch.float64) * 2 - 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # NB: these problems are tiny; on a shared 2-core machine torch's intra-op threads cost
-    # more in synchronisation than they save (measured 15x slower), so run them on one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

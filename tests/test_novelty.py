@@ -12,13 +12,6 @@ from els_audit.novelty import assess_novelty, locality_novelty, memorization, mo
 from els_audit.predict import predict_samples
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # NB: tiny problems; torch's intra-op threads only add synchronisation on 2 shared cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def vec_images(rows):

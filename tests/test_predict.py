@@ -22,13 +22,6 @@ STEPS = 5
 SCALES = (3, 5, 3, 7, 5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # NB: tiny problems; torch's intra-op threads only add synchronisation on 2 shared cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def data(N=12, H=8, seed=0):

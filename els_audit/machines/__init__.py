@@ -119,7 +119,7 @@ class ScoreMachine:
         if torch.any(b <= 0):
             raise ValueError("the score is undefined at t = 0 (b_t = 0); use t > 0")
         k = self._resolve_k(k)
-        labels = self._check_label(label, B)
+        labels = self.check_label(label, B)
         if labels is None:
             mean, diag = self._mean_centre(x, a, b, k, None, diagnostics)
         else:
@@ -231,7 +231,11 @@ class ScoreMachine:
             raise ValueError(f"t must be a float or a ({B},) tensor; got shape {tuple(t.shape)}")
         return t
 
-    def _check_label(self, label, B):
+    def check_label(self, label, B: int) -> Optional[torch.Tensor]:
+        """None, an int for every item, or one label per item -> (B,) long tensor or None.
+
+        Raises ValueError when the machine has no labels or a label has no training images.
+        """
         if label is None:
             return None
         if self.labels is None:
