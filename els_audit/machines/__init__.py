@@ -156,7 +156,8 @@ class ScoreMachine:
             return {"k": None, "groups": 1, "keys": n, "unique_keys": n}
         d = self._dictionary(self._resolve_k(k), label)
         return {"k": d.k, "groups": len(d.groups), "keys": d.total_keys, "unique_keys": d.unique_keys,
-                "deduplicated": d.deduplicated, "bytes": d.nbytes()}
+                "deduplicated": d.deduplicated, "materialized_fraction": d.materialized_fraction,
+                "bytes": d.nbytes()}
 
     # -- internals ------------------------------------------------------------------------
     def _mean_centre(self, x, a, b, k, label, diagnostics):
@@ -187,18 +188,35 @@ class ScoreMachine:
         return self.images[ids], ids
 
     def _dictionary(self, k: int, label: Optional[int]) -> PatchDictionary:
+        """The cached dictionary for (k, label), built on first use.
+
+        Memory policy (``memory_budget``): dictionaries' bookkeeping stays within half the
+        budget (least recently used dictionaries are dropped); on top of that the
+        dictionary in use materialises its keys (:meth:`PatchDictionary.materialize`)
+        up to three quarters of the budget in all, releasing older dictionaries'
+        materialised keys first.  The rest of the budget is the kernel's working memory.
+        """
         key = (k, label)
         if key in self._cache:
             self._cache.move_to_end(key)
-            return self._cache[key]
-        imgs, ids = self._images_for(label)
-        mode = {"LS": "zeros", "bbELS": "zeros"}.get(self.kind) or (
-            "circular" if self.dictionary == "periodic" else "valid")
-        d = build_dictionary(self.kind, imgs, k, mode=mode, image_ids=ids, dedup_budget=self.memory_budget // 2)
-        self._cache[key] = d
-        # NB: keep cached dictionaries within the memory budget (least recently used out)
-        while len(self._cache) > 1 and sum(v.nbytes() for v in self._cache.values()) > self.memory_budget // 2:
-            self._cache.popitem(last=False)
+            d = self._cache[key]
+        else:
+            imgs, ids = self._images_for(label)
+            mode = {"LS": "zeros", "bbELS": "zeros"}.get(self.kind) or (
+                "circular" if self.dictionary == "periodic" else "valid")
+            d = build_dictionary(self.kind, imgs, k, mode=mode, image_ids=ids,
+                                 dedup_budget=self.memory_budget // 2)
+            self._cache[key] = d
+            while len(self._cache) > 1 and sum(v.nbytes() for v in self._cache.values()) > self.memory_budget // 2:
+                self._cache.popitem(last=False)
+        if d.materialized_fraction < 1:
+            limit = self.memory_budget * 3 // 4
+            need = sum(g.materialized_bytes() for g in d.groups if g.kaug is None)
+            for other in list(self._cache.values())[:-1]:                    # oldest first
+                if sum(v.nbytes() for v in self._cache.values()) + need <= limit:
+                    break
+                other.release()
+            d.materialize(limit - sum(v.nbytes() for v in self._cache.values()))
         return d
 
     def _resolve_k(self, k):

@@ -103,11 +103,11 @@ def grouped_softmax_average(
         Mc = max(64, min(M, tile_elems // max(1, min(R, 256))))
         buf = None
         for ch in g.chunks(Mc):
-            mc = ch.keys.shape[0]
+            mc = ch.kaug.shape[0]
             Rt = max(1, min(R, tile_elems // mc))
             if buf is None or buf.numel() < Rt * mc:
                 buf = torch.empty(Rt * mc, dtype=dtype)
-            kaug_t = torch.cat([ch.keys - g.mean, ch.sqnorm[:, None]], 1).t()           # (K+1, mc)
+            kaug_t = ch.kaug.t()                                                        # (K+1, mc)
             bias = ch.log_count                                                         # (mc,) or None
             cols = [ch.centre.t(), torch.ones(1, mc, dtype=dtype)]
             if diagnostics:

@@ -246,3 +246,31 @@ def test_streaming_dictionary_when_dedup_exceeds_budget(kind):
     assert torch.equal(diag.source_image, deduped.source_image)
     assert torch.allclose(diag.entropy, deduped.entropy, rtol=1e-10)
     assert torch.all(diag.multiplicity == 1)
+
+
+def test_materialised_and_gathered_keys_give_the_same_answer():
+    imgs, x = data(1, 6, 6)
+    m = build_machine("bbELS", imgs)
+    m.score(x, 0.5, k=3)
+    dic = m._dictionary(3, None)
+    assert dic.materialized_fraction == 1.0
+    q = torch.nn.functional.unfold(x, 3, padding=1)
+    a, b = SCHED.alpha_sigma(torch.full((3,), 0.3, dtype=torch.float64))
+    kept = grouped_softmax_average(dic, q, a, b, diagnostics=True)
+    dic.release()
+    assert dic.materialized_fraction == 0.0
+    gathered = grouped_softmax_average(dic, q, a, b, diagnostics=True)
+    assert torch.equal(kept.mean_centre, gathered.mean_centre)
+    assert torch.equal(kept.winner_source, gathered.winner_source)
+
+
+def test_memory_budget_limits_materialisation():
+    imgs, x = data(1, 8, 8, N=6)
+    full = build_machine("ELS", imgs)
+    full.score(x, 0.5, k=5)
+    need = full._dictionary(5, None).nbytes()
+    tight = build_machine("ELS", imgs, memory_budget=int(need * 1.2))    # 3/4 of it < need
+    got = tight.score(x, 0.5, k=5)
+    st = tight.dictionary_stats(k=5)
+    assert st["deduplicated"] and st["materialized_fraction"] < 1.0
+    assert torch.equal(got, full.score(x, 0.5, k=5))
