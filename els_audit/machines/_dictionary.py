@@ -19,13 +19,14 @@ interior position's pattern is "no padding" and it is matched by every interior 
 position within r of an edge has a unique padding pattern and is matched only by itself.
 The 2-D pattern is the product of the two axes' patterns (corner pixels: same location only).
 
-A dictionary stores no patches.  It stores, per group, the *unique* keys as (image, y, x)
-references plus their multiplicity (identical patches, e.g. MNIST background, are merged
-and enter the softmax with a ``log(count)`` bias: exact), the centre values, the squared
-norms and the group's mean patch (subtracted from keys and queries to keep float32 logits
-well conditioned: exact in exact arithmetic, see :mod:`._engine`).  Patches are gathered
-from the padded images chunk by chunk when the engine needs them, so memory stays bounded
-whatever N, H, W and k are.
+A dictionary stores, per group, the *unique* keys as references into the padded images
+plus their multiplicity (identical patches, e.g. MNIST background, are merged and enter
+the softmax with a ``log(count)`` bias: exact), the centre values, the squared norms and
+the group's mean patch (subtracted from keys and queries to keep float32 logits well
+conditioned: exact in exact arithmetic, see :mod:`._engine`).  The patches themselves are
+either materialised (engine-ready rows, while the memory budget allows) or gathered chunk
+by chunk when the engine needs them; when even the deduplication would not fit the budget
+a group streams every key image by image.  So memory stays bounded whatever N, H, W, k are.
 """
 
 from __future__ import annotations
@@ -288,7 +289,6 @@ class _KeyEnumerator:
                  ys: torch.Tensor, xs: torch.Tensor, pad_origin: tuple[int, int], image_ids: torch.Tensor):
         N, C, Hp, Wp = dic_padded.shape
         self.padded = dic_padded
-        self.offsets = offsets
         self.ys, self.xs = ys, xs                 # centre positions, unpadded coordinates
         self.npos = ys.numel() * xs.numel()
         self.n_img = n_img
@@ -300,6 +300,9 @@ class _KeyEnumerator:
         self.img_stride = C * Hp * Wp
         self.total = n_img * self.npos
         self.k = k
+        # start of each of the C*k rows of a window, and every k-run of the flat images
+        self.row_offsets = offsets.reshape(-1, k)[:, 0]                                  # (C*k,)
+        self.row_view = dic_padded.reshape(-1).unfold(0, k, 1)                          # (numel-k+1, k) view
         # index of each key position among the unfold windows of a padded image
         self.pos_win = (yy.reshape(-1) + oy) * (Wp - self.k + 1) + (xx.reshape(-1) + ox)
         self.n_windows = (Hp - self.k + 1) * (Wp - self.k + 1)
@@ -316,7 +319,13 @@ class _KeyEnumerator:
         return sum(t.numel() * t.element_size() for t in (self.pos_base, self.pos_win, self.pos_y, self.pos_x))
 
     def at(self, idx: torch.Tensor) -> torch.Tensor:
-        return torch.take(self.padded, self.base(idx)[:, None] + self.offsets[None, :])
+        """Patches (len(idx), K) of keys at enumeration positions ``idx``.
+
+        NB: gathers C*k contiguous rows of k elements through an overlapping-window view
+        of the flat images: 2-4x faster here than an element-wise ``torch.take`` for k >= 7.
+        """
+        rows = self.base(idx)[:, None] + self.row_offsets[None, :]                      # (m, C*k)
+        return self.row_view[rows.reshape(-1)].reshape(len(idx), -1)
 
     def __call__(self, s: int, e: int) -> torch.Tensor:
         """Rows s..e-1; whole images at a time use unfold (much faster than a gather)."""
