@@ -3,8 +3,10 @@
 What a competent engineer writes in an afternoon from theory.md section 2: unfold every
 k x k patch of every training image once per k (the dictionary is built once and kept),
 then for each query group compute ``(a q.p - a^2 |p|^2 / 2) / b^2`` by GEMM over key chunks
-with an online log-sum-exp, and average the centres.  No deduplication, no mean shift, no
-tuning of tile sizes beyond a fixed 64 MB logit chunk.  bbELS groups queries by their
+with an online log-sum-exp, and average the centres.  No deduplication, no mean shift.
+To keep it honest its one knob, the logit chunk, was tuned: 2^18 logits (1 MB) was the
+fastest of 2^18, 2^20, 2^22 and 2^24 (up to 7x faster than 64 MB chunks) on MNIST at
+k = 3 and 7, t = 0.5 and 0.9.  bbELS groups queries by their
 zero-padding pattern (same rule as the engine, written independently here).
 """
 
@@ -19,7 +21,7 @@ def _pattern(pos: int, n: int, r: int) -> tuple[int, int]:
 
 
 class UnfoldGemmMachine:
-    def __init__(self, kind: str, images: torch.Tensor, k: int, chunk_logits: int = 1 << 24):
+    def __init__(self, kind: str, images: torch.Tensor, k: int, chunk_logits: int = 1 << 18):
         assert kind in ("ELS", "bbELS")
         N, C, H, W = images.shape
         self.kind, self.k, self.shape = kind, k, (C, H, W)
