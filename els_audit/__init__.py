@@ -1,17 +1,48 @@
-"""els-audit: understand what an image diffusion model will really generate."""
+"""els-audit: understand what an image diffusion model will really generate.
 
+The public surface, one stage per module (see README.md):
+schedules and sampler -> data -> models in (loading, adapter, zoo) -> probes (trace,
+receptive field, ERF, equivariance) -> machines -> calibration -> prediction -> novelty.
+"""
+
+from .calibrate import CalibrationResult, calibrate_scales
+from .data import DATASETS, Dataset, DataSpecError, load_dataset
+from .equivariance import (MeasuredEquivarianceResult, StructuralEquivarianceResult, equivariance_measured,
+                           equivariance_structure)
+from .erf import ERFResult, effective_receptive_field
+from .graph import to_networkx
+from .loading import LOADERS, LoadedModel, ModelLoadError, load_model
+from .adapter import Denoiser, make_denoiser
+from .machines import ScoreDiagnostics, ScoreMachine, build_machine, scale_schedule_eps
+from .metrics import pearson_r, r_squared
+from .novelty import NoveltyResult, assess_novelty
+from .predict import PredictionResult, predict_samples
+from .published import closest_published
+from .receptive_field import ReceptiveFieldResult, probe_receptive_field, receptive_field
 from .sampler import SampleResult, ddim_sample, initial_noise, time_grid
 from .schedules import SCHEDULES, NoiseSchedule, get_schedule
+from .trace import TraceError, TraceResult, trace_model
+from .zoo import list_zoo_models, zoo_model_path
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SampleResult",
-    "ddim_sample",
-    "initial_noise",
-    "time_grid",
-    "SCHEDULES",
-    "NoiseSchedule",
-    "get_schedule",
+    "CalibrationResult", "calibrate_scales",
+    "DATASETS", "Dataset", "DataSpecError", "load_dataset",
+    "MeasuredEquivarianceResult", "StructuralEquivarianceResult", "equivariance_measured", "equivariance_structure",
+    "ERFResult", "effective_receptive_field",
+    "to_networkx",
+    "LOADERS", "LoadedModel", "ModelLoadError", "load_model",
+    "Denoiser", "make_denoiser",
+    "ScoreDiagnostics", "ScoreMachine", "build_machine", "scale_schedule_eps",
+    "pearson_r", "r_squared",
+    "NoveltyResult", "assess_novelty",
+    "PredictionResult", "predict_samples",
+    "closest_published",
+    "ReceptiveFieldResult", "probe_receptive_field", "receptive_field",
+    "SampleResult", "ddim_sample", "initial_noise", "time_grid",
+    "SCHEDULES", "NoiseSchedule", "get_schedule",
+    "TraceError", "TraceResult", "trace_model",
+    "list_zoo_models", "zoo_model_path",
     "__version__",
 ]
