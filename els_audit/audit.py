@@ -1,0 +1,896 @@
+"""The audit, end to end: model -> probes -> machine -> scales -> prediction -> novelty -> checks.
+
+References:
+- M. Kamb and S. Ganguli, "An analytic theory of creativity in convolutional diffusion
+  models", ICML 2025 (arXiv 2412.20292); theory.md sections 1-4 (one DDIM grid and one
+  seed for network and machines; the machines; per-step scale calibration; the metric and
+  the published numbers).
+- docs/conventions.md: this module is the pipeline as one pure function,
+  :func:`run_audit` (``AuditConfig -> AuditResult``); :func:`write_outputs` writes the
+  report, ``summary.json`` and the raw arrays, atomically.  The CLI only builds the config.
+
+Stages (each a function of the library, called in order):
+
+1. load (:func:`els_audit.loading.load_model` + :func:`els_audit.adapter.make_denoiser`),
+   data (:func:`els_audit.data.load_dataset`);
+2. probes: trace, theoretical receptive field, structural equivariance verdict,
+   effective receptive field per step (its predicted patch per step), measured
+   equivariance (EQ-T);
+3. machine choice from the verdict (:func:`choose_machine`), built over a seeded,
+   class-balanced subset of the data (the cost: see :data:`FULL_FIDELITY`);
+4. scales: ``erf`` (the probe's prediction), ``calibrate`` (every odd k up to the image
+   side), ``auto`` (calibrate among the ERF prediction's neighbours) or a given list;
+5. prediction (network, fitted machine and IS from the same seeds on one grid);
+6. novelty (copy test against the whole data set, mosaic, locality map);
+7. checks (built-in warnings and the user's ``--fail-on`` rules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from . import __version__
+from .calibrate import CalibrationResult, calibrate_scales, candidates_near, default_candidates
+from .checks import Check, Rule, builtin_checks, evaluate_rules, exit_code, parse_rule
+from .data import Dataset, balanced_subset_indices, load_dataset
+from .machines import build_machine
+from .novelty import DEFAULT_THRESHOLD, NoveltyResult, assess_novelty
+from .predict import PredictionResult, predict_samples
+from .published import PublishedMatch, closest_published
+
+__all__ = [
+    "AuditConfig",
+    "AuditResult",
+    "AuditError",
+    "MachineChoice",
+    "run_audit",
+    "choose_machine",
+    "parse_scales",
+    "write_outputs",
+    "check_output_dir",
+    "summary_schema",
+    "REPORT_FILES",
+    "json_safe",
+    "model_name",
+    "FULL_FIDELITY",
+    "MACHINE_CHOICES",
+    "SCALE_MODES",
+]
+
+#: the files a report folder holds (an existing --out folder may hold only these)
+REPORT_FILES = ("index.html", "summary.json", "arrays.npz")
+MACHINE_CHOICES = ("auto", "ELS", "bbELS", "LS")
+SCALE_MODES = ("auto", "erf", "calibrate")
+TIME_INPUT_ALIASES = {"unit": "unit", "index": "index", "sigma": "sigma"}
+
+#: what the paper ran, and what a full-fidelity audit should use (the defaults are cut
+#: down so that the README's run finishes in under 3 minutes on 2 CPU cores).
+FULL_FIDELITY = {
+    "steps": 20,
+    "seeds": 100,
+    "calibration_seeds": 8,
+    "data_limit": None,
+    "scales": "calibrate",
+    "note": ("the paper: 100 seeds, 20 machine steps, calibration over every odd k, the whole training set "
+             "as the dictionary.  Each machine evaluation costs ~N*H*W*k*k multiply-adds per image "
+             "(N dictionary images, after merging duplicate patches): for MNIST 5000 at 32x32 that is "
+             "seconds per image per step on a CPU, so the full setting takes hours there.  --device cuda moves "
+             "only the network; the machines run on the CPU in this version."),
+}
+
+
+class AuditError(ValueError):
+    """The audit cannot run with this input; the message is one line saying what to do."""
+
+
+ProgressFn = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AuditConfig:
+    """Everything an audit needs; build it from the CLI or in Python.
+
+    Attributes:
+        model: model path or ``"zoo:NAME"``.
+        data: data spec (``SOURCE[:key=value...]``); ``None`` = what the model's zoo
+            config names.
+        data_limit: the machines' dictionary is a seeded, class-balanced subset of this many
+            images (``None`` = all).  The copy test always searches the whole data set.
+        data_seed: seed of that subset.
+        trust_model, arch: passed to :func:`els_audit.loading.load_model`.
+        schedule, time_input, prediction, call_style, num_train_steps, data_range: adapter
+            overrides (``None`` = resolve; see :mod:`els_audit.adapter`).
+        steps: T of the DDIM grid shared by network and machines.
+        seeds: number of evaluation seeds (seeds ``seed_offset .. seed_offset+seeds-1``).
+        calibration_seeds: calibration seeds, disjoint from the evaluation ones
+            (``10_000 + i``).
+        seed_offset: first evaluation seed.
+        conditional: class-conditional model: seed i gets label ``i mod n_classes`` and the
+            machines per-label dictionaries.
+        label: one label for every seed (implies conditional).
+        machine: ``auto`` (from the verdict), ``ELS``, ``bbELS`` or ``LS``.
+        dictionary: ELS only: ``periodic`` (theory) or ``valid`` (the public code).
+        scales: ``auto``, ``erf``, ``calibrate`` or a tuple of odd sizes (index 0 = least
+            noise, one per step).
+        criterion: calibration criterion, ``x0`` or ``cosine``.
+        compare_criteria: also calibrate with the other criterion and report its scales
+            beside (doubles the calibration cost; the scales used are ``criterion``'s).
+        spread: ``auto`` tries the ERF prediction +- 2*spread.
+        erf_samples: inputs per step of the ERF probe.
+        memorized_threshold: nearest/second-nearest ratio below which a sample is a copy.
+        fail_on: ``--fail-on`` rules (text).
+        threads: torch threads (``None`` = leave torch's setting).
+        device: ``cpu`` or ``cuda`` (the network; machines run where the data lives).
+    """
+
+    model: str
+    data: Optional[str] = None
+    data_limit: Optional[int] = 300
+    data_seed: int = 0
+    trust_model: bool = False
+    arch: Optional[str] = None
+    schedule: Optional[str] = None
+    time_input: Optional[str] = None
+    prediction: Optional[str] = None
+    call_style: Optional[str] = None
+    num_train_steps: Optional[int] = None
+    data_range: Optional[str] = None
+    steps: int = 10
+    seeds: int = 8
+    calibration_seeds: int = 2
+    seed_offset: int = 0
+    conditional: bool = False
+    label: Optional[int] = None
+    machine: str = "auto"
+    dictionary: str = "periodic"
+    scales: Union[str, tuple[int, ...]] = "auto"
+    criterion: str = "x0"
+    compare_criteria: bool = False
+    spread: int = 1
+    erf_samples: int = 2
+    memorized_threshold: float = DEFAULT_THRESHOLD
+    fail_on: tuple[str, ...] = ()
+    threads: Optional[int] = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        def pos_int(name, v, minimum=1):
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise AuditError(f"{name} must be an integer >= {minimum}; got {v!r}")
+
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise AuditError("no model given; pass a model file or zoo:NAME")
+        pos_int("steps", self.steps)
+        pos_int("seeds", self.seeds)
+        pos_int("calibration_seeds", self.calibration_seeds)
+        pos_int("seed_offset", self.seed_offset, 0)
+        pos_int("data_seed", self.data_seed, 0)
+        pos_int("spread", self.spread, 0)
+        pos_int("erf_samples", self.erf_samples)
+        if self.data_limit is not None:
+            pos_int("data_limit", self.data_limit, 3)
+        if self.threads is not None:
+            pos_int("threads", self.threads)
+        if self.seed_offset + self.seeds > 10_000:
+            raise AuditError("evaluation seeds must stay below 10000 (calibration seeds start there); "
+                             "lower --seeds or --seed-offset")
+        if self.machine not in MACHINE_CHOICES:
+            raise AuditError(f"machine must be one of {', '.join(MACHINE_CHOICES)}; got {self.machine!r}")
+        if self.dictionary not in ("periodic", "valid"):
+            raise AuditError(f"dictionary must be periodic or valid; got {self.dictionary!r}")
+        if self.criterion not in ("x0", "cosine"):
+            raise AuditError(f"criterion must be x0 or cosine; got {self.criterion!r}")
+        if isinstance(self.scales, str):
+            if self.scales not in SCALE_MODES:
+                raise AuditError(f"scales must be one of {', '.join(SCALE_MODES)} or a list of odd sizes; "
+                                 f"got {self.scales!r}")
+        else:
+            sc = tuple(self.scales)
+            if len(sc) != self.steps:
+                raise AuditError(f"--scales gives {len(sc)} sizes for {self.steps} steps; give one per step "
+                                 f"(index 0 = least noise) or change --steps")
+            for k in sc:
+                if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+                    raise AuditError(f"--scales must be positive odd integers; got {k!r}")
+            object.__setattr__(self, "scales", sc)
+        if self.label is not None:
+            pos_int("label", self.label, 0)
+        if not (isinstance(self.memorized_threshold, (int, float)) and 0 < self.memorized_threshold <= 1):
+            raise AuditError(f"memorized_threshold must be in (0, 1]; got {self.memorized_threshold!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise AuditError(f"device must be cpu or cuda; got {self.device!r}")
+        object.__setattr__(self, "fail_on", tuple(self.fail_on))
+        for r in self.fail_on:
+            parse_rule(r)  # raises RuleError (a ValueError) with a one-line message
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        return tuple(parse_rule(r) for r in self.fail_on)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["scales"] = self.scales if isinstance(self.scales, str) else list(self.scales)
+        d["fail_on"] = list(self.fail_on)
+        return d
+
+
+def parse_scales(text: str) -> Union[str, tuple[int, ...]]:
+    """``"auto"``/``"erf"``/``"calibrate"`` or ``"3,3,5,..."`` -> a mode or a tuple of ints.
+
+    Raises:
+        AuditError: neither a mode nor a comma-separated list of integers.
+    """
+    s = str(text).strip()
+    if s in SCALE_MODES:
+        return s
+    try:
+        return tuple(int(p) for p in s.replace(" ", "").split(",") if p != "")
+    except ValueError:
+        raise AuditError(f"--scales {text!r} is neither {', '.join(SCALE_MODES)} nor a list like 3,3,5,7") from None
+
+
+def model_name(model: str) -> str:
+    """A short, file-system-safe name for the model (``zoo:resnet-zeros`` -> ``resnet-zeros``)."""
+    s = str(model)
+    if s.startswith("zoo:"):
+        base = s[4:]
+    else:
+        p = Path(s.rstrip("/\\"))
+        base = p.name if p.is_dir() else p.stem
+    safe = "".join(ch if (ch.isalnum() or ch in "-_.") else "_" for ch in base).strip("._")
+    return safe or "model"
+
+
+# ---------------------------------------------------------------------------------------
+# machine choice
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MachineChoice:
+    """Which machine models the network, and why.
+
+    ``kind``: ELS, bbELS or LS.  ``reason``: one line.  ``forced``: ``--machine`` chose.
+    ``dictionary``: ``periodic``/``valid`` for ELS, else ``None``.  ``caveats``: what the
+    machine does not model (a stride period, global ops).
+    """
+
+    kind: str
+    reason: str
+    forced: bool
+    dictionary: Optional[str]
+    caveats: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "reason": self.reason, "forced": self.forced, "dictionary": self.dictionary,
+                "caveats": list(self.caveats)}
+
+
+#: breaker kinds after which no translation symmetry is left to use
+_EVERYWHERE = ("position-embedding", "coordinate-channels", "position-dependent", "dense-over-space")
+
+
+def choose_machine(structure: Optional[dict], override: str = "auto", dictionary: str = "periodic") -> MachineChoice:
+    """The machine the verdict calls for (theory.md section 2).
+
+    Rules: equivariant (circular padding, period 1) -> ELS; a boundary band (zero-type
+    padding) -> bbELS; translation symmetry broken everywhere (position embeddings,
+    coordinates, dense layers over space), an op without a rule, or no structural
+    analysis at all -> LS (locality without equivariance: nothing unproven is assumed).
+    A stride period P > 1 and global ops are recorded as caveats: the machines model
+    neither.  ``override`` (``--machine``) wins, with the verdict kept in the reason.
+
+    Args:
+        structure: ``StructuralEquivarianceResult.to_dict()``, or ``{"error": ...}`` /
+            ``None`` when the network could not be traced.
+        override: ``auto`` or a machine kind.
+        dictionary: ELS dictionary (``periodic``/``valid``).
+    Returns:
+        :class:`MachineChoice`.
+    """
+    caveats: list[str] = []
+    if not structure or structure.get("error"):
+        why = (structure or {}).get("error", "no structural analysis")
+        kind, reason = "LS", f"the network's structure is unknown ({why}); LS assumes no equivariance"
+    else:
+        verdict = list(structure.get("verdict") or [])
+        kinds = {b.get("kind") for b in structure.get("breakers") or [] if b.get("breaks_equivariance", True)}
+        period = int(structure.get("period_all") or 1)
+        if period > 1:
+            caveats.append(f"equivariant only to shifts by multiples of {period} (strided layers); "
+                           f"the machine assumes every shift")
+        if "non-local" in verdict:
+            caveats.append("global ops (attention / statistics over space) mix the whole image; "
+                           "a local machine cannot explain that part")
+        hard = sorted(kinds & set(_EVERYWHERE))
+        if structure.get("partial"):
+            kind, reason = "LS", "some ops have no equivariance rule (partial analysis); LS assumes no equivariance"
+        elif hard:
+            kind = "LS"
+            reason = f"translation symmetry is broken everywhere ({', '.join(hard)}); LS keeps locality only"
+        elif "boundary-broken" in verdict:
+            band = structure.get("band_width")
+            kind, reason = "bbELS", f"zero-type padding breaks equivariance within {band} px of the border -> bbELS"
+        else:
+            kind, reason = "ELS", "circular / no padding: equivariant to shifts -> ELS"
+    if override != "auto":
+        if override not in MACHINE_CHOICES:
+            raise AuditError(f"machine must be one of {', '.join(MACHINE_CHOICES)}; got {override!r}")
+        reason = f"--machine {override} (the verdict suggests {kind}: {reason})"
+        kind, forced = override, True
+    else:
+        forced = False
+    return MachineChoice(kind=kind, reason=reason, forced=forced,
+                         dictionary=dictionary if kind == "ELS" else None, caveats=tuple(caveats))
+
+
+# ---------------------------------------------------------------------------------------
+# result
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class AuditResult:
+    """Everything an audit found.  ``to_dict()`` is summary.json; ``arrays()`` the ``.npz``.
+
+    Attributes:
+        config: the :class:`AuditConfig`.
+        model: ``LoadedModel.to_dict()``; denoiser: ``Denoiser.to_dict()`` (without the model).
+        data: the full data set's ``to_dict()`` plus ``dictionary`` (the subset the
+            machines use).
+        trace, receptive_field, structure: probe results as dicts (``structure`` may be
+            ``{"error": ...}`` when tracing failed).
+        erf, equivariance: ERF and measured-equivariance objects (``None`` if not run).
+        choice: :class:`MachineChoice`.
+        scales, scales_predicted, scales_source: the per-step patch sizes used (index 0 =
+            least noise), the ERF prediction in the same order, and where they came from.
+        calibration: :class:`CalibrationResult` or ``None``.
+        calibration_other: the other criterion's calibration (``compare_criteria``) or ``None``.
+        prediction: :class:`PredictionResult`; novelty: :class:`NoveltyResult`.
+        published: :class:`PublishedMatch`.
+        checks: every :class:`Check`; exit_code: 0 or 1.
+        graph: the traced graph's networkx view (for the report), or ``None``.
+        nearest_images: (B, C, H, W) the nearest training image of each network sample.
+        dictionary_images: (N, C, H, W) the machines' dictionary (for the mosaic).
+        timings: stage -> seconds.  versions: package versions.  warnings: notes.
+    """
+
+    config: AuditConfig
+    model: dict
+    denoiser: dict
+    data: dict
+    trace: Optional[dict]
+    receptive_field: Optional[dict]
+    structure: dict
+    erf: Any
+    equivariance: Any
+    choice: MachineChoice
+    scales: tuple[int, ...]
+    scales_predicted: tuple[int, ...]
+    scales_source: str
+    calibration: Optional[CalibrationResult]
+    calibration_other: Optional[CalibrationResult]
+    prediction: PredictionResult
+    novelty: NoveltyResult
+    published: Optional[PublishedMatch]
+    checks: tuple[Check, ...]
+    exit_code: int
+    graph: Any = field(repr=False, default=None)
+    nearest_images: Optional[np.ndarray] = field(repr=False, default=None)
+    timings: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    name: str = "model"
+
+    def summary_core(self) -> dict:
+        """summary.json without the checks (the checks are computed from this)."""
+        pred = self.prediction.to_dict()
+        nov = self.novelty.to_dict()
+        return json_safe({
+            "schema": "els-audit/summary/1",
+            "name": self.name,
+            "model": self.model,
+            "denoiser": self.denoiser,
+            "data": self.data,
+            "structure": {
+                **self.structure,
+                "theoretical_rf": self.receptive_field,
+                "trace": self.trace,
+            },
+            "erf": None if self.erf is None else self.erf.to_dict(),
+            "equivariance": None if self.equivariance is None else self.equivariance.to_dict(),
+            "machine": {
+                **self.choice.to_dict(),
+                "scales": list(self.scales),
+                "scales_predicted": list(self.scales_predicted),
+                "scales_source": self.scales_source,
+                "scales_convention": "scales[j] is applied at t = (j+1)/steps (index 0 = least noise)",
+                "calibration": None if self.calibration is None else self.calibration.to_dict(),
+                "calibration_other": None if self.calibration_other is None else self.calibration_other.to_dict(),
+                "n_dictionary_images": int(self.data.get("dictionary", {}).get("N", 0)),
+            },
+            "prediction": pred,
+            "published": None if self.published is None else self.published.to_dict(),
+            "novelty": nov,
+            "config": self.config.to_dict(),
+            "full_fidelity": dict(FULL_FIDELITY),
+            "versions": dict(self.versions),
+            "timings": {k: round(float(v), 3) for k, v in self.timings.items()},
+            "warnings": list(self.warnings),
+        })
+
+    def to_dict(self) -> dict:
+        """summary.json (JSON-safe; validated by ``els_audit/summary_schema.json``)."""
+        d = self.summary_core()
+        d["checks"] = [c.to_dict() for c in self.checks]
+        d["exit_code"] = self.exit_code
+        return json_safe(d)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Raw arrays for ``arrays.npz``: seeds, x_T, the three samples, maps, calibration."""
+        out = dict(self.prediction.arrays())
+        for k, v in self.novelty.arrays().items():
+            out.setdefault(k, v)
+        if self.calibration is not None:
+            out.update(self.calibration.arrays())
+        if self.calibration_other is not None:
+            crit = self.calibration_other.criterion
+            out.update({f"{k}_{crit}": v for k, v in self.calibration_other.arrays().items()})
+        if self.erf is not None:
+            out["erf_maps"] = self.erf.arrays()["erf_maps"]
+            out["erf_times"] = self.erf.arrays()["times"]
+        if self.equivariance is not None:
+            out["equivariance_error_maps"] = self.equivariance.arrays()["error_maps"]
+        if self.nearest_images is not None:
+            out["nearest_training_images"] = self.nearest_images
+        out["scales"] = np.asarray(self.scales)
+        out["scales_predicted"] = np.asarray(self.scales_predicted)
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+def json_safe(x: Any) -> Any:
+    """A copy of ``x`` that ``json.dumps(..., allow_nan=False)`` accepts: numpy scalars and
+    arrays become Python numbers and lists, tuples become lists, NaN/inf become ``None``,
+    keys become strings."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return json_safe(x.tolist())
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        v = float(x)
+        return v if math.isfinite(v) else None
+    if x is None or isinstance(x, str):
+        return x
+    if isinstance(x, Path):
+        return str(x)
+    return str(x)
+
+
+def versions() -> dict:
+    """Versions of the software the audit ran on."""
+    out = {"els_audit": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "numpy": np.__version__, "platform": platform.platform()}
+    for mod in ("matplotlib", "networkx", "captum"):
+        m = sys.modules.get(mod)
+        if m is None:
+            try:
+                m = __import__(mod)
+            except Exception:  # noqa: BLE001 - an optional dependency may be absent
+                m = None
+        out[mod] = getattr(m, "__version__", None) if m is not None else None
+    return out
+
+
+def _data_spec(cfg: AuditConfig, loaded) -> tuple[str, str]:
+    """The data spec and where it came from (the argument, else the model's zoo config)."""
+    if cfg.data:
+        return cfg.data, "argument"
+    for path, _ in loaded.files:
+        p = Path(path)
+        if p.name == "config.json":
+            try:
+                spec = json.loads(p.read_text()).get("data")
+            except (OSError, ValueError):
+                spec = None
+            if isinstance(spec, str) and spec:
+                return spec, f"zoo config {p}"
+    raise AuditError(f"{cfg.model}: no training data named; pass --data SPEC (e.g. --data mnist5k:size=32 or "
+                     f"--data path/to/train.npz): the ELS machine needs the training images or a sample of them")
+
+
+def _arch_family(module, structure: dict) -> Optional[str]:
+    name = type(module).__name__.lower()
+    attn = any(g.get("kind") in ("attention", "einsum", "sdpa", "mha", "bmm", "matmul")
+               for g in (structure.get("_global_paths") or []))
+    if "resnet" in name:
+        return "ResNet"
+    if "unet" in name:
+        return "UNet+attention" if (attn or "attention" in name) else "UNet"
+    return None
+
+
+def _padding_of(structure: dict) -> Optional[str]:
+    if not structure or structure.get("error"):
+        return None
+    verdict = structure.get("verdict") or []
+    if "boundary-broken" in verdict:
+        return "zeros"
+    if any(b.get("kind") == "boundary" for b in structure.get("breakers") or []):
+        return "zeros"
+    return "circular"
+
+
+class _Clock:
+    def __init__(self, progress: Optional[ProgressFn]):
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+
+    def say(self, msg: str) -> None:
+        if self.progress is not None:
+            self.progress(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}")
+
+    def stage(self, name: str, fn, *a, slow: bool = False, **kw):
+        """Run one stage and time it; announce it when ``slow``, report it when it took >= 1 s."""
+        if slow:
+            self.say(f"{name} ...")
+        t = time.perf_counter()
+        out = fn(*a, **kw)
+        self.timings[name] = time.perf_counter() - t
+        if slow or self.timings[name] >= 1.0:
+            self.say(f"{name} done in {self.timings[name]:.1f}s")
+        return out
+
+    def steps(self, every: float = 2.0):
+        """A ``progress(stage, done, total)`` for the library stages, at most every ``every`` s."""
+        last = {"t": 0.0}
+
+        def f(stage: str, done: int, total: int) -> None:
+            now = time.perf_counter()
+            if done == total or now - last["t"] >= every:
+                last["t"] = now
+                self.say(f"  {stage} step {done}/{total}")
+
+        return f
+
+
+# ---------------------------------------------------------------------------------------
+# the pipeline
+# ---------------------------------------------------------------------------------------
+def run_audit(config: AuditConfig, *, progress: Optional[ProgressFn] = None) -> AuditResult:
+    """Run the whole audit.
+
+    Args:
+        config: an :class:`AuditConfig`.
+        progress: optional ``f(line)`` for progress lines (the CLI prints them on stderr).
+    Returns:
+        :class:`AuditResult` (``exit_code`` 1 when a ``fail_on`` rule failed).
+    Raises:
+        ValueError (:class:`AuditError`, ``ModelLoadError``, ``DataSpecError``,
+        ``RuleError``): the audit cannot run with this input; the message is one line.
+    """
+    from .adapter import make_denoiser
+    from .equivariance import equivariance_measured, equivariance_structure
+    from .erf import effective_receptive_field
+    from .loading import load_model
+    from .receptive_field import receptive_field
+    from .trace import trace_model
+
+    cfg = config
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise AuditError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    clock = _Clock(progress)
+    notes: list[str] = []
+
+    # 1. load ------------------------------------------------------------------------------
+    loaded = clock.stage("load model", load_model, cfg.model, arch=cfg.arch, trust_model=cfg.trust_model,
+                         schedule=cfg.schedule, time_input=cfg.time_input, prediction=cfg.prediction,
+                         call_style=cfg.call_style, num_train_steps=cfg.num_train_steps, data_range=cfg.data_range)
+    spec, spec_source = _data_spec(cfg, loaded)
+    full: Dataset = clock.stage("load data", load_dataset, spec)
+    if len(full) < 3:
+        raise AuditError(f"data {spec!r} holds {len(full)} image(s); the audit needs at least 3")
+    conditional = cfg.conditional or cfg.label is not None
+    if conditional and full.labels is None:
+        raise AuditError(f"--conditional/--label need labelled data, but {spec!r} has no labels; "
+                         f"drop the flag or pass labelled data")
+    if cfg.label is not None and cfg.label not in full.label_counts():
+        raise AuditError(f"--label {cfg.label}: no training image has that label; labels present: "
+                         f"{', '.join(map(str, full.label_counts()))}")
+    if cfg.data_limit is not None and cfg.data_limit < len(full):
+        rows = balanced_subset_indices(full.labels, len(full), cfg.data_limit, cfg.data_seed)
+        dic = full.take(rows, note=f"dictionary: seeded class-balanced subset of {cfg.data_limit}, "
+                                   f"seed {cfg.data_seed}")
+    else:
+        dic = full
+    module = loaded.module
+    if hasattr(module, "eval"):
+        module.eval()
+    device = torch.device(cfg.device)
+    if cfg.device == "cuda" and hasattr(module, "to"):
+        module.to(device)
+    C, H, W = (int(s) for s in full.images.shape[1:])
+    den = clock.stage("adapt", make_denoiser, loaded, check_images=full.images[:16].to(device)
+                      if cfg.device == "cuda" else full.images[:16])
+    # NB: a model trained on another data range (e.g. [0, 1]) diffuses x_t = a x0 + b eps in
+    # ITS range, which is not an affine image of the [-1, 1] process (the noise does not
+    # scale with the data).  So the whole audit runs in the model's range: the machines'
+    # dictionary and the copy test use the training images mapped into it (the machines and
+    # Pearson r do not care about the range; the locality thresholds scale with it).
+    in_model_range = tuple(den.data_range) != (-1.0, 1.0)
+    if in_model_range:
+        notes.append(f"the model works in data range {den.data_range}: samples, machines and the copy test use "
+                     f"the training images mapped into that range")
+    train_images = den.to_model_range(full.images) if in_model_range else full.images         # (N, C, H, W)
+    dict_images = den.to_model_range(dic.images) if in_model_range else dic.images            # (n, C, H, W)
+    sched = den.schedule
+
+    def eps_fn(x, t, label=None):
+        with torch.no_grad():
+            out = den.eps(x.to(device), t.to(device), None if label is None else label.to(device))
+        return out.to(x.device, x.dtype)
+
+    def eps_grad(x, t, label=None):  # the ERF probe needs gradients
+        return den.eps(x.to(device), t.to(device), None if label is None else label.to(device)).to(x.device)
+
+    # labels per seed
+    classes = sorted(full.label_counts()) if conditional else []
+    if cfg.label is not None:
+        eval_labels: Optional[list[int]] = [cfg.label] * cfg.seeds
+        cal_labels: Optional[list[int]] = [cfg.label] * cfg.calibration_seeds
+    elif conditional:
+        eval_labels = [classes[i % len(classes)] for i in range(cfg.seeds)]
+        cal_labels = [classes[i % len(classes)] for i in range(cfg.calibration_seeds)]
+    else:
+        eval_labels = cal_labels = None
+
+    # 2. probes ------------------------------------------------------------------------------
+    trace_d = rf_d = None
+    graph = None
+    structure: dict
+    try:
+        g = torch.Generator().manual_seed(0)
+        ex_x = torch.randn((2, C, H, W), generator=g).to(device)
+        ex_t = den.model_time(torch.tensor([0.3, 0.7])).to(device)
+        style = den.call_style
+        lab = torch.tensor(eval_labels[:2] if eval_labels and len(eval_labels) >= 2 else
+                           (eval_labels or [0]) * 2, dtype=torch.long).to(device) if conditional else None
+        if not isinstance(module, torch.nn.Module):
+            raise AuditError(f"the model is a {type(module).__name__}, not an nn.Module")
+        if style == "t-x":
+            args, kw = (ex_t, ex_x), ({} if lab is None else {den._label_kw or "label": lab})
+        elif style == "diffusers":
+            args, kw = (ex_x, ex_t), ({"return_dict": False} if lab is None else
+                                      {"class_labels": lab, "return_dict": False})
+        elif style == "x-t":
+            if lab is None:
+                args, kw = (ex_x, ex_t), {}
+            elif den._label_kw:
+                args, kw = (ex_x, ex_t), {den._label_kw: lab}
+            else:
+                args, kw = (ex_x, ex_t, lab), {}
+        else:
+            raise AuditError("a custom call_style callable cannot be traced")
+        tr = clock.stage("trace", trace_model, module, args, kw)
+        rf = clock.stage("receptive field", receptive_field, tr)
+        st = clock.stage("equivariance structure", equivariance_structure, tr, rf)
+        trace_d, rf_d = tr.to_dict(), rf.to_dict()
+        structure = st.to_dict()
+        structure["_global_paths"] = [gp.to_dict() for gp in rf.global_paths]
+        try:
+            graph = tr.to_networkx()
+        except Exception as exc:  # noqa: BLE001 - the drawing is optional
+            notes.append(f"graph view unavailable: {' '.join(str(exc).split())[:200]}")
+        band = st                      # the shift test masks the structural band per axis
+    except AuditError as exc:
+        structure = {"error": str(exc)}
+        band = 0
+    except Exception as exc:  # noqa: BLE001 - a network we cannot trace is audited without structure
+        structure = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+        band = 0
+    if structure.get("error"):
+        notes.append(f"structural analysis unavailable: {structure['error']}")
+        # NB: keep the stable keys: the verdict is "unknown", never a guess
+        structure.update({"verdict": ["unknown"], "verdict_line": "unknown", "breakers": [], "partial": True})
+
+    # NB: the probes draw x0 from data given in [-1, 1]; for a model in another range they
+    # draw x0 ~ N(0, I) instead (they only need inputs of the right scale).
+    data_for_probe = None if in_model_range else full.images
+    erf_labels = None if not conditional else torch.tensor((eval_labels * cfg.erf_samples)[:cfg.erf_samples])
+    erf = clock.stage("effective receptive field", effective_receptive_field, eps_grad, (C, H, W), steps=cfg.steps,
+                      schedule=sched, data=data_for_probe, n_samples=cfg.erf_samples, seed=0,
+                      label=None if not conditional else erf_labels,
+                      slow=True)
+    meq = clock.stage("measured equivariance", equivariance_measured, eps_fn, (C, H, W), band=band, seed=0,
+                      n_samples=2, data=data_for_probe, schedule=sched,
+                      label=None if not conditional else torch.tensor((eval_labels * 2)[:2]))
+    # NB: the ERF's predicted patch is listed in sampler order (t = 1 first); scales use
+    # index 0 = least noise, so it is reversed.
+    predicted = tuple(int(k) for k in reversed(erf.predicted_patch))
+
+    # 3. machine ----------------------------------------------------------------------------
+    choice = choose_machine(structure, cfg.machine, cfg.dictionary)
+    clock.say(f"machine: {choice.kind} ({choice.reason})")
+    labels_t = dic.labels if conditional else None
+    machine = build_machine(choice.kind, dict_images, labels_t, schedule=sched, dictionary=cfg.dictionary)
+    is_machine = build_machine("IS", dict_images, labels_t, schedule=sched)
+
+    # 4. scales -------------------------------------------------------------------------------
+    k_max = max(H, W) if max(H, W) % 2 else max(H, W) - 1
+    calibration = other = None
+    cal_seeds = [10_000 + i for i in range(cfg.calibration_seeds)]
+    if isinstance(cfg.scales, tuple):
+        scales, source = cfg.scales, "given (--scales)"
+    elif cfg.scales == "erf":
+        scales, source = predicted, "erf (the probe's prediction, not calibrated)"
+    else:
+        if cfg.scales == "calibrate":
+            cands = default_candidates((C, H, W))
+            source = f"calibrated over every odd k in {cands[0]}..{cands[-1]} ({cfg.criterion} criterion)"
+        else:
+            cands = candidates_near(predicted, cfg.spread, k_max=k_max)
+            source = f"calibrated around the ERF prediction (+-{2 * cfg.spread}, {cfg.criterion} criterion)"
+        calibration = clock.stage("calibrate", calibrate_scales, eps_fn, machine, seeds=cal_seeds, steps=cfg.steps,
+                                  schedule=sched, candidates=cands, criterion=cfg.criterion,
+                                  label=cal_labels, progress=clock.steps(), slow=True)
+        scales = calibration.scales
+        if cfg.compare_criteria:
+            crit = "cosine" if cfg.criterion == "x0" else "x0"
+            other = clock.stage(f"calibrate ({crit}, for comparison)", calibrate_scales, eps_fn, machine,
+                                seeds=cal_seeds,
+                                steps=cfg.steps, schedule=sched, candidates=cands, criterion=crit, label=cal_labels,
+                                progress=clock.steps(), slow=True)
+
+    # 5. prediction -------------------------------------------------------------------------
+    seeds = list(range(cfg.seed_offset, cfg.seed_offset + cfg.seeds))
+    prediction = clock.stage("predict", predict_samples, eps_fn, machine, scales, seeds=seeds, steps=cfg.steps,
+                             is_machine=is_machine, schedule=sched, label=eval_labels, progress=clock.steps(),
+                             slow=True)
+
+    # 6. novelty -----------------------------------------------------------------------------
+    # NB: the copy test searches the whole data set (not only the dictionary subset).
+    novelty = clock.stage("novelty", assess_novelty, prediction, train_images, machine,
+                          threshold=float(cfg.memorized_threshold), baseline_limit=min(300, len(full)), seed=0)
+    nearest = train_images[torch.from_numpy(novelty.memorization.nearest_index)].numpy()
+
+    # published -----------------------------------------------------------------------------
+    try:
+        published = closest_published(spec, _arch_family(module, structure), _padding_of(structure), conditional)
+    except ValueError as exc:
+        published = None
+        notes.append(f"no published comparison: {exc}")
+
+    model_d = loaded.to_dict()
+    den_d = den.to_dict()
+    den_d.pop("model", None)
+    data_d = full.to_dict()
+    data_d["spec_source"] = spec_source
+    data_d["dictionary"] = {"N": len(dic), "limit": cfg.data_limit, "seed": cfg.data_seed,
+                            "label_counts": None if dic.labels is None else
+                            {str(k): v for k, v in dic.label_counts().items()},
+                            "conditional": conditional}
+    structure_public = {k: v for k, v in structure.items() if not k.startswith("_")}
+    res = AuditResult(
+        config=cfg, model=model_d, denoiser=den_d, data=data_d, trace=trace_d, receptive_field=rf_d,
+        structure=structure_public, erf=erf, equivariance=meq, choice=choice, scales=tuple(scales),
+        scales_predicted=predicted, scales_source=source, calibration=calibration, calibration_other=other,
+        prediction=prediction,
+        novelty=novelty, published=published, checks=(), exit_code=0, graph=graph, nearest_images=nearest,
+        timings=dict(clock.timings), versions=versions(), warnings=tuple(notes) + tuple(loaded.notes),
+        name=model_name(cfg.model),
+    )
+    core = res.summary_core()
+    checks = builtin_checks(core) + evaluate_rules(cfg.rules, core)
+    res = dataclasses.replace(res, checks=checks, exit_code=exit_code(checks))
+    clock.say("checks: " + ", ".join(f"{c.name}={c.status}" for c in checks))
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# outputs
+# ---------------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def summary_schema() -> dict:
+    """The JSON Schema of summary.json (``els_audit/summary_schema.json``, shipped with the package)."""
+    from importlib.resources import files
+
+    return json.loads(files("els_audit").joinpath("summary_schema.json").read_text(encoding="utf-8"))
+
+
+def check_output_dir(out_dir: Union[str, Path]) -> Path:
+    """Refuse an output folder that :func:`write_outputs` must not replace (checked before the
+    audit runs, so that minutes of work are not lost at the end).
+
+    Returns:
+        the resolved path.
+    Raises:
+        AuditError: ``out_dir`` is a file, or a folder holding anything but a previous report.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise AuditError(f"--out {out} exists and is not a folder; choose another --out")
+    if out.is_dir():
+        # NB: an existing folder is replaced as a whole, so only a previous report may be
+        # (never a folder holding anything else, e.g. --out . or --out ~)
+        others = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES)
+        if others:
+            raise AuditError(f"--out {out} already holds other files ({', '.join(others[:3])}"
+                             f"{', ...' if len(others) > 3 else ''}); choose a new or empty folder")
+    return out
+
+
+def write_outputs(result: AuditResult, out_dir: Union[str, Path], *, html: bool = True) -> Path:
+    """Write ``index.html``, ``summary.json`` and ``arrays.npz`` into ``out_dir``, atomically.
+
+    Everything is written into a temporary folder beside ``out_dir`` (same parent, so the
+    final rename does not cross file systems) and renamed into place at the end; an
+    existing ``out_dir`` is replaced only then, and only if it holds nothing but a previous
+    report's files (:data:`REPORT_FILES`).  On any error nothing is left behind.
+
+    Args:
+        result: from :func:`run_audit`.
+        out_dir: the report folder.
+        html: also write the HTML report.
+    Returns:
+        the report folder.
+    """
+    out = check_output_dir(out_dir)
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AuditError(f"cannot create the output folder {parent} ({exc.strerror or exc}); "
+                         f"choose another --out") from None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    old = None
+    try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a report folder is an ordinary folder
+        summary = result.to_dict()
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        np.savez_compressed(tmp / "arrays.npz", **result.arrays())
+        if html:
+            from .report import render_html
+
+            (tmp / "index.html").write_text(render_html(result), encoding="utf-8")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / out.name).exists() and not out.exists():
+            os.replace(old / out.name, out)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out

@@ -1,0 +1,197 @@
+"""``els-audit MODEL``: the command line, a thin shell over :func:`els_audit.audit.run_audit`.
+
+The command builds an :class:`~els_audit.audit.AuditConfig`, calls ``run_audit`` (the same
+function a Python user calls) and writes the report with
+:func:`~els_audit.audit.write_outputs`.
+
+Exit codes: 0 every check passed (warnings allowed); 1 a ``--fail-on`` rule failed; 2 the
+audit could not run (bad input: one line on stderr saying what is wrong and what to do, no
+traceback unless ``--debug``; nothing half-written is left behind).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import click
+
+__all__ = ["main", "EXIT_OK", "EXIT_CHECK_FAILED", "EXIT_CANNOT_RUN"]
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_CANNOT_RUN = 2
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+class _Command(click.Command):
+    """A click command whose usage errors are one line on stderr and exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+        except click.ClickException as exc:
+            click.echo(f"els-audit: error: {_one_line(exc.format_message())} (see els-audit --help)", err=True)
+            rv = EXIT_CANNOT_RUN
+        except click.exceptions.Abort:
+            click.echo("els-audit: aborted", err=True)
+            rv = EXIT_CANNOT_RUN
+        code = rv if isinstance(rv, int) else EXIT_OK
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("model")
+@click.option("--data", "data", metavar="SPEC", default=None,
+              help="Training data spec, e.g. mnist5k:size=32 or train.npz "
+                   "(default: what the model's zoo config names).")
+@click.option("--data-limit", type=int, default=300, show_default=True,
+              help="Machines use a seeded class-balanced subset of this many images (0 = all; cost grows linearly).")
+@click.option("--trust-model", is_flag=True,
+              help="Allow model formats that run code when loaded (pickles, TorchScript).")
+@click.option("--arch", metavar="MODULE:CALLABLE", default=None, help="Architecture for weights-only files.")
+@click.option("--schedule", default=None, help="Noise schedule name (cosine-legacy, cosine, linear, ...).")
+@click.option("--time", "--time-input", "time_input", type=click.Choice(["unit", "index", "sigma"]), default=None,
+              help="What time value the model takes.")
+@click.option("--predicts", "--prediction", "prediction", type=click.Choice(["eps", "x0", "v", "score"]),
+              default=None, help="What the model predicts.")
+@click.option("--call-style", type=click.Choice(["x-t", "t-x", "diffusers"]), default=None,
+              help="How the model is called: model(x, t), model(t, x) or a diffusers UNet.")
+@click.option("--num-train-steps", type=int, default=None, help="Training steps T (for --time index).")
+@click.option("--data-range", default=None, metavar="LO,HI",
+              help="Pixel range the model was trained on (default -1,1; e.g. 0,1).")
+@click.option("--steps", type=int, default=10, show_default=True, help="DDIM steps (network and machines); paper: 20.")
+@click.option("--seeds", type=int, default=8, show_default=True, help="Evaluation seeds; paper: 100.")
+@click.option("--calibration-seeds", type=int, default=2, show_default=True, help="Seeds for calibrating the scales.")
+@click.option("--seed-offset", type=int, default=0, show_default=True, help="First evaluation seed.")
+@click.option("--conditional", is_flag=True, help="Class-conditional model: seed i gets label i mod n_classes.")
+@click.option("--label", type=int, default=None, help="One class label for every seed (implies --conditional).")
+@click.option("--machine", type=click.Choice(["auto", "ELS", "bbELS", "LS"]), default="auto", show_default=True,
+              help="Machine kind; auto follows the equivariance verdict.")
+@click.option("--dictionary", type=click.Choice(["periodic", "valid"]), default="periodic", show_default=True,
+              help="ELS dictionary: periodic (theory) or valid (the authors' public code).")
+@click.option("--scales", default="auto", show_default=True, metavar="auto|erf|calibrate|K,K,...",
+              help="Patch size per step: auto (calibrate near the ERF prediction), erf, calibrate (every odd k), "
+                   "or one odd size per step (index 0 = least noise).")
+@click.option("--criterion", type=click.Choice(["x0", "cosine"]), default="x0", show_default=True,
+              help="Calibration criterion (cosine = the paper's).")
+@click.option("--compare-criteria", is_flag=True,
+              help="Also calibrate with the other criterion and show its scales beside (doubles calibration).")
+@click.option("--spread", type=int, default=1, show_default=True,
+              help="auto scales: try the ERF prediction +-2*spread.")
+@click.option("--memorized-threshold", type=float, default=1 / 3, show_default="1/3",
+              help="Nearest/second-nearest distance ratio below which a sample counts as memorised.")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="Report folder (default: reports/<model name>).")
+@click.option("--json", "json_out", metavar="PATH|-", default=None, help="Also write summary JSON here ('-' = stdout).")
+@click.option("--fail-on", "fail_on", multiple=True, metavar="RULE",
+              help="Exit 1 when RULE holds, e.g. 'memorized_fraction>0.05' or 'median_r<0.8' (repeatable).")
+@click.option("--rules", "rules_file", type=click.Path(path_type=Path), default=None,
+              help="TOML file with fail_on = [...] rules (for registries).")
+@click.option("--no-report", is_flag=True, help="Skip the HTML (summary.json and arrays.npz are still written).")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="torch threads (on a loaded 2-core machine one is often fastest).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@click.option("--debug", is_flag=True, help="Show the traceback when the audit cannot run.")
+@click.pass_context
+def main(ctx: click.Context, model: str, data: Optional[str], data_limit: int, trust_model: bool, arch: Optional[str],
+         schedule: Optional[str], time_input: Optional[str], prediction: Optional[str], call_style: Optional[str],
+         num_train_steps: Optional[int], data_range: Optional[str], steps: int, seeds: int,
+         calibration_seeds: int, seed_offset: int, conditional: bool, label: Optional[int], machine: str,
+         dictionary: str, scales: str, criterion: str, compare_criteria: bool, spread: int,
+         memorized_threshold: float, out: Optional[Path],
+         json_out: Optional[str], fail_on: tuple[str, ...], rules_file: Optional[Path], no_report: bool,
+         threads: int, device: str, quiet: bool, debug: bool) -> int:
+    """Audit a trained image diffusion model: receptive fields, equivariance, a fitted
+    Equivariant Local Score machine, seed-by-seed prediction and novelty.
+
+    MODEL is a model file or folder, or zoo:NAME for a bundled model (zoo:resnet-zeros,
+    zoo:resnet-circular, zoo:unet-zeros, zoo:unet-attention).
+
+    Exit codes: 0 checks pass (warnings allowed), 1 a --fail-on rule failed, 2 the audit
+    could not run.
+    """
+    from .audit import AuditConfig, check_output_dir, model_name, parse_scales, run_audit, write_outputs
+    from .checks import load_rules
+
+    def progress(line: str) -> None:
+        if not quiet:
+            click.echo(f"els-audit {line}", err=True)
+
+    try:
+        rules = list(fail_on)
+        if rules_file is not None:
+            rules += [r.text for r in load_rules(rules_file)]
+        cfg = AuditConfig(
+            model=model, data=data, data_limit=None if data_limit == 0 else data_limit, trust_model=trust_model,
+            arch=arch, schedule=schedule, time_input=time_input, prediction=prediction, call_style=call_style,
+            num_train_steps=num_train_steps, data_range=data_range, steps=steps, seeds=seeds,
+            calibration_seeds=calibration_seeds, seed_offset=seed_offset, conditional=conditional, label=label,
+            machine=machine, dictionary=dictionary, scales=parse_scales(scales), criterion=criterion,
+            compare_criteria=compare_criteria, spread=spread,
+            memorized_threshold=memorized_threshold, fail_on=tuple(rules), threads=threads, device=device,
+        )
+        out_dir = check_output_dir(out if out is not None else Path("reports") / model_name(model))
+        result = run_audit(cfg, progress=progress)
+        folder = write_outputs(result, out_dir, html=not no_report)
+        if json_out is not None:
+            text = json.dumps(result.to_dict(), indent=2, allow_nan=False)
+            if json_out == "-":
+                click.echo(text)
+            else:
+                _write_atomic(Path(json_out), text + "\n")
+    except KeyboardInterrupt:
+        click.echo("els-audit: interrupted; nothing was written", err=True)
+        return EXIT_CANNOT_RUN
+    except (ValueError, OSError) as exc:
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        click.echo(f"els-audit: error: {_one_line(exc)}", err=True)
+        return EXIT_CANNOT_RUN
+    except Exception as exc:  # noqa: BLE001 - exit code 2 for anything that stops the audit
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        click.echo(f"els-audit: error: internal error ({type(exc).__name__}: {_one_line(exc)[:300]}); "
+                   f"rerun with --debug for the traceback and report it", err=True)
+        return EXIT_CANNOT_RUN
+    fails = [c for c in result.checks if c.status == "fail"]
+    warns = [c for c in result.checks if c.status == "warn"]
+    progress(f"report: {folder / 'index.html' if not no_report else folder}")
+    progress(f"{len(result.checks) - len(fails) - len(warns)} pass, {len(warns)} warn, {len(fails)} fail"
+             + (": " + ", ".join(c.name for c in fails) if fails else ""))
+    if fails and quiet:
+        click.echo("els-audit: failed: " + ", ".join(c.name for c in fails), err=True)
+    return result.exit_code
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    path = path.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+if __name__ == "__main__":  # python -m els_audit.cli
+    main()
