@@ -86,8 +86,8 @@ FULL_FIDELITY = {
     "data_limit": None,
     "scales": "calibrate",
     "note": ("the paper: 100 seeds, 20 machine steps, calibration over every odd k, the whole training set "
-             "as the dictionary.  Each machine evaluation costs ~N*H*W*k*k multiply-adds per image "
-             "(N dictionary images, after merging duplicate patches): for MNIST 5000 at 32x32 that is "
+             "as the dictionary.  Each machine evaluation costs ~N*(H*W)^2*C*k*k multiply-adds per image "
+             "(N dictionary images; fewer after merging duplicate patches): for MNIST 5000 at 32x32 that is "
              "seconds per image per step on a CPU, so the full setting takes hours there.  --device cuda moves "
              "only the network; the machines run on the CPU in this version."),
 }

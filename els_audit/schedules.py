@@ -12,6 +12,7 @@ are looked up in :data:`SCHEDULES`, which loads the entry-point group
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Union
 
 import torch
@@ -23,13 +24,14 @@ __all__ = ["NoiseSchedule", "DiscreteSchedule", "SCHEDULES", "get_schedule", "Ti
 TimeLike = Union[float, torch.Tensor]
 
 
-class NoiseSchedule:
+class NoiseSchedule(ABC):
     """Base class: subclasses implement :meth:`alpha_bar_f64` on a float64 tensor."""
 
     name: str = "?"
 
-    def alpha_bar_f64(self, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def alpha_bar_f64(self, t: torch.Tensor) -> torch.Tensor:
+        """abar(t) = a_t^2 for a float64 tensor t in [0, 1]."""
 
     def alpha_sigma(self, t: TimeLike, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(a_t, b_t)`` with the shape of ``t`` (a 0-d tensor for a float).
