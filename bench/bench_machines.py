@@ -46,6 +46,8 @@ def main(argv=None):
     ap.add_argument("--ts", default="0.1,0.5,0.9")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    ap.add_argument("--memory-budget-gb", type=float, default=2.0,
+                    help="the engine's memory budget (default: the library default, 2 GB)")
     ap.add_argument("--smoke", action="store_true", help="small and quick: 300 images, k 3 and 7, t 0.5")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -71,7 +73,7 @@ def main(argv=None):
 
     rows, builds = [], []
     for kind in kinds:
-        eng = build_machine(kind, imgs)
+        eng = build_machine(kind, imgs, memory_budget=int(args.memory_budget_gb * 2**30))
         times = {}                                                  # (t, k) -> (engine, baseline)
         for k in all_ks:
             # one k at a time: the baseline's unfolded dictionary is 5.12M x k^2 floats
@@ -80,9 +82,11 @@ def main(argv=None):
             te, _ = best_of(lambda: eng._dictionary(k, None), 1)
             st = eng.dictionary_stats(k)
             builds.append({"kind": kind, "k": k, "baseline_build_s": tb, "engine_build_s": te,
-                           "keys": st["keys"], "unique_keys": st["unique_keys"]})
+                           "keys": st["keys"], "unique_keys": st["unique_keys"],
+                           "materialized_fraction": st["materialized_fraction"]})
             print(f"  build {kind} k={k}: baseline {tb:.1f}s, engine {te:.1f}s, "
-                  f"keys {st['keys']} -> unique {st['unique_keys']} ({st['unique_keys'] / st['keys']:.1%})", flush=True)
+                  f"keys {st['keys']} -> unique {st['unique_keys']} ({st['unique_keys'] / st['keys']:.1%}), "
+                  f"materialised {st['materialized_fraction']:.0%}", flush=True)
             for t in ts:
                 a, b = (float(v) for v in sched.alpha_sigma(t))
                 x = a * x0 + b * noise
@@ -96,7 +100,7 @@ def main(argv=None):
                              "single": k in single_ks})
                 print(f"  {kind:5s} t={t:.1f} k={k:2d}: engine {te:7.2f}s  baseline {tb:7.2f}s  "
                       f"x{tb / te:5.2f}  err {err:.1e}  {logits / te / 1e9:.2f} G logits/s", flush=True)
-            del base
+            base = None                                              # free the unfolded patches
             eng._cache.clear()
         for t in ts:
             se = sum(times[(t, k)][0] for k in sweep_ks)

@@ -22,7 +22,6 @@ dot-product attention over a deduplicated patch dictionary (:mod:`._dictionary`)
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union

@@ -6,7 +6,6 @@ that compete there, compute ||Omega_p(x) - a patch||^2 directly, softmax, averag
 Only for tiny sizes.
 """
 
-import math
 
 import torch
 

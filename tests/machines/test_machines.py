@@ -1,7 +1,6 @@
 """The machines against the brute-force reference (tests/machines/brute_force.py) and
 against the properties theory.md states.  float64 throughout unless a test says otherwise."""
 
-import math
 
 import pytest
 import torch
@@ -163,9 +162,8 @@ def test_tiling_does_not_change_the_answer():
     m = build_machine("ELS", imgs)
     m.score(x, 0.5, k=3)
     dic = m._dictionary(3, None)
-    q = torch.nn.functional.unfold(x, 3, padding=0) if False else None
     from els_audit.machines import _circular_pad
-    q = torch.nn.functional.unfold(_circular_pad(x, 1), 3)
+    q = torch.nn.functional.unfold(_circular_pad(x, 1), 3)                         # ELS queries
     a, b = SCHED.alpha_sigma(torch.full((3,), 0.5, dtype=torch.float64))
     big = grouped_softmax_average(dic, q, a, b, diagnostics=True, tile_elems=1 << 20)
     small = grouped_softmax_average(dic, q, a, b, diagnostics=True, tile_elems=70)  # many chunks
