@@ -58,10 +58,10 @@ def main(argv=None):
                 rows.append(row)
                 print(f"{kind:5s} k={k:2d} t={t}: engine f32 {row['engine_f32_err']:.1e}, "
                       f"baseline f32 {row['baseline_f32_err']:.1e} (vs float64 baseline)", flush=True)
+                if args.json:                       # after every row: a run killed later keeps these
+                    args.json.write_text(json.dumps(rows, indent=1))
             del base32, base64
             eng._cache.clear()
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
