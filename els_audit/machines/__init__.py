@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..schedules import NoiseSchedule, get_schedule
-from ._dictionary import PatchDictionary, build_dictionary
+from ._dictionary import PatchDictionary, build_dictionary, circular_pad as _circular_pad
 from ._engine import grouped_softmax_average
 
 __all__ = ["build_machine", "ScoreMachine", "ScoreDiagnostics", "MACHINE_KINDS", "scale_schedule_eps"]
@@ -334,15 +334,6 @@ def scale_schedule_eps(machine: ScoreMachine, scales: Sequence[int], steps: int)
 def _check_k(k) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or k <= 0 or k % 2 == 0:
         raise ValueError(f"patch size k must be a positive odd integer; got {k!r}")
-
-
-def _circular_pad(x: torch.Tensor, r: int) -> torch.Tensor:
-    """Circular padding by r on H and W, wrapping as often as needed (F.pad refuses r > size)."""
-    H, W = x.shape[-2:]
-    ry, rx = -(-r // H) * 2 + 1, -(-r // W) * 2 + 1
-    tiled = x.repeat(1, 1, ry, rx)
-    oy, ox = (ry // 2) * H - r, (rx // 2) * W - r
-    return tiled[:, :, oy: oy + H + 2 * r, ox: ox + W + 2 * r]
 
 
 def _ideal_mean(imgs, ids, x, a, b, diagnostics):

@@ -37,7 +37,8 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["KeyChunk", "PatchGroup", "PatchDictionary", "build_dictionary", "patch_offsets", "DEDUP_BYTES_PER_KEY"]
+__all__ = ["KeyChunk", "PatchGroup", "PatchDictionary", "build_dictionary", "circular_pad", "patch_offsets",
+           "DEDUP_BYTES_PER_KEY"]
 
 
 @dataclass
@@ -216,6 +217,18 @@ class PatchDictionary:
 DEDUP_BYTES_PER_KEY = 48
 
 
+def circular_pad(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Circular padding by r on H and W of (N, C, H, W), wrapping as often as needed.
+
+    NB: F.pad refuses circular padding wider than the image; tiling does not.
+    """
+    H, W = x.shape[-2:]
+    ry, rx = -(-r // H) * 2 + 1, -(-r // W) * 2 + 1
+    tiled = x.repeat(1, 1, ry, rx)
+    oy, ox = (ry // 2) * H - r, (rx // 2) * W - r
+    return tiled[:, :, oy: oy + H + 2 * r, ox: ox + W + 2 * r]
+
+
 def patch_offsets(C: int, k: int, Hp: int, Wp: int) -> torch.Tensor:
     """Flat offsets of a (C, k, k) window inside a (C, Hp, Wp) image, in unfold order."""
     c = torch.arange(C)[:, None, None] * (Hp * Wp)
@@ -289,9 +302,7 @@ class _KeyEnumerator:
                  ys: torch.Tensor, xs: torch.Tensor, pad_origin: tuple[int, int], image_ids: torch.Tensor):
         N, C, Hp, Wp = dic_padded.shape
         self.padded = dic_padded
-        self.ys, self.xs = ys, xs                 # centre positions, unpadded coordinates
-        self.npos = ys.numel() * xs.numel()
-        self.n_img = n_img
+        self.npos = ys.numel() * xs.numel()      # key centre positions, unpadded coordinates
         self.image_ids = image_ids                 # (N,) index into the full data set
         oy, ox = pad_origin                        # top-left of the window for centre (0, 0)
         yy, xx = torch.meshgrid(ys, xs, indexing="ij")
@@ -366,12 +377,7 @@ def build_dictionary(
     if image_ids is None:
         image_ids = torch.arange(N)
     if mode == "circular":
-        # NB: circular padding by more than the image size wraps more than once; F.pad
-        # refuses that, so tile the images instead.
-        reps_y, reps_x = -(-r // H) * 2 + 1, -(-r // W) * 2 + 1
-        tiled = images.repeat(1, 1, reps_y, reps_x)
-        oy, ox = (reps_y // 2) * H - r, (reps_x // 2) * W - r
-        padded = tiled[:, :, oy: oy + H + 2 * r, ox: ox + W + 2 * r].contiguous()
+        padded = circular_pad(images, r).contiguous()
     elif mode in ("zeros", "valid"):
         padded = F.pad(images, (r, r, r, r)) if mode == "zeros" else images.contiguous()
     else:
