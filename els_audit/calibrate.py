@@ -325,6 +325,7 @@ def calibrate_scales(
     x_T = initial_noise(seeds, machine.image_shape, dtype=dtype)                      # (B, C, H, W)
 
     vals = np.full((steps, len(union), B), np.nan)                                     # (T, n_cand, B)
+    machine.prepare_sweep(union, label=labels)          # one nested tree for every step's subset
 
     def on_step(i: int, t: float, x: torch.Tensor, eps: torch.Tensor) -> None:
         j = steps - 1 - i                                  # sampler step i starts at t = (j+1)/T
@@ -337,12 +338,12 @@ def calibrate_scales(
             ref = (x - b4 * eps) / a4                                                  # (B, C, H, W) x0_net
         else:
             ref = -eps / b4                                                            # (B, C, H, W) s_net
-        for k in per_step[j]:
-            if criterion == "x0":
-                m = machine.denoised(x, t_vec, k=k, label=labels)                      # (B, C, H, W)
-                vals[j, col[k]] = mse_batch(ref, m)
-            else:
-                m = machine.score(x, t_vec, k=k, label=labels)                         # (B, C, H, W)
+        # one sweep per step: periodic ELS evaluates all candidates in one nested pass
+        if criterion == "x0":
+            for k, m in machine.denoised_sweep(x, t_vec, per_step[j], label=labels).items():
+                vals[j, col[k]] = mse_batch(ref, m)                                   # m (B, C, H, W)
+        else:
+            for k, m in machine.score_sweep(x, t_vec, per_step[j], label=labels).items():
                 vals[j, col[k]] = cosine_similarity_batch(ref, m)
         if progress is not None:
             progress("calibrate", i + 1, steps)

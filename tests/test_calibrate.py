@@ -109,21 +109,21 @@ def test_per_step_candidates_near_a_prediction(els):
     assert d["convention"].startswith("scales[j] is applied at t = (j+1)/steps")
 
 
-def test_one_machine_call_per_candidate_and_step_with_all_seeds(els):
+def test_one_machine_sweep_per_step_with_all_seeds_and_candidates(els):
     calls = []
-    real = els.denoised
+    real = els.denoised_sweep
 
-    def counting(x, t, k=None, label=None):
-        calls.append((x.shape[0], k))
-        return real(x, t, k=k, label=label)
+    def counting(x, t, ks, label=None):
+        calls.append((x.shape[0], tuple(ks)))
+        return real(x, t, ks, label=label)
 
-    els.denoised = counting
+    els.denoised_sweep = counting
     try:
         net = scale_schedule_eps(els, TRUE, STEPS)
         calibrate_scales(net, els, seeds=[1, 2, 3, 4], steps=STEPS, candidates=(3, 7))
     finally:
-        del els.denoised
-    assert len(calls) == STEPS * 2 and all(b == 4 for b, _ in calls)
+        del els.denoised_sweep
+    assert calls == [(4, (3, 7))] * STEPS
 
 
 def test_progress(els):

@@ -15,9 +15,12 @@ Usage::
     m = build_machine("ELS", images, labels, schedule="cosine-legacy", dictionary="periodic")
     s = m.score(x, t, k=5)                 # x (B, C, H, W), t float or (B,) -> (B, C, H, W)
     s, diag = m.score(x, t, k=5, diagnostics=True)
+    by_k = m.score_sweep(x, t, ks=(3, 5, 7))   # {k: score}: one nested pass for periodic ELS
 
 All machines share one exact kernel (:mod:`._engine`): a grouped, tiled, online-softmax
-dot-product attention over a deduplicated patch dictionary (:mod:`._dictionary`).
+dot-product attention over a deduplicated patch dictionary (:mod:`._dictionary`).  A sweep
+over patch sizes of the periodic ELS machine runs as one pass over nested windows
+(:mod:`._nested`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from ..schedules import NoiseSchedule, get_schedule
 from ._dictionary import PatchDictionary, build_dictionary, circular_pad as _circular_pad
 from ._engine import grouped_softmax_average
+from ._nested import NestedDictionary, build_nested_dictionary, nested_dictionary_bytes, nested_softmax_average
 
 __all__ = ["build_machine", "ScoreMachine", "ScoreDiagnostics", "MACHINE_KINDS", "scale_schedule_eps"]
 
@@ -119,19 +123,42 @@ class ScoreMachine:
             raise ValueError("the score is undefined at t = 0 (b_t = 0); use t > 0")
         k = self._resolve_k(k)
         labels = self.check_label(label, B)
-        if labels is None:
-            mean, diag = self._mean_centre(x, a, b, k, None, diagnostics)
-        else:
-            mean = torch.empty_like(x)
-            parts = []
-            for lab in torch.unique(labels).tolist():
-                sel = (labels == lab).nonzero().flatten()
-                m_l, d_l = self._mean_centre(x[sel], a[sel], b[sel], k, int(lab), diagnostics)
-                mean[sel] = m_l
-                parts.append((sel, d_l))
-            diag = _merge_diag(parts, B) if diagnostics else None
-        score = -(x - a[:, None, None, None] * mean) / (b**2)[:, None, None, None]
+        mean, diag = self._means(x, a, b, k, labels, diagnostics)
+        score = self._score_from_mean(x, a, b, mean)
         return (score, diag) if diagnostics else score
+
+    def score_sweep(self, x: torch.Tensor, t: Union[float, torch.Tensor], ks: Sequence[int],
+                    label: Union[None, int, torch.Tensor] = None) -> dict[int, torch.Tensor]:
+        """The score at several patch sizes, same ``x`` and ``t``: ``{k: score(x, t, k)}``.
+
+        The periodic ELS machine evaluates all sizes in one pass over nested windows (each
+        size adds only its ring to the previous one's logits; :mod:`._nested`), when its
+        tree fits half the memory budget; other machines run one k at a time.
+        """
+        ks = self._check_ks(ks)
+        (x, a, b), means = self._sweep_means(x, t, ks, label)
+        return {k: self._score_from_mean(x, a, b, mean) for k, mean in means.items()}
+
+    def prepare_sweep(self, ks: Sequence[int], label: Union[None, int, torch.Tensor] = None) -> None:
+        """Build now what :meth:`score_sweep` needs for any subset of ``ks`` (for periodic ELS
+        one tree over all of ks, instead of one per distinct subset); a no-op elsewhere."""
+        ks = self._check_ks(ks)
+        if not self._nests(ks):
+            return
+        if label is None:
+            labs = [None]
+        else:
+            lab = torch.as_tensor(label, dtype=torch.long).reshape(-1)
+            labs = torch.unique(self.check_label(lab, lab.numel())).tolist()
+        for lab in labs:
+            self._nested_dictionary(ks, lab)
+
+    def denoised_sweep(self, x: torch.Tensor, t: Union[float, torch.Tensor], ks: Sequence[int],
+                       label: Union[None, int, torch.Tensor] = None) -> dict[int, torch.Tensor]:
+        """``{k: denoised(x, t, k)}``, one nested pass where :meth:`score_sweep` has one."""
+        ks = self._check_ks(ks)
+        _, means = self._sweep_means(x, t, ks, label)
+        return means
 
     def eps(self, x: torch.Tensor, t: Union[float, torch.Tensor], label=None, k: Optional[int] = None):
         """Noise prediction ``eps_hat = -b_t * score`` (theory.md section 1)."""
@@ -159,6 +186,77 @@ class ScoreMachine:
                 "bytes": d.nbytes()}
 
     # -- internals ------------------------------------------------------------------------
+    def _check_ks(self, ks) -> tuple[int, ...]:
+        ks = tuple(ks)
+        if not ks:
+            raise ValueError("ks is empty; give one or more odd patch sizes")
+        for k in ks:
+            _check_k(k)
+        return tuple(sorted(set(ks)))
+
+    def _means(self, x, a, b, k, labels, diagnostics=False):
+        """Mean centre (B, C, H, W) at one k (and diagnostics), one class subset at a time."""
+        if labels is None:
+            return self._mean_centre(x, a, b, k, None, diagnostics)
+        mean = torch.empty_like(x)
+        parts = []
+        for lab in torch.unique(labels).tolist():
+            sel = (labels == lab).nonzero().flatten()
+            m_l, d_l = self._mean_centre(x[sel], a[sel], b[sel], k, int(lab), diagnostics)
+            mean[sel] = m_l
+            parts.append((sel, d_l))
+        return mean, (_merge_diag(parts, x.shape[0]) if diagnostics else None)
+
+    @staticmethod
+    def _score_from_mean(x, a, b, mean):
+        return -(x - a[:, None, None, None] * mean) / (b**2)[:, None, None, None]
+
+    def _sweep_means(self, x, t, ks, label):
+        """((x, a, b), {k: mean centre (B, C, H, W)}) for a sweep over ``ks``."""
+        x = self._check_x(x)
+        B = x.shape[0]
+        t_vec = self._check_t(t, B, x.dtype)
+        a, b = self.schedule.alpha_sigma(t_vec, dtype=x.dtype)
+        if torch.any(b <= 0):
+            raise ValueError("the score is undefined at t = 0 (b_t = 0); use t > 0")
+        labels = self.check_label(label, B)
+        if not self._nests(ks):
+            return (x, a, b), {k: self._means(x, a, b, k, labels)[0] for k in ks}
+        means = {k: torch.empty_like(x) for k in ks}
+        groups = [(None, torch.arange(B))] if labels is None else [
+            (int(lab), (labels == lab).nonzero().flatten()) for lab in torch.unique(labels).tolist()]
+        for lab, sel in groups:
+            nd = self._nested_dictionary(ks, lab)
+            out = nested_softmax_average(nd, x[sel], a[sel], b[sel], ks=ks)
+            for k in ks:
+                means[k][sel] = out[k]
+        return (x, a, b), means
+
+    def _nests(self, ks) -> bool:
+        """Whether a sweep over ks runs as one nested pass (see score_sweep)."""
+        if self.kind != "ELS" or self.dictionary != "periodic" or len(ks) < 2:
+            return False
+        N, C, H, W = self.images.shape
+        return nested_dictionary_bytes(N * H * W, len(ks), C) <= self.memory_budget // 2
+
+    def _nested_dictionary(self, ks, label) -> NestedDictionary:
+        """A cached nested dictionary for label whose sizes include ks (the smallest such),
+        else a new one for ks; same memory policy as _dictionary."""
+        covering = [key for key in self._cache
+                    if key[0] == "nested" and key[2] == label and set(ks) <= set(key[1])]
+        key = min(covering, key=lambda kk: len(kk[1])) if covering else ("nested", tuple(ks), label)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            d = self._cache[key]
+        else:
+            imgs, ids = self._images_for(label)
+            d = build_nested_dictionary(imgs, ks, image_ids=ids)
+            self._cache[key] = d
+            while len(self._cache) > 1 and sum(v.nbytes() for v in self._cache.values()) > self.memory_budget // 2:
+                self._cache.popitem(last=False)
+        self._materialize_within_budget(d)
+        return d
+
     def _mean_centre(self, x, a, b, k, label, diagnostics):
         B, C, H, W = x.shape
         imgs, ids = self._images_for(label)
@@ -208,15 +306,20 @@ class ScoreMachine:
             self._cache[key] = d
             while len(self._cache) > 1 and sum(v.nbytes() for v in self._cache.values()) > self.memory_budget // 2:
                 self._cache.popitem(last=False)
-        if d.materialized_fraction < 1:
-            limit = self.memory_budget * 3 // 4
-            need = sum(g.materialized_bytes() for g in d.groups if g.kaug is None)
-            for other in list(self._cache.values())[:-1]:                    # oldest first
-                if sum(v.nbytes() for v in self._cache.values()) + need <= limit:
-                    break
-                other.release()
-            d.materialize(limit - sum(v.nbytes() for v in self._cache.values()))
+        self._materialize_within_budget(d)
         return d
+
+    def _materialize_within_budget(self, d) -> None:
+        """Materialise d's keys up to 3/4 of the budget, releasing older dictionaries' first."""
+        if d.materialized_fraction >= 1:
+            return
+        limit = self.memory_budget * 3 // 4
+        need = d.unmaterialized_bytes()
+        for other in list(self._cache.values())[:-1]:                        # oldest first
+            if sum(v.nbytes() for v in self._cache.values()) + need <= limit:
+                break
+            other.release()
+        d.materialize(limit - sum(v.nbytes() for v in self._cache.values()))
 
     def _resolve_k(self, k):
         if self.kind == "IS":

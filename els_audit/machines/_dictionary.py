@@ -207,6 +207,9 @@ class PatchDictionary:
         for g in self.groups:
             g.release()
 
+    def unmaterialized_bytes(self) -> int:
+        return sum(g.materialized_bytes() for g in self.groups if g.kaug is None)
+
     @property
     def materialized_fraction(self) -> float:
         keys = [g.n_keys for g in self.groups if g.deduplicated]
@@ -422,6 +425,10 @@ def build_dictionary(
         rep, counts, row_sum = None, None, torch.zeros(K, dtype=torch.float64)
         if dedup:
             rep, _, counts, row_sum = _hash_dedup(enum, enum.total, K, img_chunk)
+            # NB: unique keys in enumeration (image-major) order, not hash order: gathering
+            # them then walks the images in memory order (cache hits), see PatchGroup.chunks
+            by_position = torch.argsort(rep)
+            rep, counts = rep[by_position], counts[by_position]
         else:
             for s in range(0, enum.total, img_chunk):
                 row_sum += enum(s, min(enum.total, s + img_chunk)).to(torch.float64).sum(0)

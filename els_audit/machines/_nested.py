@@ -1,0 +1,362 @@
+"""Periodic ELS at several patch sizes in one pass: nested windows over a tree of patches.
+
+References:
+- Kamb & Ganguli, ICML 2025 (arXiv 2412.20292), eq. 38 (ELS); theory.md section 2.
+- The single-k kernel and its base-2 online softmax: :mod:`._engine`.
+
+A calibration sweep asks for the ELS score at the same ``x`` and ``t`` for several patch
+sizes ``k_1 < k_2 < ... < k_L``.  Evaluated one k at a time, every logit of size k costs a
+dot product of length ``C k^2``.  Here the windows are nested:
+
+    ||q_k - a p_k||^2 = ||q_(k-) - a p_(k-)||^2 + ||ring_k(q) - a ring_k(p)||^2
+
+where ``k-`` is the previous size and ``ring_k`` the pixels of the k window outside it, so
+level k only adds a GEMM over its ring (``C (k^2 - k-^2)`` columns): all L levels together
+cost one GEMM of the largest window.
+
+Merging identical patches still pays at every level because the keys form a tree.  Level
+k's nodes are the distinct k x k patches of the dictionary; the parent of a node is its
+(k-) x (k-) centre, a node of the previous level.  Nodes are numbered so that every node's
+children are contiguous and in its parent's order (sort by (parent, node)), so the nodes
+of every level under any range of finest-level nodes are again a range.  The engine walks
+the finest nodes in tiles; in a tile, a level-k logit is its parent's logit (a row gather)
+plus the ring GEMM, and the softmax of level k counts each node once (in the tile that
+holds its first finest descendant) with a ``log2(count)`` bias, normalised over the whole
+dictionary by an online log-sum-exp per level.
+
+Only the periodic ELS dictionary nests this way: every key location exists at every k and
+every query pixel sees the same keys at every k.  (bbELS and the 'valid' dictionary change
+their key sets with k; they run one k at a time.)  With ``q' = q - a mu`` and
+``p' = p - mu`` for the per-channel pixel mean mu (the mean patch of a periodic dictionary
+is constant per channel), the logit is, as in :mod:`._engine`, a GEMM of
+``[q' a/b^2, -a^2/(2b^2)]`` against ``[p', ||p'||^2]`` in base 2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ._dictionary import _hash_dedup, _KeyEnumerator, circular_pad, patch_offsets
+from ._engine import LOG2E, SKIP_BITS
+
+__all__ = ["NestedLevel", "NestedDictionary", "build_nested_dictionary", "nested_softmax_average",
+           "onion_offsets", "NESTED_BYTES_PER_NODE"]
+
+# bookkeeping per node and level: rep base (int64), parent (int32), log2 count, centre + 1
+NESTED_BYTES_PER_NODE = 8 + 4 + 4 + 8
+
+
+def onion_offsets(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dy, dx) of the k x k window's pixels, centre first, then ring by ring (Chebyshev
+    distance), row-major within a ring: the first ``j^2`` entries are the j x j window."""
+    r = k // 2
+    cells = sorted(((max(abs(dy), abs(dx)), dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)))
+    return torch.tensor([c[1] for c in cells]), torch.tensor([c[2] for c in cells])
+
+
+@dataclass
+class NestedLevel:
+    """The nodes (distinct k x k patches) of one level, in tree order.
+
+    cols: the columns of the onion-ordered largest window this level adds (pixel-major,
+    channel-minor); offsets: (len(cols),) flat offsets of those pixels from a key's centre
+    in the padded images; rep_base: (U,) flat index of each node's first occurrence's
+    centre; parent: (U,) int32 index into the previous level (None at the first level);
+    dbias: (U,) the node's ``log2(count)`` minus its parent's (the engine carries each
+    node's bias inside its logit, so a child adds only the difference); vals: (C + 1, U)
+    centre values and ones (the softmax numerator and denominator); kaug: optional
+    materialised engine rows ``[ring - mu, ||ring - mu||^2, dbias]`` (U, ring + 2).
+    """
+
+    k: int
+    cols: slice
+    offsets: torch.Tensor
+    rep_base: torch.Tensor
+    parent: Optional[torch.Tensor]
+    dbias: torch.Tensor
+    vals: torch.Tensor
+    mu_ring: torch.Tensor
+    kaug: Optional[torch.Tensor] = None
+
+    @property
+    def n_nodes(self) -> int:
+        return int(self.rep_base.numel())
+
+    def keys(self, padded_flat: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
+        """Engine rows of nodes j0..j1-1 (materialised, or gathered from the images)."""
+        if self.kaug is not None:
+            return self.kaug[j0:j1]
+        kr = padded_flat[self.rep_base[j0:j1, None] + self.offsets[None, :]]              # (n, ring)
+        kr -= self.mu_ring
+        return torch.cat([kr, (kr * kr).sum(1, keepdim=True), self.dbias[j0:j1, None]], 1)
+
+    def materialized_bytes(self) -> int:
+        return self.n_nodes * (self.offsets.numel() + 2) * self.vals.element_size()
+
+    def materialize(self, padded_flat: torch.Tensor, step: int = 1 << 16) -> None:
+        if self.kaug is None:
+            self.kaug = torch.cat([self.keys(padded_flat, s, min(self.n_nodes, s + step))
+                                   for s in range(0, self.n_nodes, step)])
+
+    def nbytes(self) -> int:
+        ts = [self.offsets, self.rep_base, self.dbias, self.vals] + [
+            t for t in (self.parent, self.kaug) if t is not None]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+@dataclass
+class NestedDictionary:
+    """The periodic ELS dictionary at sizes ``ks`` as one tree (see module docstring).
+
+    tiles: per tile of finest nodes, per level ``(j0, j1, own0)``: the level's nodes under
+    the tile are ``j0..j1-1``; those from ``own0`` on are counted in this tile's softmax.
+    """
+
+    ks: tuple[int, ...]
+    levels: list[NestedLevel]
+    padded_flat: torch.Tensor      # (N*C*Hp*Wp,) circularly padded images by r_max
+    mu: torch.Tensor               # (C,) per-channel mean of the images
+    image_shape: tuple[int, int, int]
+    total_keys: int
+    tiles: list[list[tuple[int, int, int]]]
+
+    def nbytes(self) -> int:
+        return self.padded_flat.numel() * self.padded_flat.element_size() + sum(lv.nbytes() for lv in self.levels)
+
+    def materialize(self, budget_bytes: int) -> int:
+        """Materialise the levels' engine rows, first level first, within ``budget_bytes``.
+
+        NB: gathering a node's ring from the images costs ~5-15 ns per element here (random
+        images: cache misses), a fifth of the whole pass; kept rows cost nothing to read.
+        """
+        added = 0
+        for lv in self.levels:
+            need = lv.materialized_bytes() if lv.kaug is None else 0
+            if need and added + need <= budget_bytes:
+                lv.materialize(self.padded_flat)
+                added += need
+        return added
+
+    def release(self) -> None:
+        for lv in self.levels:
+            lv.kaug = None
+
+    def unmaterialized_bytes(self) -> int:
+        return sum(lv.materialized_bytes() for lv in self.levels if lv.kaug is None)
+
+    @property
+    def materialized_fraction(self) -> float:
+        tot = sum(lv.materialized_bytes() for lv in self.levels)
+        return sum(lv.materialized_bytes() for lv in self.levels if lv.kaug is not None) / max(1, tot)
+
+    @property
+    def unique_keys(self) -> list[int]:
+        return [lv.n_nodes for lv in self.levels]
+
+
+def nested_dictionary_bytes(n_keys: int, n_levels: int, C: int) -> int:
+    """Upper bound of a nested dictionary's bookkeeping (every key distinct at every level)."""
+    return n_keys * n_levels * (NESTED_BYTES_PER_NODE + 4 * (C - 1))
+
+
+def build_nested_dictionary(images: torch.Tensor, ks: Sequence[int], *, image_ids: Optional[torch.Tensor] = None,
+                            tile_nodes: int = 1024, chunk_elems: int = 1 << 24) -> NestedDictionary:
+    """Build the tree of periodic ELS patches at sizes ``ks`` (odd, increasing)."""
+    ks = tuple(sorted(set(int(k) for k in ks)))
+    N, C, H, W = images.shape
+    dtype = images.dtype
+    if image_ids is None:
+        image_ids = torch.arange(N)
+    r_max = ks[-1] // 2
+    padded = circular_pad(images, r_max).contiguous()
+    Hp, Wp = padded.shape[-2:]
+    total = N * H * W
+    # key enumeration: index = n * HW + y * W + x (as _KeyEnumerator); centre in padded coords
+    idx = torch.arange(total)
+    n_i, pos = idx // (H * W), idx % (H * W)
+    centre_base = n_i * (C * Hp * Wp) + (pos // W + r_max) * Wp + (pos % W + r_max)        # (T,)
+    del idx, n_i, pos
+    dy, dx = onion_offsets(ks[-1])
+    pix_off = dy * Wp + dx                                                                  # (k_max^2,)
+    all_off = (pix_off[:, None] + torch.arange(C)[None, :] * (Hp * Wp)).reshape(-1)          # pixel-major
+    mu = images.to(torch.float64).mean(dim=(0, 2, 3)).to(dtype)                            # (C,)
+
+    levels: list[NestedLevel] = []
+    prev_ids: Optional[torch.Tensor] = None
+    prev_log2: Optional[torch.Tensor] = None
+    prev_k2 = 0
+    for k in ks:
+        r = k // 2
+        pk = circular_pad(images, r).contiguous()
+        enum = _KeyEnumerator(pk, patch_offsets(C, k, *pk.shape[-2:]), k, N, torch.arange(H), torch.arange(W),
+                              (0, 0), image_ids)
+        K = C * k * k
+        img_chunk = max(1, max(1, chunk_elems // K) // enum.npos) * enum.npos
+        rep, inverse, counts, _ = _hash_dedup(enum, total, K, img_chunk)
+        U = rep.numel()
+        # tree order: children contiguous in their parent's order, and in image-major order
+        # of their first occurrence among siblings (gathers then walk the images in order)
+        if prev_ids is None:
+            order = torch.argsort(rep)
+            parent = None
+        else:
+            par = prev_ids[rep]                                                             # parent of each node
+            order = torch.argsort(par * total + rep)
+            parent = par[order].to(torch.int32)
+        new_id = torch.empty(U, dtype=torch.long)
+        new_id[order] = torch.arange(U)
+        prev_ids = new_id[inverse]                                                          # (T,) per key
+        del inverse, enum, pk
+        rep, counts = rep[order], counts[order]
+        centre = images.reshape(N, C, H * W)[rep // (H * W), :, rep % (H * W)]               # (U, C)
+        vals = torch.cat([centre.t(), torch.ones(1, U, dtype=dtype)], 0).contiguous()       # (C+1, U)
+        cols = slice(C * prev_k2, C * k * k)
+        log2c = counts.to(torch.float64).log2()
+        dbias = log2c if parent is None else log2c - prev_log2[parent.long()]
+        levels.append(NestedLevel(k, cols, all_off[cols].contiguous(), centre_base[rep], parent,
+                                  dbias.to(dtype), vals, mu.repeat(k * k - prev_k2)))
+        prev_k2, prev_log2 = k * k, log2c
+    del prev_ids, centre_base
+
+    # first finest descendant of every node; then per tile of finest nodes the node ranges
+    desc = [None] * len(levels)
+    desc[-1] = torch.arange(levels[-1].n_nodes)
+    for i in range(len(levels) - 1, 0, -1):
+        d = torch.full((levels[i - 1].n_nodes,), levels[-1].n_nodes, dtype=torch.long)
+        desc[i - 1] = d.scatter_reduce_(0, levels[i].parent.long(), desc[i], reduce="amin")
+    starts = torch.arange(0, levels[-1].n_nodes, tile_nodes)
+    ends = torch.clamp(starts + tile_nodes, max=levels[-1].n_nodes) - 1
+    per_level = []
+    a_s, a_e = starts, ends
+    for i in range(len(levels) - 1, -1, -1):
+        own = a_s + (desc[i][a_s] < starts).long()
+        per_level.append((a_s.tolist(), (a_e + 1).tolist(), own.tolist()))
+        if i > 0:
+            a_s, a_e = levels[i].parent[a_s].long(), levels[i].parent[a_e].long()
+    per_level.reverse()
+    tiles = [[(per_level[i][0][t], per_level[i][1][t], per_level[i][2][t]) for i in range(len(levels))]
+             for t in range(starts.numel())]
+    return NestedDictionary(ks, levels, padded.reshape(-1), mu, (C, H, W), total, tiles)
+
+
+def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
+                           ks: Optional[Sequence[int]] = None, row_block: int = 1024,
+                           stats: Optional[dict] = None) -> dict[int, torch.Tensor]:
+    """Softmax average of key centres at every level, for every query pixel.
+
+    Per (tile, level) the softmax either takes the tile's maximum first (and skips the tile
+    when it is negligible, see :mod:`._engine`) or, while the previous tile of that level
+    was not negligible, exponentiates against the running maximum at once and takes the
+    maximum only if a weight overflows (then the tile is redone): at high noise the
+    maximum settles within a few tiles and the extra pass is saved.
+
+    Args:
+        nd: the nested dictionary.
+        x: (B, C, H, W) queries (periodic: circularly padded here).
+        a, b: (B,) schedule coefficients.
+        ks: the sizes wanted (a subset of ``nd.ks``; default all): levels above the largest
+            are not computed, and only wanted levels pay for a softmax.
+        row_block: query pixels per block (each block walks every tile).
+        stats: if a dict, receives counts of (tile, level) steps: "done", "skipped", "redone".
+    Returns:
+        {k: (B, C, H, W) mean centre}.
+    """
+    counts = {"done": 0, "skipped": 0, "redone": 0}
+    B, C, H, W = x.shape
+    dtype = x.dtype
+    ks = nd.ks if ks is None else tuple(ks)
+    if not set(ks) <= set(nd.ks):
+        raise ValueError(f"sizes {sorted(set(ks) - set(nd.ks))} are not in this nested dictionary ({nd.ks})")
+    wanted = [k in ks for k in nd.ks]
+    L = max(i for i, w in enumerate(wanted) if w) + 1                                      # levels computed
+    levels = nd.levels[:L]
+    r_max = nd.ks[-1] // 2
+    xp = circular_pad(x, r_max).contiguous()
+    Hp, Wp = xp.shape[-2:]
+    dy, dx = onion_offsets(nd.ks[-1])
+    all_off = ((dy * Wp + dx)[:, None] + torch.arange(C)[None, :] * (Hp * Wp)).reshape(-1)
+    rows = torch.arange(B * H * W)
+    bi, pos = rows // (H * W), rows % (H * W)
+    qbase = bi * (C * Hp * Wp) + (pos // W + r_max) * Wp + (pos % W + r_max)
+    Q = xp.reshape(-1)[qbase[:, None] + all_off[None, :]]                                 # (R, C k_max^2)
+    a_row, b_row = a[bi], b[bi]
+    Q -= a_row[:, None] * nd.mu.repeat(all_off.numel() // C)[None, :]                       # q' = q - a mu
+    coef_lin = LOG2E * a_row / b_row**2
+    coef_sq = -LOG2E * a_row**2 / (2 * b_row**2)
+    underflow = -126.0 if dtype == torch.float32 else -1022.0
+    skip_below = -(SKIP_BITS + math.log2(max(2, nd.total_keys)))
+    R = rows.numel()
+    means = torch.empty(L, C, R, dtype=dtype)
+    for r0 in range(0, R, row_block):
+        r1 = min(R, r0 + row_block)
+        Rb = r1 - r0
+        ones = torch.ones(Rb, 1, dtype=dtype)
+        qaT = [torch.cat([Q[r0:r1, lv.cols] * coef_lin[r0:r1, None], coef_sq[r0:r1, None], ones], 1).t().contiguous()
+               for lv in levels]                                                          # (ring+2, Rb)
+        m = torch.full((L, Rb), float("-inf"), dtype=dtype)
+        acc = torch.zeros(L, C + 1, Rb, dtype=dtype)
+        # per level: was the last tile negligible?  (then check the next one's max first)
+        checking = [True] * L
+        ebuf = torch.empty(0, dtype=dtype)
+        for tile in nd.tiles:
+            S_prev, prev_j0 = None, 0
+            for i, lv in enumerate(levels):
+                j0, j1, own0 = tile[i]
+                kaug = lv.keys(nd.padded_flat, j0, j1)                                    # (n, ring+2)
+                # S: base-2 logits of nodes j0..j1-1 including their log2(count) bias
+                if S_prev is None:
+                    S = torch.mm(kaug, qaT[i])                                            # (n, Rb)
+                else:
+                    S = S_prev.index_select(0, lv.parent[j0:j1].long() - prev_j0)
+                    S.addmm_(kaug, qaT[i])
+                S_prev, prev_j0 = S, j0
+                if j1 == own0 or not wanted[i]:
+                    continue
+                S_own = S[own0 - j0:]
+                m_old = m[i]
+                if checking[i] or not torch.isfinite(m_old).all():
+                    tmax = S_own.amax(0)
+                    if bool((tmax - m_old).max() < skip_below):
+                        counts["skipped"] += 1
+                        continue                                                          # negligible tile
+                    m_new = torch.maximum(m_old, tmax)
+                else:
+                    m_new = m_old                                                         # optimistic, see below
+                if ebuf.numel() < S_own.numel():
+                    ebuf = torch.empty(S_own.numel(), dtype=dtype)
+                E = ebuf[: S_own.numel()].view(S_own.shape)
+                torch.sub(S_own, m_new[None, :], out=E).clamp_(min=underflow).exp2_()
+                part = torch.mm(lv.vals[:, own0:j1], E)                                   # (C+1, Rb)
+                if not checking[i]:
+                    # NB: without the tile max, a logit far above the running max overflows;
+                    # then redo the tile with its max (rare: the max settles early)
+                    z = part[C]
+                    if not bool(torch.isfinite(z).all()) or bool((z > 2.0 ** 60).any()):
+                        counts["redone"] += 1
+                        checking[i] = True
+                        tmax = S_own.amax(0)
+                        m_new = torch.maximum(m_old, tmax)
+                        torch.sub(S_own, m_new[None, :], out=E).clamp_(min=underflow).exp2_()
+                        part = torch.mm(lv.vals[:, own0:j1], E)
+                    elif bool((z < 2.0 ** skip_below).all()):
+                        counts["skipped"] += 1
+                        checking[i] = True                                                # negligible: check next
+                        continue
+                else:
+                    checking[i] = False
+                acc[i].mul_(torch.exp2(m_old - m_new)[None, :]).add_(part)
+                m[i] = m_new
+                counts["done"] += 1
+        means[:, :, r0:r1] = acc[:, :C] / acc[:, C:]
+    if stats is not None:
+        stats.update(counts)
+    out = {}
+    for i, k in enumerate(nd.ks[:L]):
+        if not wanted[i]:
+            continue
+        out[k] = means[i].reshape(C, B, H * W).permute(1, 0, 2).reshape(B, C, H, W)
+    return out

@@ -1,0 +1,169 @@
+"""Sweeps over patch sizes (score_sweep / denoised_sweep) and the nested-window engine.
+
+The nested engine (els_audit/machines/_nested.py) is checked against the brute-force loops
+of tests/machines/brute_force.py and against the single-k engine; float64 unless a test
+says otherwise.  Tiny tiles and row blocks force the tile-ownership and online-softmax
+paths that the defaults only meet on big dictionaries.
+"""
+
+
+import pytest
+import torch
+
+from els_audit.machines import build_machine
+from els_audit.machines import _nested as nested_mod
+from els_audit.machines._nested import build_nested_dictionary, nested_softmax_average, onion_offsets
+
+from .brute_force import brute_score
+from .test_machines import SCHED, ab, data, rel_err
+
+
+def test_onion_order_nests_every_window():
+    dy, dx = onion_offsets(7)
+    assert (dy[0], dx[0]) == (0, 0)
+    for j in (1, 3, 5, 7):
+        r = j // 2
+        first = set(zip(dy[: j * j].tolist(), dx[: j * j].tolist()))
+        assert first == {(y, x) for y in range(-r, r + 1) for x in range(-r, r + 1)}
+
+
+@pytest.mark.parametrize("shape,ks", [((1, 5, 6), (3, 5, 7)), ((3, 4, 5), (1, 5)), ((1, 4, 5), (3, 7, 9))])
+def test_sweep_matches_brute_force(shape, ks):
+    imgs, x = data(*shape)
+    t = torch.tensor([0.05, 0.4, 0.9], dtype=torch.float64)
+    m = build_machine("ELS", imgs)
+    assert m._nests(ks)
+    got = m.score_sweep(x, t, ks)
+    assert sorted(got) == sorted(ks)
+    for k in ks:
+        want = brute_score("ELS", imgs, x, ab(t), k=k, dictionary="periodic")
+        assert rel_err(got[k], want) < 1e-10, k
+
+
+@pytest.mark.parametrize("tile_nodes,row_block", [(1, 7), (3, 1000), (17, 5)])
+def test_tiles_and_row_blocks_do_not_change_the_answer(tile_nodes, row_block):
+    imgs, x = data(1, 6, 7, N=5)
+    ks = (3, 5, 7, 9)
+    t = torch.tensor([0.02, 0.3, 0.95], dtype=torch.float64)
+    a, b = SCHED.alpha_sigma(t, dtype=torch.float64)
+    nd = build_nested_dictionary(imgs, ks, tile_nodes=tile_nodes)
+    got = nested_softmax_average(nd, x, a, b, row_block=row_block)
+    m = build_machine("ELS", imgs)
+    for k in ks:
+        assert rel_err(got[k], m.denoised(x, t, k=k)) < 1e-10, k
+
+
+def test_tree_counts_every_key_once_per_level():
+    imgs, _ = data(1, 5, 6, N=4)
+    nd = build_nested_dictionary(imgs, (3, 5, 7), tile_nodes=2)
+    total = imgs.shape[0] * 5 * 6
+    log2_count = None
+    for lv in nd.levels:
+        log2_count = lv.dbias if lv.parent is None else log2_count[lv.parent.long()] + lv.dbias
+        assert torch.allclose((2.0 ** log2_count).sum(), torch.tensor(float(total), dtype=torch.float64))
+        if lv.parent is not None:
+            assert torch.all(lv.parent[1:] >= lv.parent[:-1])           # children contiguous
+    owned = [sum(t[i][1] - t[i][2] for t in nd.tiles) for i in range(len(nd.levels))]
+    assert owned == nd.unique_keys
+    # the merged duplicates are real: image 1 == image 0
+    assert nd.unique_keys[-1] < total
+
+
+def test_conditional_sweep_equals_single_k_on_each_class():
+    imgs, x = data(1, 5, 5, N=6)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    lab = torch.tensor([2, 0, 1])
+    m = build_machine("ELS", imgs, labels)
+    got = m.score_sweep(x, 0.3, (3, 5), label=lab)
+    for k in (3, 5):
+        assert rel_err(got[k], m.score(x, 0.3, k=k, label=lab)) < 1e-10
+
+
+@pytest.mark.parametrize("kind,dic", [("bbELS", "periodic"), ("LS", "periodic"), ("ELS", "valid"), ("IS", "periodic")])
+def test_other_machines_sweep_one_k_at_a_time(kind, dic):
+    imgs, x = data(1, 5, 6)
+    m = build_machine(kind, imgs, dictionary=dic)
+    assert not m._nests((3, 5))
+    got = m.score_sweep(x, 0.4, (5, 3))
+    for k in (3, 5):
+        assert torch.equal(got[k], m.score(x, 0.4, k=k))
+
+
+def test_denoised_sweep_is_the_mean_centre():
+    imgs, x = data(3, 4, 5)
+    m = build_machine("ELS", imgs)
+    got = m.denoised_sweep(x, 0.6, (3, 5))
+    for k in (3, 5):
+        assert rel_err(got[k], m.denoised(x, 0.6, k=k)) < 1e-10
+
+
+def test_float32_sweep_close_to_float64():
+    imgs, x = data(1, 6, 6, N=6)
+    m64 = build_machine("ELS", imgs)
+    m32 = build_machine("ELS", imgs.float())
+    for t in (0.1, 0.5, 0.9):
+        d64 = m64.denoised_sweep(x, t, (3, 5, 7))
+        d32 = m32.denoised_sweep(x.float(), t, (3, 5, 7))
+        for k in d64:
+            assert rel_err(d32[k].double(), d64[k]) < 1e-4
+
+
+def test_materialised_and_gathered_rows_agree():
+    imgs, x = data(1, 6, 5)
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    a, b = SCHED.alpha_sigma(t, dtype=torch.float64)
+    nd = build_nested_dictionary(imgs, (3, 5, 7), tile_nodes=5)
+    gathered = nested_softmax_average(nd, x, a, b)
+    assert nd.materialize(1 << 30) > 0 and nd.materialized_fraction == 1
+    kept = nested_softmax_average(nd, x, a, b)
+    for k in gathered:
+        assert rel_err(kept[k], gathered[k]) < 1e-12
+    nd.release()
+    assert nd.materialized_fraction == 0
+
+
+def test_optimistic_softmax_recovers_when_the_max_jumps():
+    # Very low noise and one-node tiles: the running max keeps jumping by far more than
+    # 2**60 bits after the first tiles; the engine must notice the overflow and redo them.
+    g = torch.Generator().manual_seed(3)
+    imgs = torch.rand(6, 1, 5, 5, generator=g, dtype=torch.float64) * 2 - 1
+    t = torch.tensor([0.01, 0.01], dtype=torch.float64)
+    a, b = SCHED.alpha_sigma(t, dtype=torch.float64)
+    x = imgs[[5, 0]] * a[0] + 0.01 * torch.randn(2, 1, 5, 5, generator=g, dtype=torch.float64)
+    nd = build_nested_dictionary(imgs, (3, 5), tile_nodes=1)
+    stats = {}
+    got = nested_softmax_average(nd, x, a, b, stats=stats)
+    assert stats["redone"] > 0 and stats["skipped"] > 0 and stats["done"] > 0
+    m = build_machine("ELS", imgs)
+    for k in (3, 5):
+        assert rel_err(got[k], m.denoised(x, t, k=k)) < 1e-9
+
+
+def test_sweep_falls_back_when_the_tree_exceeds_the_budget():
+    imgs, x = data(1, 5, 6)
+    m = build_machine("ELS", imgs, memory_budget=2 * nested_mod.nested_dictionary_bytes(4 * 30, 2, 1) - 1)
+    assert not m._nests((3, 5))
+    got = m.score_sweep(x, 0.4, (3, 5))
+    assert torch.equal(got[3], m.score(x, 0.4, k=3))
+
+
+def test_prepared_tree_serves_every_subset():
+    imgs, x = data(1, 5, 6)
+    labels = torch.tensor([0, 0, 1, 1])
+    m = build_machine("ELS", imgs, labels)
+    m.prepare_sweep((3, 5, 7, 9), label=torch.tensor([1, 0, 1]))
+    before = dict(m._cache)
+    assert sorted(k[2] for k in before) == [0, 1]
+    lab = torch.tensor([1, 1, 0])
+    got = m.denoised_sweep(x, 0.2, (5, 9), label=lab)
+    assert dict(m._cache).keys() == before.keys()                      # nothing new was built
+    assert sorted(got) == [5, 9]
+    for k in (5, 9):
+        assert rel_err(got[k], m.denoised(x, 0.2, k=k, label=lab)) < 1e-10
+
+
+@pytest.mark.parametrize("ks,msg", [((), "empty"), ((3, 4), "odd"), ((0,), "odd")])
+def test_bad_sweeps_are_clear_value_errors(ks, msg):
+    imgs, x = data(1, 4, 4)
+    with pytest.raises(ValueError, match=msg):
+        build_machine("ELS", imgs).score_sweep(x, 0.5, ks)
