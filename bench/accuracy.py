@@ -1,6 +1,7 @@
 """Float32 accuracy of the engine and of the baseline against a float64 reference.
 
     python bench/accuracy.py --kinds bbELS,ELS --ks 3,7,15 --ts 0.1
+    python bench/accuracy.py --kinds ELS --ks 3,5,7 --sweep     # also the nested sweep (ELS)
 
 The reference is the *baseline* (an independent implementation) run in float64.  Low noise
 is the hard case: logits reach |q.p| a / b^2 ~ 1e3 there, so float32 rounding of the logits
@@ -32,6 +33,8 @@ def main(argv=None):
     ap.add_argument("--ks", default="3,7,15")
     ap.add_argument("--ts", default="0.1")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--sweep", action="store_true",
+                    help="also score_sweep over --ks (periodic ELS: the nested engine), per k against the same reference")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -43,21 +46,32 @@ def main(argv=None):
     noise = torch.randn(x0.shape, generator=g)
     sched = get_schedule("cosine-legacy")
     rows = []
+    ks = [int(v) for v in args.ks.split(",")]
+    ts = [float(v) for v in args.ts.split(",")]
     for kind in args.kinds.split(","):
         eng = build_machine(kind, imgs)
-        for k in (int(v) for v in args.ks.split(",")):
+        sweep = {}
+        if args.sweep:
+            for t in ts:
+                a, b = (float(v) for v in sched.alpha_sigma(t))
+                sweep[t] = eng.score_sweep(a * x0 + b * noise, t, ks)
+            eng._cache.clear()
+        for k in ks:
             base32 = UnfoldGemmMachine(kind, imgs, k)
             base64 = UnfoldGemmMachine(kind, imgs.double(), k)
-            for t in (float(v) for v in args.ts.split(",")):
+            for t in ts:
                 a, b = (float(v) for v in sched.alpha_sigma(t))
                 x = a * x0 + b * noise
                 ref = base64.score(x.double(), a, b)
                 rel = lambda s: ((s.double() - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
                 row = {"kind": kind, "k": k, "t": t, "engine_f32_err": rel(eng.score(x, t, k=k)),
                        "baseline_f32_err": rel(base32.score(x, a, b))}
+                if sweep:
+                    row["sweep_f32_err"] = rel(sweep[t][k])
                 rows.append(row)
                 print(f"{kind:5s} k={k:2d} t={t}: engine f32 {row['engine_f32_err']:.1e}, "
-                      f"baseline f32 {row['baseline_f32_err']:.1e} (vs float64 baseline)", flush=True)
+                      + (f"sweep f32 {row['sweep_f32_err']:.1e}, " if sweep else "")
+                      + f"baseline f32 {row['baseline_f32_err']:.1e} (vs float64 baseline)", flush=True)
                 if args.json:                       # after every row: a run killed later keeps these
                     args.json.write_text(json.dumps(rows, indent=1))
             del base32, base64

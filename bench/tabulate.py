@@ -46,9 +46,10 @@ def machines(path):
 
 def accuracy(path):
     rows = json.load(open(path))
-    print("\n| kind | k | t | engine f32 vs f64 | baseline f32 vs f64 |\n|---|---|---|---|---|")
+    print("\n| kind | k | t | engine f32 vs f64 | sweep f32 vs f64 | baseline f32 vs f64 |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['kind']} | {r['k']} | {r['t']} | {r['engine_f32_err']:.1e} | {r['baseline_f32_err']:.1e} |")
+        sw = f"{r['sweep_f32_err']:.1e}" if "sweep_f32_err" in r else "-"
+        print(f"| {r['kind']} | {r['k']} | {r['t']} | {r['engine_f32_err']:.1e} | {sw} | {r['baseline_f32_err']:.1e} |")
 
 
 if __name__ == "__main__":

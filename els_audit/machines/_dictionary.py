@@ -98,15 +98,36 @@ class PatchGroup:
         """Keys the engine iterates over (unique keys when deduplicated)."""
         return int(self.rep.numel()) if self.deduplicated else self.total_keys
 
+    @property
+    def n_materialized(self) -> int:
+        """Keys (a prefix of the key order) whose engine rows are kept in memory."""
+        return 0 if self.kaug is None else int(self.kaug.shape[0])
+
     def chunks(self, size: int) -> Iterator[KeyChunk]:
-        """Key chunks of about ``size`` keys (streaming groups round to whole images)."""
-        if self.kaug is not None:                                                     # materialised
-            for s in range(0, self.n_keys, size):
-                yield KeyChunk(self.kaug[s: s + size], self.centre[s: s + size], self.log_count[s: s + size], s)
-        elif self.deduplicated:
-            for s in range(0, self.n_keys, size):
-                yield KeyChunk(self._augment(self.enum.at(self.rep[s: s + size]), self.sqnorm[s: s + size]),
-                               self.centre[s: s + size], self.log_count[s: s + size], s)
+        """Key chunks of about ``size`` keys (streaming groups round to whole images).
+
+        Materialised keys come as slices of the kept rows; the rest are gathered into two
+        reused buffers (each chunk is consumed before the next; fresh tensors per chunk cost
+        an extra pass and page faults).
+        """
+        if self.deduplicated:
+            n_mat = self.n_materialized
+            K = self.mean.numel()
+            raw = kaug = None
+            s = 0
+            while s < self.n_keys:
+                e = min(self.n_keys, s + size, n_mat if s < n_mat else self.n_keys)
+                if s < n_mat:
+                    out = self.kaug[s:e]
+                else:
+                    if kaug is None:
+                        raw = torch.empty(min(size, self.n_keys) * K, dtype=self.mean.dtype)
+                        kaug = torch.empty(min(size, self.n_keys), K + 1, dtype=self.mean.dtype)
+                    out = kaug[: e - s]
+                    torch.sub(self.enum.at(self.rep[s:e], out=raw[: (e - s) * K]), self.mean, out=out[:, :K])
+                    out[:, K] = self.sqnorm[s:e]
+                yield KeyChunk(out, self.centre[s:e], self.log_count[s:e], s)
+                s = e
         else:
             step = max(1, size // self.enum.npos) * self.enum.npos
             for s in range(0, self.total_keys, step):
@@ -121,24 +142,34 @@ class PatchGroup:
 
     # -- materialisation: keep the engine-ready keys in memory (a speed layer) ------------
     def materialized_bytes(self) -> int:
-        """Bytes that :meth:`materialize` would add (0 for streaming groups)."""
+        """Bytes that :meth:`materialize` would add to keep every key (0 for streaming groups)."""
         if not self.deduplicated:
             return 0
-        return self.n_keys * (self.mean.numel() + 1) * self.mean.element_size()
+        return (self.n_keys - self.n_materialized) * (self.mean.numel() + 1) * self.mean.element_size()
 
-    def materialize(self) -> None:
-        """Gather every unique key once and keep ``[p - mean, ||p - mean||^2]`` rows.
+    def materialize(self, max_bytes: Optional[int] = None) -> int:
+        """Gather unique keys once and keep ``[p - mean, ||p - mean||^2]`` rows: all of them,
+        or as long a prefix of the key order as ``max_bytes`` more allows.  Returns bytes added.
 
         NB: gathering a patch costs ~10-40 ns per element here, comparable to the GEMM
         itself when few queries share the keys (bbELS edge groups, small batches).
         """
-        if self.kaug is not None or not self.deduplicated:
-            return
-        kaug = torch.empty(self.n_keys, self.mean.numel() + 1, dtype=self.mean.dtype)
+        if not self.deduplicated:
+            return 0
+        row = (self.mean.numel() + 1) * self.mean.element_size()
+        have = self.n_materialized
+        want = self.n_keys if max_bytes is None else min(self.n_keys, have + max(0, max_bytes) // row)
+        if want <= have:
+            return 0
+        kaug = torch.empty(want, self.mean.numel() + 1, dtype=self.mean.dtype)
+        if have:
+            kaug[:have] = self.kaug
         step = max(1, (1 << 22) // kaug.shape[1])
-        for s in range(0, self.n_keys, step):
-            kaug[s: s + step] = self._augment(self.enum.at(self.rep[s: s + step]), self.sqnorm[s: s + step])
+        for s in range(have, want, step):
+            e = min(want, s + step)
+            kaug[s:e] = self._augment(self.enum.at(self.rep[s:e]), self.sqnorm[s:e])
         self.kaug = kaug
+        return (want - have) * row
 
     def release(self) -> None:
         self.kaug = None
@@ -189,7 +220,8 @@ class PatchDictionary:
         return all(g.deduplicated for g in self.groups)
 
     def materialize(self, budget_bytes: int) -> int:
-        """Materialise groups, fewest query pixels per key first, within ``budget_bytes``.
+        """Materialise groups, fewest query pixels per key first, within ``budget_bytes``
+        (the last one partly: a prefix of its keys).
 
         Those groups gain the most (their gathered keys serve the fewest queries).
         Returns the bytes added.
@@ -197,10 +229,8 @@ class PatchDictionary:
         added = 0
         order = sorted(self.groups, key=lambda g: g.query_pixels.numel() / max(1, g.n_keys))
         for g in order:
-            need = g.materialized_bytes() if g.kaug is None else 0
-            if need and added + need <= budget_bytes:
-                g.materialize()
-                added += need
+            if g.materialized_bytes() and budget_bytes - added > 0:
+                added += g.materialize(budget_bytes - added)
         return added
 
     def release(self) -> None:
@@ -208,12 +238,12 @@ class PatchDictionary:
             g.release()
 
     def unmaterialized_bytes(self) -> int:
-        return sum(g.materialized_bytes() for g in self.groups if g.kaug is None)
+        return sum(g.materialized_bytes() for g in self.groups)
 
     @property
     def materialized_fraction(self) -> float:
         keys = [g.n_keys for g in self.groups if g.deduplicated]
-        done = [g.n_keys for g in self.groups if g.kaug is not None]
+        done = [g.n_materialized for g in self.groups if g.deduplicated]
         return sum(done) / max(1, sum(keys))
 
 
@@ -332,14 +362,18 @@ class _KeyEnumerator:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.pos_base, self.pos_win, self.pos_y, self.pos_x))
 
-    def at(self, idx: torch.Tensor) -> torch.Tensor:
-        """Patches (len(idx), K) of keys at enumeration positions ``idx``.
+    def at(self, idx: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Patches (len(idx), K) of keys at enumeration positions ``idx`` (into ``out``, a
+        contiguous buffer of len(idx) * K elements, if given).
 
         NB: gathers C*k contiguous rows of k elements through an overlapping-window view
         of the flat images: 2-4x faster here than an element-wise ``torch.take`` for k >= 7.
         """
-        rows = self.base(idx)[:, None] + self.row_offsets[None, :]                      # (m, C*k)
-        return self.row_view[rows.reshape(-1)].reshape(len(idx), -1)
+        rows = (self.base(idx)[:, None] + self.row_offsets[None, :]).reshape(-1)       # (m * C*k,)
+        if out is None:
+            return self.row_view[rows].reshape(len(idx), -1)
+        torch.index_select(self.row_view, 0, rows, out=out.view(-1, self.k))
+        return out.view(len(idx), -1)
 
     def __call__(self, s: int, e: int) -> torch.Tensor:
         """Rows s..e-1; whole images at a time use unfold (much faster than a gather)."""

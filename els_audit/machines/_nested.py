@@ -86,21 +86,33 @@ class NestedLevel:
     def n_nodes(self) -> int:
         return int(self.rep_base.numel())
 
+    @property
+    def n_materialized(self) -> int:
+        return 0 if self.kaug is None else int(self.kaug.shape[0])
+
     def keys(self, padded_flat: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
         """Engine rows of nodes j0..j1-1 (materialised, or gathered from the images)."""
-        if self.kaug is not None:
+        if j1 <= self.n_materialized:
             return self.kaug[j0:j1]
         kr = padded_flat[self.rep_base[j0:j1, None] + self.offsets[None, :]]              # (n, ring)
         kr -= self.mu_ring
         return torch.cat([kr, (kr * kr).sum(1, keepdim=True), self.dbias[j0:j1, None]], 1)
 
     def materialized_bytes(self) -> int:
-        return self.n_nodes * (self.offsets.numel() + 2) * self.vals.element_size()
+        """Bytes to keep the rows of every node not kept yet."""
+        return (self.n_nodes - self.n_materialized) * (self.offsets.numel() + 2) * self.vals.element_size()
 
-    def materialize(self, padded_flat: torch.Tensor, step: int = 1 << 16) -> None:
-        if self.kaug is None:
-            self.kaug = torch.cat([self.keys(padded_flat, s, min(self.n_nodes, s + step))
-                                   for s in range(0, self.n_nodes, step)])
+    def materialize(self, padded_flat: torch.Tensor, max_bytes: Optional[int] = None, step: int = 1 << 16) -> int:
+        """Keep the rows of all nodes, or of as long a prefix as ``max_bytes`` more allows."""
+        row = (self.offsets.numel() + 2) * self.vals.element_size()
+        have = self.n_materialized
+        want = self.n_nodes if max_bytes is None else min(self.n_nodes, have + max(0, max_bytes) // row)
+        if want <= have:
+            return 0
+        parts = ([self.kaug] if have else []) + [self.keys(padded_flat, s, min(want, s + step))
+                                                 for s in range(have, want, step)]
+        self.kaug = torch.cat(parts)
+        return (want - have) * row
 
     def nbytes(self) -> int:
         ts = [self.offsets, self.rep_base, self.dbias, self.vals] + [
@@ -128,17 +140,16 @@ class NestedDictionary:
         return self.padded_flat.numel() * self.padded_flat.element_size() + sum(lv.nbytes() for lv in self.levels)
 
     def materialize(self, budget_bytes: int) -> int:
-        """Materialise the levels' engine rows, first level first, within ``budget_bytes``.
+        """Materialise the levels' engine rows, first level first, within ``budget_bytes``
+        (the last one partly: a prefix of its nodes).
 
         NB: gathering a node's ring from the images costs ~5-15 ns per element here (random
         images: cache misses), a fifth of the whole pass; kept rows cost nothing to read.
         """
         added = 0
         for lv in self.levels:
-            need = lv.materialized_bytes() if lv.kaug is None else 0
-            if need and added + need <= budget_bytes:
-                lv.materialize(self.padded_flat)
-                added += need
+            if lv.materialized_bytes() and budget_bytes - added > 0:
+                added += lv.materialize(self.padded_flat, budget_bytes - added)
         return added
 
     def release(self) -> None:
@@ -146,12 +157,13 @@ class NestedDictionary:
             lv.kaug = None
 
     def unmaterialized_bytes(self) -> int:
-        return sum(lv.materialized_bytes() for lv in self.levels if lv.kaug is None)
+        return sum(lv.materialized_bytes() for lv in self.levels)
 
     @property
     def materialized_fraction(self) -> float:
-        tot = sum(lv.materialized_bytes() for lv in self.levels)
-        return sum(lv.materialized_bytes() for lv in self.levels if lv.kaug is not None) / max(1, tot)
+        """Fraction of the engine rows (elements, all levels) kept in memory."""
+        tot = sum(lv.n_nodes * (lv.offsets.numel() + 2) for lv in self.levels)
+        return sum(lv.n_materialized * (lv.offsets.numel() + 2) for lv in self.levels) / max(1, tot)
 
     @property
     def unique_keys(self) -> list[int]:

@@ -120,6 +120,11 @@ def test_materialised_and_gathered_rows_agree():
         assert rel_err(kept[k], gathered[k]) < 1e-12
     nd.release()
     assert nd.materialized_fraction == 0
+    nd.materialize(nd.unmaterialized_bytes() // 2)                 # a prefix of the nodes
+    assert 0 < nd.materialized_fraction < 1
+    part = nested_softmax_average(nd, x, a, b)
+    for k in gathered:
+        assert rel_err(part[k], gathered[k]) < 1e-12
 
 
 def test_optimistic_softmax_recovers_when_the_max_jumps():
