@@ -1,6 +1,6 @@
 """Markdown tables from bench_machines.py / accuracy.py JSON results.
 
-    python bench/tabulate.py bench/results/mnist5k_threads1.json [bench/results/accuracy_t0.1.json]
+    python bench/tabulate.py bench/results/mnist5k_threads2.json [bench/results/accuracy_els_sweep.json]
 """
 
 import json
