@@ -68,8 +68,9 @@ class NestedLevel:
     centre; parent: (U,) int32 index into the previous level (None at the first level);
     dbias: (U,) the node's ``log2(count)`` minus its parent's (the engine carries each
     node's bias inside its logit, so a child adds only the difference); vals: (C + 1, U)
-    centre values and ones (the softmax numerator and denominator); kaug: optional
-    materialised engine rows ``[ring - mu, ||ring - mu||^2, dbias]`` (U, ring + 2).
+    centre values and ones (the softmax numerator and denominator); mu_ring: (ring,) the
+    channel means at the ring's columns; kaug: optional materialised engine rows
+    ``[ring - mu, ||ring - mu||^2, dbias]`` for a prefix of the nodes (n <= U, ring + 2).
     """
 
     k: int
