@@ -233,9 +233,12 @@ class ScoreMachine:
         return (x, a, b), means
 
     def _nests(self, ks) -> bool:
-        """Whether a sweep over ks runs as one nested pass (see score_sweep)."""
-        if self.kind != "ELS" or self.dictionary != "periodic" or len(ks) < 2:
+        """Whether a sweep over ks runs as one nested pass (see score_sweep): two or more
+        sizes, or any sizes that a tree prepared before covers."""
+        if self.kind != "ELS" or self.dictionary != "periodic":
             return False
+        if len(ks) < 2:
+            return any(key[0] == "nested" and set(ks) <= set(key[1]) for key in self._cache)
         N, C, H, W = self.images.shape
         return nested_dictionary_bytes(N * H * W, len(ks), C) <= self.memory_budget // 2
 
@@ -252,8 +255,7 @@ class ScoreMachine:
             imgs, ids = self._images_for(label)
             d = build_nested_dictionary(imgs, ks, image_ids=ids)
             self._cache[key] = d
-            while len(self._cache) > 1 and sum(v.nbytes() for v in self._cache.values()) > self.memory_budget // 2:
-                self._cache.popitem(last=False)
+            self._evict_over_half_budget()
         self._materialize_within_budget(d)
         return d
 
@@ -304,10 +306,22 @@ class ScoreMachine:
             d = build_dictionary(self.kind, imgs, k, mode=mode, image_ids=ids,
                                  dedup_budget=self.memory_budget // 2)
             self._cache[key] = d
-            while len(self._cache) > 1 and sum(v.nbytes() for v in self._cache.values()) > self.memory_budget // 2:
-                self._cache.popitem(last=False)
+            self._evict_over_half_budget()
         self._materialize_within_budget(d)
         return d
+
+    def _evict_over_half_budget(self) -> None:
+        """Bring the cache within half the budget: drop older dictionaries' kept (materialised)
+        rows first, which cost only a gather to bring back, then the least recently used
+        dictionaries themselves (a rebuild)."""
+        def over() -> bool:
+            return sum(v.nbytes() for v in self._cache.values()) > self.memory_budget // 2
+        for other in list(self._cache.values())[:-1]:                        # oldest first
+            if not over():
+                return
+            other.release()
+        while len(self._cache) > 1 and over():
+            self._cache.popitem(last=False)
 
     def _materialize_within_budget(self, d) -> None:
         """Materialise d's keys up to 3/4 of the budget, releasing older dictionaries' first."""

@@ -167,6 +167,24 @@ def test_prepared_tree_serves_every_subset():
         assert rel_err(got[k], m.denoised(x, 0.2, k=k, label=lab)) < 1e-10
 
 
+def test_prepared_tree_serves_single_sizes_and_survives_single_k_calls():
+    imgs, x = data(1, 5, 6)
+    m = build_machine("ELS", imgs)
+    m.prepare_sweep((3, 5, 7))
+    (tree_key,) = [k for k in m._cache if k[0] == "nested"]
+    tree = m._cache[tree_key]
+    tree.materialize(1 << 30)
+    got = m.denoised_sweep(x, 0.3, (5,))                              # one size, from the tree
+    assert [k for k in m._cache] == [tree_key]
+    assert rel_err(got[5], build_machine("ELS", imgs).denoised(x, 0.3, k=5)) < 1e-10
+    # a single-k dictionary over a tight budget: the tree's kept rows go before the tree does
+    single = build_machine("ELS", imgs)._dictionary(3, None).nbytes()
+    kept = sum(lv.kaug.numel() * lv.kaug.element_size() for lv in tree.levels)
+    m.memory_budget = 2 * (tree.nbytes() - kept + single)
+    m._dictionary(3, None)
+    assert tree_key in m._cache and tree.materialized_fraction < 1
+
+
 @pytest.mark.parametrize("ks,msg", [((), "empty"), ((3, 4), "odd"), ((0,), "odd")])
 def test_bad_sweeps_are_clear_value_errors(ks, msg):
     imgs, x = data(1, 4, 4)
