@@ -115,14 +115,9 @@ class ScoreMachine:
         Returns:
             score (B, C, H, W), or ``(score, diagnostics)``.
         """
-        x = self._check_x(x)
-        B = x.shape[0]
-        t_vec = self._check_t(t, B, x.dtype)
-        a, b = self.schedule.alpha_sigma(t_vec, dtype=x.dtype)                        # (B,), (B,)
-        if torch.any(b <= 0):
-            raise ValueError("the score is undefined at t = 0 (b_t = 0); use t > 0")
+        x, a, b = self._checked_coefficients(x, t)
         k = self._resolve_k(k)
-        labels = self.check_label(label, B)
+        labels = self.check_label(label, x.shape[0])
         mean, diag = self._means(x, a, b, k, labels, diagnostics)
         score = self._score_from_mean(x, a, b, mean)
         return (score, diag) if diagnostics else score
@@ -186,6 +181,15 @@ class ScoreMachine:
                 "bytes": d.nbytes()}
 
     # -- internals ------------------------------------------------------------------------
+    def _checked_coefficients(self, x, t):
+        """Checked x and its schedule coefficients a, b (B,) at t; the score needs b_t > 0."""
+        x = self._check_x(x)
+        t_vec = self._check_t(t, x.shape[0], x.dtype)
+        a, b = self.schedule.alpha_sigma(t_vec, dtype=x.dtype)                        # (B,), (B,)
+        if torch.any(b <= 0):
+            raise ValueError("the score is undefined at t = 0 (b_t = 0); use t > 0")
+        return x, a, b
+
     def _check_ks(self, ks) -> tuple[int, ...]:
         ks = tuple(ks)
         if not ks:
@@ -213,12 +217,8 @@ class ScoreMachine:
 
     def _sweep_means(self, x, t, ks, label):
         """((x, a, b), {k: mean centre (B, C, H, W)}) for a sweep over ``ks``."""
-        x = self._check_x(x)
+        x, a, b = self._checked_coefficients(x, t)
         B = x.shape[0]
-        t_vec = self._check_t(t, B, x.dtype)
-        a, b = self.schedule.alpha_sigma(t_vec, dtype=x.dtype)
-        if torch.any(b <= 0):
-            raise ValueError("the score is undefined at t = 0 (b_t = 0); use t > 0")
         labels = self.check_label(label, B)
         if not self._nests(ks):
             return (x, a, b), {k: self._means(x, a, b, k, labels)[0] for k in ks}

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["KeyChunk", "PatchGroup", "PatchDictionary", "build_dictionary", "circular_pad", "patch_offsets",
-           "DEDUP_BYTES_PER_KEY"]
+           "prefix_rows", "DEDUP_BYTES_PER_KEY"]
 
 
 @dataclass
@@ -123,9 +123,8 @@ class PatchGroup:
                     if kaug is None:
                         raw = torch.empty(min(size, self.n_keys) * K, dtype=self.mean.dtype)
                         kaug = torch.empty(min(size, self.n_keys), K + 1, dtype=self.mean.dtype)
-                    out = kaug[: e - s]
-                    torch.sub(self.enum.at(self.rep[s:e], out=raw[: (e - s) * K]), self.mean, out=out[:, :K])
-                    out[:, K] = self.sqnorm[s:e]
+                    out = self._augment(self.enum.at(self.rep[s:e], out=raw[: (e - s) * K]), self.sqnorm[s:e],
+                                        out=kaug[: e - s])
                 yield KeyChunk(out, self.centre[s:e], self.log_count[s:e], s)
                 s = e
         else:
@@ -134,11 +133,15 @@ class PatchGroup:
                 keys = self.enum(s, min(self.total_keys, s + step))
                 yield KeyChunk(self._augment(keys), keys[:, self.centre_idx], None, s)
 
-    def _augment(self, keys: torch.Tensor, sqnorm: Optional[torch.Tensor] = None) -> torch.Tensor:
-        d = keys - self.mean                                                           # (m, K)
-        if sqnorm is None:
-            sqnorm = (d * d).sum(1)
-        return torch.cat([d, sqnorm[:, None]], 1)                                      # (m, K+1)
+    def _augment(self, keys: torch.Tensor, sqnorm: Optional[torch.Tensor] = None,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Engine rows ``[p - mean, ||p - mean||^2]`` (m, K+1), into ``out`` if given."""
+        K = self.mean.numel()
+        if out is None:
+            out = torch.empty(keys.shape[0], K + 1, dtype=keys.dtype)
+        d = torch.sub(keys, self.mean, out=out[:, :K])                                 # (m, K)
+        out[:, K] = (d * d).sum(1) if sqnorm is None else sqnorm
+        return out
 
     # -- materialisation: keep the engine-ready keys in memory (a speed layer) ------------
     def materialized_bytes(self) -> int:
@@ -158,7 +161,7 @@ class PatchGroup:
             return 0
         row = (self.mean.numel() + 1) * self.mean.element_size()
         have = self.n_materialized
-        want = self.n_keys if max_bytes is None else min(self.n_keys, have + max(0, max_bytes) // row)
+        want = prefix_rows(have, self.n_keys, row, max_bytes)
         if want <= have:
             return 0
         kaug = torch.empty(want, self.mean.numel() + 1, dtype=self.mean.dtype)
@@ -167,7 +170,7 @@ class PatchGroup:
         step = max(1, (1 << 22) // kaug.shape[1])
         for s in range(have, want, step):
             e = min(want, s + step)
-            kaug[s:e] = self._augment(self.enum.at(self.rep[s:e]), self.sqnorm[s:e])
+            self._augment(self.enum.at(self.rep[s:e]), self.sqnorm[s:e], out=kaug[s:e])
         self.kaug = kaug
         return (want - have) * row
 
@@ -248,6 +251,12 @@ class PatchDictionary:
 
 
 DEDUP_BYTES_PER_KEY = 48
+
+
+def prefix_rows(have: int, n: int, row_bytes: int, max_bytes: Optional[int]) -> int:
+    """How many of n rows to keep (a prefix) when ``have`` are kept and ``max_bytes`` more
+    may be spent (None: all of them)."""
+    return n if max_bytes is None else min(n, have + max(0, max_bytes) // row_bytes)
 
 
 def circular_pad(x: torch.Tensor, r: int) -> torch.Tensor:

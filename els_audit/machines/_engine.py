@@ -39,11 +39,27 @@ import torch
 
 from ._dictionary import PatchDictionary
 
-__all__ = ["GroupedResult", "grouped_softmax_average", "SKIP_BITS"]
+__all__ = ["GroupedResult", "grouped_softmax_average", "SKIP_BITS", "exp2_floor", "skip_threshold"]
 
 LOG2E = 1.0 / math.log(2.0)
 # A tile whose keys weigh less than 2**-SKIP_BITS of the softmax mass in all is skipped.
 SKIP_BITS = 48.0
+
+
+def exp2_floor(dtype: torch.dtype) -> float:
+    """Clamp for base-2 logits before ``exp2``: the smallest normal exponent of ``dtype``.
+
+    NB: exp2 of arguments in float32's subnormal range (-149..-126) takes a slow path, 2.5x
+    slower; clamping at -126 changes each such weight by < 1.2e-38 relative to the largest
+    (which is 2**0 = 1): far below float precision.
+    """
+    return -126.0 if dtype == torch.float32 else -1022.0
+
+
+def skip_threshold(n_keys: int) -> float:
+    """A tile whose largest base-2 logit lies below the running max by more than this is
+    negligible: all ``n_keys`` keys together weigh < 2**-SKIP_BITS (module docstring)."""
+    return -(SKIP_BITS + math.log2(max(2, n_keys)))
 
 
 @dataclass
@@ -95,7 +111,7 @@ def grouped_softmax_average(
         w_cnt = torch.empty(B, HW, dtype=torch.long)
         ent = torch.empty(B, HW, dtype=dtype)
     # base-2 logits: exp2 is ~3x faster than exp here (module docstring)
-    underflow = -126.0 if dtype == torch.float32 else -1022.0
+    underflow = exp2_floor(dtype)
     coef_lin = LOG2E * a / b**2                                                        # (B,)
     coef_sq = -LOG2E * (a**2) / (2 * b**2)                                            # (B,)
     for g in dic.groups:
@@ -115,7 +131,7 @@ def grouped_softmax_average(
             best_i = torch.zeros(R, dtype=torch.long)
         # tile shape: Rt query rows x Mc keys
         Mc = max(64, min(M, tile_elems // max(1, min(R, 256))))
-        skip_below = -(SKIP_BITS + math.log2(max(2, g.total_keys)))                    # see docstring
+        skip_below = skip_threshold(g.total_keys)
         buf = None
         for ch in g.chunks(Mc):
             mc = ch.kaug.shape[0]
@@ -153,10 +169,7 @@ def grouped_softmax_average(
                     shift = torch.where(z_old > 0, (m_old - m_new) * z_old, torch.zeros_like(z_old))
                     t1_chunk = (L.exp2() * L).sum(1)                                    # base 2
                     t1[rs:re] = scale * (t1[rs:re] + shift) + t1_chunk
-                # NB: exp2 of arguments in float32's subnormal range (-149..-126) takes a slow
-                # path, 2.5x slower; clamping at -126 changes each such weight by < 1.2e-38
-                # relative to the largest (which is 2**0 = 1): far below float precision.
-                L.clamp_(min=underflow).exp2_()
+                L.clamp_(min=underflow).exp2_()                                         # see exp2_floor
                 acc[rs:re].mul_(scale[:, None]).add_(torch.mm(L, vals_t))
                 m[rs:re] = m_new
         z = acc[:, C]                                                                   # (R,)

@@ -34,17 +34,16 @@ is constant per channel), the logit is, as in :mod:`._engine`, a GEMM of
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-from ._dictionary import _hash_dedup, _KeyEnumerator, circular_pad, patch_offsets
-from ._engine import LOG2E, SKIP_BITS
+from ._dictionary import _hash_dedup, _KeyEnumerator, circular_pad, patch_offsets, prefix_rows
+from ._engine import LOG2E, exp2_floor, skip_threshold
 
 __all__ = ["NestedLevel", "NestedDictionary", "build_nested_dictionary", "nested_softmax_average",
-           "onion_offsets", "NESTED_BYTES_PER_NODE"]
+           "nested_dictionary_bytes", "onion_offsets", "NESTED_BYTES_PER_NODE"]
 
 # bookkeeping per node and level: rep base (int64), parent (int32), log2 count, centre + 1
 NESTED_BYTES_PER_NODE = 8 + 4 + 4 + 8
@@ -56,6 +55,22 @@ def onion_offsets(k: int) -> tuple[torch.Tensor, torch.Tensor]:
     r = k // 2
     cells = sorted(((max(abs(dy), abs(dx)), dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)))
     return torch.tensor([c[1] for c in cells]), torch.tensor([c[2] for c in cells])
+
+
+def _onion_flat_offsets(k: int, C: int, Hp: int, Wp: int) -> torch.Tensor:
+    """Flat offsets from a pixel of the k x k window's cells in onion order (pixel-major,
+    channel-minor) inside (C, Hp, Wp) images."""
+    dy, dx = onion_offsets(k)
+    return ((dy * Wp + dx)[:, None] + torch.arange(C)[None, :] * (Hp * Wp)).reshape(-1)
+
+
+def _centre_flat_index(n_images: int, C: int, H: int, W: int, r: int) -> torch.Tensor:
+    """(n_images * H * W,) flat index, in images padded by r on each side, of every pixel
+    in (image, y, x) order: the enumeration order of keys and of query rows."""
+    Hp, Wp = H + 2 * r, W + 2 * r
+    idx = torch.arange(n_images * H * W)
+    n_i, pos = idx // (H * W), idx % (H * W)
+    return n_i * (C * Hp * Wp) + (pos // W + r) * Wp + (pos % W + r)
 
 
 @dataclass
@@ -107,7 +122,7 @@ class NestedLevel:
         """Keep the rows of all nodes, or of as long a prefix as ``max_bytes`` more allows."""
         row = (self.offsets.numel() + 2) * self.vals.element_size()
         have = self.n_materialized
-        want = self.n_nodes if max_bytes is None else min(self.n_nodes, have + max(0, max_bytes) // row)
+        want = prefix_rows(have, self.n_nodes, row, max_bytes)
         if want <= have:
             return 0
         parts = ([self.kaug] if have else []) + [self.keys(padded_flat, s, min(want, s + step))
@@ -133,7 +148,6 @@ class NestedDictionary:
     levels: list[NestedLevel]
     padded_flat: torch.Tensor      # (N*C*Hp*Wp,) circularly padded images by r_max
     mu: torch.Tensor               # (C,) per-channel mean of the images
-    image_shape: tuple[int, int, int]
     total_keys: int
     tiles: list[list[tuple[int, int, int]]]
 
@@ -189,13 +203,8 @@ def build_nested_dictionary(images: torch.Tensor, ks: Sequence[int], *, image_id
     Hp, Wp = padded.shape[-2:]
     total = N * H * W
     # key enumeration: index = n * HW + y * W + x (as _KeyEnumerator); centre in padded coords
-    idx = torch.arange(total)
-    n_i, pos = idx // (H * W), idx % (H * W)
-    centre_base = n_i * (C * Hp * Wp) + (pos // W + r_max) * Wp + (pos % W + r_max)        # (T,)
-    del idx, n_i, pos
-    dy, dx = onion_offsets(ks[-1])
-    pix_off = dy * Wp + dx                                                                  # (k_max^2,)
-    all_off = (pix_off[:, None] + torch.arange(C)[None, :] * (Hp * Wp)).reshape(-1)          # pixel-major
+    centre_base = _centre_flat_index(N, C, H, W, r_max)                                     # (T,)
+    all_off = _onion_flat_offsets(ks[-1], C, Hp, Wp)                                         # (C k_max^2,)
     mu = images.to(torch.float64).mean(dim=(0, 2, 3)).to(dtype)                            # (C,)
 
     levels: list[NestedLevel] = []
@@ -253,7 +262,15 @@ def build_nested_dictionary(images: torch.Tensor, ks: Sequence[int], *, image_id
     per_level.reverse()
     tiles = [[(per_level[i][0][t], per_level[i][1][t], per_level[i][2][t]) for i in range(len(levels))]
              for t in range(starts.numel())]
-    return NestedDictionary(ks, levels, padded.reshape(-1), mu, (C, H, W), total, tiles)
+    return NestedDictionary(ks, levels, padded.reshape(-1), mu, total, tiles)
+
+
+def _weighted_sums(S: torch.Tensor, m_ref: torch.Tensor, vals: torch.Tensor, E: torch.Tensor,
+                   floor: float) -> torch.Tensor:
+    """(C+1, R) sums over nodes of ``vals * 2**(S - m_ref)`` (centres, then the normaliser);
+    S (n, R) base-2 logits, E an (n, R) scratch buffer."""
+    torch.sub(S, m_ref[None, :], out=E).clamp_(min=floor).exp2_()
+    return torch.mm(vals, E)
 
 
 def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
@@ -289,20 +306,16 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
     levels = nd.levels[:L]
     r_max = nd.ks[-1] // 2
     xp = circular_pad(x, r_max).contiguous()
-    Hp, Wp = xp.shape[-2:]
-    dy, dx = onion_offsets(nd.ks[-1])
-    all_off = ((dy * Wp + dx)[:, None] + torch.arange(C)[None, :] * (Hp * Wp)).reshape(-1)
-    rows = torch.arange(B * H * W)
-    bi, pos = rows // (H * W), rows % (H * W)
-    qbase = bi * (C * Hp * Wp) + (pos // W + r_max) * Wp + (pos % W + r_max)
-    Q = xp.reshape(-1)[qbase[:, None] + all_off[None, :]]                                 # (R, C k_max^2)
+    all_off = _onion_flat_offsets(nd.ks[-1], C, *xp.shape[-2:])
+    Q = xp.reshape(-1)[_centre_flat_index(B, C, H, W, r_max)[:, None] + all_off[None, :]]  # (R, C k_max^2)
+    R = Q.shape[0]
+    bi = torch.arange(R) // (H * W)                                                        # query image of a row
     a_row, b_row = a[bi], b[bi]
     Q -= a_row[:, None] * nd.mu.repeat(all_off.numel() // C)[None, :]                       # q' = q - a mu
     coef_lin = LOG2E * a_row / b_row**2
     coef_sq = -LOG2E * a_row**2 / (2 * b_row**2)
-    underflow = -126.0 if dtype == torch.float32 else -1022.0
-    skip_below = -(SKIP_BITS + math.log2(max(2, nd.total_keys)))
-    R = rows.numel()
+    underflow = exp2_floor(dtype)
+    skip_below = skip_threshold(nd.total_keys)
     means = torch.empty(L, C, R, dtype=dtype)
     for r0 in range(0, R, row_block):
         r1 = min(R, r0 + row_block)
@@ -342,8 +355,8 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
                 if ebuf.numel() < S_own.numel():
                     ebuf = torch.empty(S_own.numel(), dtype=dtype)
                 E = ebuf[: S_own.numel()].view(S_own.shape)
-                torch.sub(S_own, m_new[None, :], out=E).clamp_(min=underflow).exp2_()
-                part = torch.mm(lv.vals[:, own0:j1], E)                                   # (C+1, Rb)
+                vals = lv.vals[:, own0:j1]
+                part = _weighted_sums(S_own, m_new, vals, E, underflow)                   # (C+1, Rb)
                 if not checking[i]:
                     # NB: without the tile max, a logit far above the running max overflows;
                     # then redo the tile with its max (rare: the max settles early)
@@ -351,10 +364,8 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
                     if not bool(torch.isfinite(z).all()) or bool((z > 2.0 ** 60).any()):
                         counts["redone"] += 1
                         checking[i] = True
-                        tmax = S_own.amax(0)
-                        m_new = torch.maximum(m_old, tmax)
-                        torch.sub(S_own, m_new[None, :], out=E).clamp_(min=underflow).exp2_()
-                        part = torch.mm(lv.vals[:, own0:j1], E)
+                        m_new = torch.maximum(m_old, S_own.amax(0))
+                        part = _weighted_sums(S_own, m_new, vals, E, underflow)
                     elif bool((z < 2.0 ** skip_below).all()):
                         counts["skipped"] += 1
                         checking[i] = True                                                # negligible: check next
