@@ -15,12 +15,12 @@ Usage::
     m = build_machine("ELS", images, labels, schedule="cosine-legacy", dictionary="periodic")
     s = m.score(x, t, k=5)                 # x (B, C, H, W), t float or (B,) -> (B, C, H, W)
     s, diag = m.score(x, t, k=5, diagnostics=True)
-    by_k = m.score_sweep(x, t, ks=(3, 5, 7))   # {k: score}: one nested pass for periodic ELS
+    by_k = m.score_sweep(x, t, ks=(3, 5, 7))   # {k: score}: nested windows for ELS and bbELS
 
 All machines share one exact kernel (:mod:`._engine`): a grouped, tiled, online-softmax
 dot-product attention over a deduplicated patch dictionary (:mod:`._dictionary`).  A sweep
 over patch sizes of the periodic ELS machine runs as one pass over nested windows
-(:mod:`._nested`).
+(:mod:`._nested`); so does the interior group of bbELS, its edge groups one k at a time.
 """
 
 from __future__ import annotations
@@ -128,7 +128,9 @@ class ScoreMachine:
 
         The periodic ELS machine evaluates all sizes in one pass over nested windows (each
         size adds only its ring to the previous one's logits; :mod:`._nested`), when its
-        tree fits half the memory budget; other machines run one k at a time.
+        tree fits half the memory budget; bbELS does so for its interior group (the pixels
+        at least k // 2 from every edge) and runs its edge groups one k at a time; other
+        machines run one k at a time.
         """
         ks = self._check_ks(ks)
         (x, a, b), means = self._sweep_means(x, t, ks, label)
@@ -136,7 +138,8 @@ class ScoreMachine:
 
     def prepare_sweep(self, ks: Sequence[int], label: Union[None, int, torch.Tensor] = None) -> None:
         """Build now what :meth:`score_sweep` needs for any subset of ``ks`` (for periodic ELS
-        one tree over all of ks, instead of one per distinct subset); a no-op elsewhere."""
+        and bbELS one tree over all of ks, instead of one per distinct subset); a no-op
+        elsewhere."""
         ks = self._check_ks(ks)
         if not self._nests(ks):
             return
@@ -146,7 +149,7 @@ class ScoreMachine:
             lab = torch.as_tensor(label, dtype=torch.long).reshape(-1)
             labs = torch.unique(self.check_label(lab, lab.numel())).tolist()
         for lab in labs:
-            self._nested_dictionary(ks, lab)
+            self._nested_dictionary(self._tree_ks(ks), lab)
 
     def denoised_sweep(self, x: torch.Tensor, t: Union[float, torch.Tensor], ks: Sequence[int],
                        label: Union[None, int, torch.Tensor] = None) -> dict[int, torch.Tensor]:
@@ -222,25 +225,50 @@ class ScoreMachine:
         labels = self.check_label(label, B)
         if not self._nests(ks):
             return (x, a, b), {k: self._means(x, a, b, k, labels)[0] for k in ks}
-        means = {k: torch.empty_like(x) for k in ks}
+        tree_ks = self._tree_ks(ks)
+        means = {k: torch.full_like(x, float("nan")) for k in ks}
         groups = [(None, torch.arange(B))] if labels is None else [
             (int(lab), (labels == lab).nonzero().flatten()) for lab in torch.unique(labels).tolist()]
         for lab, sel in groups:
-            nd = self._nested_dictionary(ks, lab)
-            out = nested_softmax_average(nd, x[sel], a[sel], b[sel], ks=ks)
+            xs, a_s, b_s = x[sel], a[sel], b[sel]
+            out = nested_softmax_average(self._nested_dictionary(tree_ks, lab), xs, a_s, b_s, ks=tree_ks)
             for k in ks:
-                means[k][sel] = out[k]
+                mean = out[k] if k in out else means[k][sel]
+                if self.kind == "bbELS":                  # the tree answers the interior group
+                    self._edge_means(mean, xs, a_s, b_s, k, lab)
+                means[k][sel] = mean
         return (x, a, b), means
+
+    def _edge_means(self, mean, x, a, b, k, label) -> None:
+        """Write into ``mean`` (B, C, H, W) the bbELS answer at the pixels outside the
+        interior group at k (those within k // 2 of an edge), one k at a time."""
+        dic = self._dictionary(k, label, interior=False)
+        if not dic.groups:
+            return
+        B, C, H, W = x.shape
+        res = grouped_softmax_average(dic, F.unfold(x, k, padding=k // 2), a, b)
+        pix = torch.cat([g.query_pixels for g in dic.groups])
+        mean.view(B, C, H * W)[:, :, pix] = res.mean_centre[:, :, pix]
+
+    def _tree_ks(self, ks) -> tuple[int, ...]:
+        """The sizes of ks a nested tree answers: all of them for periodic ELS; for bbELS
+        those with an interior group (k <= min(H, W)); none for other machines."""
+        if self.kind == "ELS" and self.dictionary == "periodic":
+            return tuple(ks)
+        if self.kind == "bbELS":
+            return tuple(k for k in ks if k <= min(self.image_shape[1:]))
+        return ()
 
     def _nests(self, ks) -> bool:
         """Whether a sweep over ks runs as one nested pass (see score_sweep): two or more
-        sizes, or any sizes that a tree prepared before covers."""
-        if self.kind != "ELS" or self.dictionary != "periodic":
+        sizes the tree answers, or any that a tree prepared before covers."""
+        tree_ks = self._tree_ks(ks)
+        if not tree_ks:
             return False
-        if len(ks) < 2:
-            return any(key[0] == "nested" and set(ks) <= set(key[1]) for key in self._cache)
+        if len(tree_ks) < 2:
+            return any(key[0] == "nested" and set(tree_ks) <= set(key[1]) for key in self._cache)
         N, C, H, W = self.images.shape
-        return nested_dictionary_bytes(N * H * W, len(ks), C) <= self.memory_budget // 2
+        return nested_dictionary_bytes(N * H * W, len(tree_ks), C) <= self.memory_budget // 2
 
     def _nested_dictionary(self, ks, label) -> NestedDictionary:
         """A cached nested dictionary for label whose sizes include ks (the smallest such),
@@ -253,7 +281,8 @@ class ScoreMachine:
             d = self._cache[key]
         else:
             imgs, ids = self._images_for(label)
-            d = build_nested_dictionary(imgs, ks, image_ids=ids)
+            d = build_nested_dictionary(imgs, ks, image_ids=ids,
+                                        mode="interior" if self.kind == "bbELS" else "circular")
             self._cache[key] = d
             self._evict_over_half_budget()
         self._materialize_within_budget(d)
@@ -286,8 +315,9 @@ class ScoreMachine:
         ids = (self.labels == label).nonzero().flatten()
         return self.images[ids], ids
 
-    def _dictionary(self, k: int, label: Optional[int]) -> PatchDictionary:
-        """The cached dictionary for (k, label), built on first use.
+    def _dictionary(self, k: int, label: Optional[int], interior: bool = True) -> PatchDictionary:
+        """The cached dictionary for (k, label), built on first use (bbELS with
+        ``interior=False``: without the interior group, see :meth:`_edge_means`).
 
         Memory policy (``memory_budget``): dictionaries' bookkeeping stays within half the
         budget (least recently used dictionaries are dropped); on top of that the
@@ -295,7 +325,7 @@ class ScoreMachine:
         up to three quarters of the budget in all, releasing older dictionaries'
         materialised keys first.  The rest of the budget is the kernel's working memory.
         """
-        key = (k, label)
+        key = (k, label) if interior else ("edges", k, label)
         if key in self._cache:
             self._cache.move_to_end(key)
             d = self._cache[key]
@@ -304,7 +334,7 @@ class ScoreMachine:
             mode = {"LS": "zeros", "bbELS": "zeros"}.get(self.kind) or (
                 "circular" if self.dictionary == "periodic" else "valid")
             d = build_dictionary(self.kind, imgs, k, mode=mode, image_ids=ids,
-                                 dedup_budget=self.memory_budget // 2)
+                                 dedup_budget=self.memory_budget // 2, interior=interior)
             self._cache[key] = d
             self._evict_over_half_budget()
         self._materialize_within_budget(d)

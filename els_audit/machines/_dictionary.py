@@ -402,6 +402,7 @@ def build_dictionary(
     image_ids: torch.Tensor | None = None,
     chunk_elems: int = 1 << 24,
     dedup_budget: Optional[int] = None,
+    interior: bool = True,
 ) -> PatchDictionary:
     """Build the grouped, deduplicated patch dictionary of a local machine.
 
@@ -414,6 +415,8 @@ def build_dictionary(
         chunk_elems: elements per gathered chunk (bounds the memory of the build).
         dedup_budget: bytes the deduplication may use; above it, keys stream (None: always
             deduplicate).
+        interior: bbELS only: False leaves out the interior group (the pixels at least r
+            from every edge), for callers that answer it otherwise (a nested sweep).
     Returns:
         :class:`PatchDictionary`.
     """
@@ -444,7 +447,8 @@ def build_dictionary(
     elif kind == "bbELS":
         for qy, ky in _axis_patterns(H, r):
             for qx, kx in _axis_patterns(W, r):
-                specs.append((qy, qx, ky, kx))
+                if interior or not (r <= qy[0] and qy[-1] < H - r and r <= qx[0] and qx[-1] < W - r):
+                    specs.append((qy, qx, ky, kx))
     elif kind == "LS":
         for y in range(H):
             for x in range(W):

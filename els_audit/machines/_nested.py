@@ -1,4 +1,4 @@
-"""Periodic ELS at several patch sizes in one pass: nested windows over a tree of patches.
+"""ELS / bbELS at several patch sizes in one pass: nested windows over a tree of patches.
 
 References:
 - Kamb & Ganguli, ICML 2025 (arXiv 2412.20292), eq. 38 (ELS); theory.md section 2.
@@ -18,18 +18,27 @@ Merging identical patches still pays at every level because the keys form a tree
 k's nodes are the distinct k x k patches of the dictionary; the parent of a node is its
 (k-) x (k-) centre, a node of the previous level.  Nodes are numbered so that every node's
 children are contiguous and in its parent's order (sort by (parent, node)), so the nodes
-of every level under any range of finest-level nodes are again a range.  The engine walks
-the finest nodes in tiles; in a tile, a level-k logit is its parent's logit (a row gather)
-plus the ring GEMM, and the softmax of level k counts each node once (in the tile that
-holds its first finest descendant) with a ``log2(count)`` bias, normalised over the whole
+of every level under any range of leaves (nodes without children) are again a range.  The
+engine walks the leaves in tiles; in a tile, a level-k logit is its parent's logit (a row
+gather) plus the ring GEMM, and the softmax of level k counts each node once (in the tile
+that holds its first leaf) with a ``log2(count)`` bias, normalised over the whole
 dictionary by an online log-sum-exp per level.
 
-Only the periodic ELS dictionary nests this way: every key location exists at every k and
-every query pixel sees the same keys at every k.  (bbELS and the 'valid' dictionary change
-their key sets with k; they run one k at a time.)  With ``q' = q - a mu`` and
-``p' = p - mu`` for the per-channel pixel mean mu (the mean patch of a periodic dictionary
-is constant per channel), the logit is, as in :mod:`._engine`, a GEMM of
-``[q' a/b^2, -a^2/(2b^2)]`` against ``[p', ||p'||^2]`` in base 2.
+Two dictionaries nest this way (``mode``):
+- "circular", periodic ELS: every key location exists at every k and every query pixel
+  sees the same keys at every k; all leaves are finest nodes.
+- "interior", the interior group of bbELS: at size k the keys are the patches centred at
+  least k // 2 from every edge, and so are the query pixels that see them.  A larger k
+  drops the outermost ring of centres, so its keys are children of keys of the smaller k
+  (same centre), and the nodes whose centres all lie in the dropped ring are leaves above
+  the finest level.  Query rows are sorted by their distance to the edge, so each level's
+  rows are a prefix.  The other bbELS groups (pixels near an edge, each with its own
+  padding pattern) are small; the machine runs them one k at a time.
+(The 'valid' ELS dictionary changes its key set with k but not its queries; it runs one k
+at a time.)  With ``q' = q - a mu`` and ``p' = p - mu`` for the per-channel pixel mean mu
+(any constant vector works in exact arithmetic; this one keeps float32 logits small), the
+logit is, as in :mod:`._engine`, a GEMM of ``[q' a/b^2, -a^2/(2b^2)]`` against
+``[p', ||p'||^2]`` in base 2.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ._dictionary import _hash_dedup, _KeyEnumerator, circular_pad, patch_offsets, prefix_rows
 from ._engine import LOG2E, exp2_floor, skip_threshold
@@ -138,18 +148,20 @@ class NestedLevel:
 
 @dataclass
 class NestedDictionary:
-    """The periodic ELS dictionary at sizes ``ks`` as one tree (see module docstring).
+    """A periodic ELS or bbELS-interior dictionary at sizes ``ks`` as one tree (see module
+    docstring).
 
-    tiles: per tile of finest nodes, per level ``(j0, j1, own0)``: the level's nodes under
-    the tile are ``j0..j1-1``; those from ``own0`` on are counted in this tile's softmax.
+    tiles: per tile of leaves, per level ``(j0, j1, own0)``: the level's nodes under the
+    tile are ``j0..j1-1``; those from ``own0`` on are counted in this tile's softmax.
     """
 
     ks: tuple[int, ...]
     levels: list[NestedLevel]
-    padded_flat: torch.Tensor      # (N*C*Hp*Wp,) circularly padded images by r_max
+    padded_flat: torch.Tensor      # (N*C*Hp*Wp,) images padded by r_max (circularly or zeros)
     mu: torch.Tensor               # (C,) per-channel mean of the images
-    total_keys: int
+    total_keys: int                # N*H*W: at most this many keys at any level
     tiles: list[list[tuple[int, int, int]]]
+    mode: str = "circular"         # or "interior" (build_nested_dictionary)
 
     def nbytes(self) -> int:
         return self.padded_flat.numel() * self.padded_flat.element_size() + sum(lv.nbytes() for lv in self.levels)
@@ -191,34 +203,44 @@ def nested_dictionary_bytes(n_keys: int, n_levels: int, C: int) -> int:
 
 
 def build_nested_dictionary(images: torch.Tensor, ks: Sequence[int], *, image_ids: Optional[torch.Tensor] = None,
-                            tile_nodes: int = 1024, chunk_elems: int = 1 << 24) -> NestedDictionary:
-    """Build the tree of periodic ELS patches at sizes ``ks`` (odd, increasing)."""
+                            mode: str = "circular", tile_nodes: int = 1024,
+                            chunk_elems: int = 1 << 24) -> NestedDictionary:
+    """Build the tree of patches at sizes ``ks`` (odd, increasing).
+
+    mode: "circular" (periodic ELS: every position, circular wrap) or "interior" (the
+    interior group of bbELS: at size k the centres at least k // 2 from every edge, zero
+    padding never read; needs ``ks[-1] <= min(H, W)``).
+    """
     ks = tuple(sorted(set(int(k) for k in ks)))
     N, C, H, W = images.shape
+    if mode not in ("circular", "interior"):
+        raise ValueError(f"unknown nested dictionary mode {mode!r}")
+    if mode == "interior" and ks[-1] > min(H, W):
+        raise ValueError(f"an interior tree needs k <= {min(H, W)} (the image size); got k={ks[-1]}")
     dtype = images.dtype
     if image_ids is None:
         image_ids = torch.arange(N)
     r_max = ks[-1] // 2
-    padded = circular_pad(images, r_max).contiguous()
+    padded = (circular_pad(images, r_max) if mode == "circular" else F.pad(images, (r_max,) * 4)).contiguous()
     Hp, Wp = padded.shape[-2:]
-    total = N * H * W
-    # key enumeration: index = n * HW + y * W + x (as _KeyEnumerator); centre in padded coords
-    centre_base = _centre_flat_index(N, C, H, W, r_max)                                     # (T,)
     all_off = _onion_flat_offsets(ks[-1], C, Hp, Wp)                                         # (C k_max^2,)
     mu = images.to(torch.float64).mean(dim=(0, 2, 3)).to(dtype)                            # (C,)
 
     levels: list[NestedLevel] = []
+    prev: Optional[_KeyEnumerator] = None
     prev_ids: Optional[torch.Tensor] = None
     prev_log2: Optional[torch.Tensor] = None
     prev_k2 = 0
     for k in ks:
         r = k // 2
-        pk = circular_pad(images, r).contiguous()
-        enum = _KeyEnumerator(pk, patch_offsets(C, k, *pk.shape[-2:]), k, N, torch.arange(H), torch.arange(W),
-                              (0, 0), image_ids)
+        if mode == "circular":
+            pk, ys, xs = circular_pad(images, r).contiguous(), torch.arange(H), torch.arange(W)
+        else:
+            pk, ys, xs = F.pad(images, (r,) * 4), torch.arange(r, H - r), torch.arange(r, W - r)
+        enum = _KeyEnumerator(pk, patch_offsets(C, k, *pk.shape[-2:]), k, N, ys, xs, (0, 0), image_ids)
         K = C * k * k
         img_chunk = max(1, max(1, chunk_elems // K) // enum.npos) * enum.npos
-        rep, inverse, counts, _ = _hash_dedup(enum, total, K, img_chunk)
+        rep, inverse, counts, _ = _hash_dedup(enum, enum.total, K, img_chunk)
         U = rep.numel()
         # tree order: children contiguous in their parent's order, and in image-major order
         # of their first occurrence among siblings (gathers then walk the images in order)
@@ -226,43 +248,71 @@ def build_nested_dictionary(images: torch.Tensor, ks: Sequence[int], *, image_id
             order = torch.argsort(rep)
             parent = None
         else:
-            par = prev_ids[rep]                                                             # parent of each node
-            order = torch.argsort(par * total + rep)
+            par = prev_ids[_index_in(prev, enum, rep)]                                       # parent of each node
+            order = torch.argsort(par * enum.total + rep)
             parent = par[order].to(torch.int32)
         new_id = torch.empty(U, dtype=torch.long)
         new_id[order] = torch.arange(U)
-        prev_ids = new_id[inverse]                                                          # (T,) per key
-        del inverse, enum, pk
+        prev_ids = new_id[inverse]                                                          # (T_k,) per key
+        del inverse
         rep, counts = rep[order], counts[order]
-        centre = images.reshape(N, C, H * W)[rep // (H * W), :, rep % (H * W)]               # (U, C)
+        n_i, y, x = rep // enum.npos, enum.pos_y[rep % enum.npos], enum.pos_x[rep % enum.npos]
+        centre = images[n_i, :, y, x]                                                       # (U, C)
         vals = torch.cat([centre.t(), torch.ones(1, U, dtype=dtype)], 0).contiguous()       # (C+1, U)
         cols = slice(C * prev_k2, C * k * k)
         log2c = counts.to(torch.float64).log2()
         dbias = log2c if parent is None else log2c - prev_log2[parent.long()]
-        levels.append(NestedLevel(k, cols, all_off[cols].contiguous(), centre_base[rep], parent,
+        rep_base = n_i * (C * Hp * Wp) + (y + r_max) * Wp + (x + r_max)                    # centre, padded
+        levels.append(NestedLevel(k, cols, all_off[cols].contiguous(), rep_base, parent,
                                   dbias.to(dtype), vals, mu.repeat(k * k - prev_k2)))
-        prev_k2, prev_log2 = k * k, log2c
-    del prev_ids, centre_base
+        prev, prev_k2, prev_log2 = enum, k * k, log2c
+    del prev_ids
+    tiles = _leaf_tiles(levels, tile_nodes)
+    return NestedDictionary(ks, levels, padded.reshape(-1), mu, N * H * W, tiles, mode)
 
-    # first finest descendant of every node; then per tile of finest nodes the node ranges
-    desc = [None] * len(levels)
-    desc[-1] = torch.arange(levels[-1].n_nodes)
+
+def _index_in(prev: "_KeyEnumerator", enum: "_KeyEnumerator", idx: torch.Tensor) -> torch.Tensor:
+    """Enumeration index in ``prev`` of the keys at positions ``idx`` of ``enum`` (the same
+    image and centre; prev's centres include enum's)."""
+    n_i, pos = idx // enum.npos, idx % enum.npos
+    y0, x0 = int(prev.pos_y[0]), int(prev.pos_x[0])
+    w = int(prev.pos_x[-1]) - x0 + 1
+    return n_i * prev.npos + (enum.pos_y[pos] - y0) * w + (enum.pos_x[pos] - x0)
+
+
+def _leaf_tiles(levels: list[NestedLevel], tile_leaves: int) -> list[list[tuple[int, int, int]]]:
+    """Per tile of leaves, per level ``(j0, j1, own0)`` (see :class:`NestedDictionary`).
+
+    A leaf is a node without children: every finest node, and (interior trees) nodes whose
+    occurrences all sit too close to an edge for the next size.  In tree order (sorted by
+    (parent, node) at every level, a depth-first order) the leaves under any node form a
+    range ``[start, start + n_leaves)``; a tile is a range of leaves, and a level's nodes
+    under it are those whose leaf range meets it (again a range); a node is counted in the
+    tile that holds its first leaf.
+    """
+    n_leaf = [None] * len(levels)
+    n_leaf[-1] = torch.ones(levels[-1].n_nodes, dtype=torch.long)
     for i in range(len(levels) - 1, 0, -1):
-        d = torch.full((levels[i - 1].n_nodes,), levels[-1].n_nodes, dtype=torch.long)
-        desc[i - 1] = d.scatter_reduce_(0, levels[i].parent.long(), desc[i], reduce="amin")
-    starts = torch.arange(0, levels[-1].n_nodes, tile_nodes)
-    ends = torch.clamp(starts + tile_nodes, max=levels[-1].n_nodes) - 1
+        c = torch.zeros(levels[i - 1].n_nodes, dtype=torch.long).index_add_(0, levels[i].parent.long(), n_leaf[i])
+        n_leaf[i - 1] = c.clamp_(min=1)                                                    # childless: a leaf
+    start = [torch.cumsum(n_leaf[0], 0) - n_leaf[0]]
+    for i in range(1, len(levels)):
+        par = levels[i].parent.long()
+        before = torch.cumsum(n_leaf[i], 0) - n_leaf[i]                                     # within the level
+        first = torch.full((levels[i - 1].n_nodes,), torch.iinfo(torch.long).max, dtype=torch.long)
+        first.scatter_reduce_(0, par, before, reduce="amin")                                # at the first sibling
+        start.append(start[i - 1][par] + before - first[par])
+    total = int(n_leaf[0].sum())
+    l0 = torch.arange(0, total, tile_leaves)
+    l1 = torch.clamp(l0 + tile_leaves, max=total)
     per_level = []
-    a_s, a_e = starts, ends
-    for i in range(len(levels) - 1, -1, -1):
-        own = a_s + (desc[i][a_s] < starts).long()
-        per_level.append((a_s.tolist(), (a_e + 1).tolist(), own.tolist()))
-        if i > 0:
-            a_s, a_e = levels[i].parent[a_s].long(), levels[i].parent[a_e].long()
-    per_level.reverse()
-    tiles = [[(per_level[i][0][t], per_level[i][1][t], per_level[i][2][t]) for i in range(len(levels))]
-             for t in range(starts.numel())]
-    return NestedDictionary(ks, levels, padded.reshape(-1), mu, total, tiles)
+    for i in range(len(levels)):
+        end = start[i] + n_leaf[i]
+        per_level.append((torch.searchsorted(end, l0, right=True).tolist(),
+                          torch.searchsorted(start[i], l1).tolist(),
+                          torch.searchsorted(start[i], l0).tolist()))
+    return [[(per_level[i][0][t], per_level[i][1][t], per_level[i][2][t]) for i in range(len(levels))]
+            for t in range(l0.numel())]
 
 
 def _weighted_sums(S: torch.Tensor, m_ref: torch.Tensor, vals: torch.Tensor, E: torch.Tensor,
@@ -284,16 +334,21 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
     maximum only if a weight overflows (then the tile is redone): at high noise the
     maximum settles within a few tiles and the extra pass is saved.
 
+    Interior trees answer, at size k, only the pixels at least k // 2 from every edge (the
+    bbELS interior group); query rows are sorted by that distance so that the rows of each
+    level are a prefix of every row block.
+
     Args:
         nd: the nested dictionary.
-        x: (B, C, H, W) queries (periodic: circularly padded here).
+        x: (B, C, H, W) queries (padded here as the tree's images are).
         a, b: (B,) schedule coefficients.
         ks: the sizes wanted (a subset of ``nd.ks``; default all): levels above the largest
             are not computed, and only wanted levels pay for a softmax.
         row_block: query pixels per block (each block walks every tile).
         stats: if a dict, receives counts of (tile, level) steps: "done", "skipped", "redone".
     Returns:
-        {k: (B, C, H, W) mean centre}.
+        {k: (B, C, H, W) mean centre}; for interior trees NaN at the pixels closer than
+        k // 2 to an edge (not in the interior group at that k).
     """
     counts = {"done": 0, "skipped": 0, "redone": 0}
     B, C, H, W = x.shape
@@ -305,39 +360,54 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
     L = max(i for i, w in enumerate(wanted) if w) + 1                                      # levels computed
     levels = nd.levels[:L]
     r_max = nd.ks[-1] // 2
-    xp = circular_pad(x, r_max).contiguous()
+    xp = (circular_pad(x, r_max) if nd.mode == "circular" else F.pad(x, (r_max,) * 4)).contiguous()
     all_off = _onion_flat_offsets(nd.ks[-1], C, *xp.shape[-2:])
-    Q = xp.reshape(-1)[_centre_flat_index(B, C, H, W, r_max)[:, None] + all_off[None, :]]  # (R, C k_max^2)
+    rows = torch.arange(B * H * W)                                                         # (b, y, x) order
+    if nd.mode == "interior":
+        y, xx = rows % (H * W) // W, rows % W
+        depth = torch.minimum(torch.minimum(y, H - 1 - y), torch.minimum(xx, W - 1 - xx))
+        depth, order = torch.sort(depth, descending=True, stable=True)
+        # rows of level i: depth >= k_i // 2 (a prefix of the sorted rows)
+        n_rows = [int((depth >= lv.k // 2).sum()) for lv in levels]
+        rows = order[: n_rows[0]]
+    else:
+        n_rows = [rows.numel()] * L
+    Q = xp.reshape(-1)[_centre_flat_index(B, C, H, W, r_max)[rows, None] + all_off[None, :]]  # (R, C k_max^2)
     R = Q.shape[0]
-    bi = torch.arange(R) // (H * W)                                                        # query image of a row
+    bi = rows // (H * W)                                                                   # query image of a row
     a_row, b_row = a[bi], b[bi]
     Q -= a_row[:, None] * nd.mu.repeat(all_off.numel() // C)[None, :]                       # q' = q - a mu
     coef_lin = LOG2E * a_row / b_row**2
     coef_sq = -LOG2E * a_row**2 / (2 * b_row**2)
     underflow = exp2_floor(dtype)
     skip_below = skip_threshold(nd.total_keys)
-    means = torch.empty(L, C, R, dtype=dtype)
+    means = torch.full((L, C, R), float("nan"), dtype=dtype)
     for r0 in range(0, R, row_block):
         r1 = min(R, r0 + row_block)
         Rb = r1 - r0
+        nr = [max(0, min(Rb, n - r0)) for n in n_rows]                                     # active rows per level
+        Lb = sum(1 for n in nr if n)                                                       # levels with rows
         ones = torch.ones(Rb, 1, dtype=dtype)
-        qaT = [torch.cat([Q[r0:r1, lv.cols] * coef_lin[r0:r1, None], coef_sq[r0:r1, None], ones], 1).t().contiguous()
-               for lv in levels]                                                          # (ring+2, Rb)
-        m = torch.full((L, Rb), float("-inf"), dtype=dtype)
-        acc = torch.zeros(L, C + 1, Rb, dtype=dtype)
+        qaT = [torch.cat([Q[r0:r0 + n, lv.cols] * coef_lin[r0:r0 + n, None], coef_sq[r0:r0 + n, None], ones[:n]],
+                         1).t().contiguous() for lv, n in zip(levels[:Lb], nr)]          # (ring+2, rows)
+        m = [torch.full((n,), float("-inf"), dtype=dtype) for n in nr[:Lb]]
+        acc = [torch.zeros(C + 1, n, dtype=dtype) for n in nr[:Lb]]
         # per level: was the last tile negligible?  (then check the next one's max first)
-        checking = [True] * L
+        checking = [True] * Lb
         ebuf = torch.empty(0, dtype=dtype)
         for tile in nd.tiles:
             S_prev, prev_j0 = None, 0
-            for i, lv in enumerate(levels):
+            for i in range(Lb):
+                lv = levels[i]
                 j0, j1, own0 = tile[i]
+                if j1 == j0:
+                    break                                                                 # no deeper nodes here
                 kaug = lv.keys(nd.padded_flat, j0, j1)                                    # (n, ring+2)
                 # S: base-2 logits of nodes j0..j1-1 including their log2(count) bias
                 if S_prev is None:
-                    S = torch.mm(kaug, qaT[i])                                            # (n, Rb)
+                    S = torch.mm(kaug, qaT[i])                                            # (n, rows)
                 else:
-                    S = S_prev.index_select(0, lv.parent[j0:j1].long() - prev_j0)
+                    S = S_prev[:, : nr[i]].index_select(0, lv.parent[j0:j1].long() - prev_j0)
                     S.addmm_(kaug, qaT[i])
                 S_prev, prev_j0 = S, j0
                 if j1 == own0 or not wanted[i]:
@@ -356,7 +426,7 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
                     ebuf = torch.empty(S_own.numel(), dtype=dtype)
                 E = ebuf[: S_own.numel()].view(S_own.shape)
                 vals = lv.vals[:, own0:j1]
-                part = _weighted_sums(S_own, m_new, vals, E, underflow)                   # (C+1, Rb)
+                part = _weighted_sums(S_own, m_new, vals, E, underflow)                   # (C+1, rows)
                 if not checking[i]:
                     # NB: without the tile max, a logit far above the running max overflows;
                     # then redo the tile with its max (rare: the max settles early)
@@ -375,12 +445,15 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
                 acc[i].mul_(torch.exp2(m_old - m_new)[None, :]).add_(part)
                 m[i] = m_new
                 counts["done"] += 1
-        means[:, :, r0:r1] = acc[:, :C] / acc[:, C:]
+        for i in range(Lb):
+            means[i, :, r0:r0 + nr[i]] = acc[i][:C] / acc[i][C:]
     if stats is not None:
         stats.update(counts)
     out = {}
     for i, k in enumerate(nd.ks[:L]):
         if not wanted[i]:
             continue
-        out[k] = means[i].reshape(C, B, H * W).permute(1, 0, 2).reshape(B, C, H, W)
+        full = torch.full((C, B * H * W), float("nan"), dtype=dtype)
+        full[:, rows] = means[i]
+        out[k] = full.reshape(C, B, H * W).permute(1, 0, 2).reshape(B, C, H, W).contiguous()
     return out

@@ -79,13 +79,15 @@ def test_conditional_sweep_equals_single_k_on_each_class():
         assert rel_err(got[k], m.score(x, 0.3, k=k, label=lab)) < 1e-10
 
 
-@pytest.mark.parametrize("kind,dic", [("bbELS", "periodic"), ("LS", "periodic"), ("ELS", "valid"), ("IS", "periodic")])
-def test_other_machines_sweep_one_k_at_a_time(kind, dic):
+@pytest.mark.parametrize("kind,dic,ks", [("LS", "periodic", (3, 5)), ("ELS", "valid", (3, 5)),
+                                         ("IS", "periodic", (3, 5)), ("bbELS", "periodic", (3, 7, 9))])
+def test_other_machines_sweep_one_k_at_a_time(kind, dic, ks):
+    # bbELS nests only the sizes with an interior (k <= 5 here): one of them is not a sweep
     imgs, x = data(1, 5, 6)
     m = build_machine(kind, imgs, dictionary=dic)
-    assert not m._nests((3, 5))
-    got = m.score_sweep(x, 0.4, (5, 3))
-    for k in (3, 5):
+    assert not m._nests(ks)
+    got = m.score_sweep(x, 0.4, ks[::-1])
+    for k in ks:
         assert torch.equal(got[k], m.score(x, 0.4, k=k))
 
 
@@ -190,3 +192,109 @@ def test_bad_sweeps_are_clear_value_errors(ks, msg):
     imgs, x = data(1, 4, 4)
     with pytest.raises(ValueError, match=msg):
         build_machine("ELS", imgs).score_sweep(x, 0.5, ks)
+
+
+# -- bbELS: an interior tree for the interior group, the edge groups one k at a time ---------
+def sparse_digits(N, H, W, seed=0):
+    """MNIST-like float64 images: a flat -1 background with a few random strokes, so that
+    many patches repeat and many tree nodes end at shallow levels (leaves above the finest)."""
+    g = torch.Generator().manual_seed(seed)
+    imgs = torch.full((N, 1, H, W), -1.0, dtype=torch.float64)
+    mask = torch.rand(N, 1, H, W, generator=g) < 0.08
+    imgs[mask] = torch.rand(int(mask.sum()), generator=g, dtype=torch.float64) * 2 - 1
+    imgs[1] = imgs[0]
+    return imgs
+
+
+@pytest.mark.parametrize("shape,ks", [((1, 6, 7), (3, 5, 7)), ((3, 5, 6), (1, 3, 5)),
+                                      ((1, 5, 8), (3, 5, 7, 9)), ((1, 7, 7), (3, 7))])
+def test_bbels_sweep_matches_brute_force(shape, ks):
+    imgs, x = data(*shape)
+    t = torch.tensor([0.05, 0.4, 0.9], dtype=torch.float64)
+    m = build_machine("bbELS", imgs)
+    assert m._nests(ks)
+    got = m.score_sweep(x, t, ks)
+    assert sorted(got) == sorted(ks)
+    for k in ks:
+        want = brute_score("bbELS", imgs, x, ab(t), k=k)
+        assert rel_err(got[k], want) < 1e-10, k
+
+
+@pytest.mark.parametrize("tile_nodes,row_block", [(1, 7), (4, 1000), (33, 13)])
+def test_interior_tree_with_shallow_leaves_matches_single_k(tile_nodes, row_block):
+    imgs = sparse_digits(12, 9, 11)
+    g = torch.Generator().manual_seed(1)
+    t = torch.tensor([0.03, 0.3, 0.9], dtype=torch.float64)
+    a, b = SCHED.alpha_sigma(t, dtype=torch.float64)
+    x = a[:, None, None, None] * imgs[[3, 0, 7]] + b[:, None, None, None] * torch.randn(3, 1, 9, 11, generator=g,
+                                                                                       dtype=torch.float64)
+    ks = (3, 5, 7, 9)
+    nd = build_nested_dictionary(imgs, ks, mode="interior", tile_nodes=tile_nodes)
+    # nodes end at every level, and every level's nodes under a tile hang below the
+    # previous level's nodes under it
+    n_leaves = sum(lv.n_nodes for lv in nd.levels[:-1]) - sum(lv.n_nodes for lv in nd.levels[1:])
+    assert n_leaves > 0
+    for tile in nd.tiles:
+        for i in range(1, len(ks)):
+            (p0, p1, _), (j0, j1, _) = tile[i - 1], tile[i]
+            if j1 > j0:
+                par = nd.levels[i].parent[j0:j1].long()
+                assert p0 <= int(par.min()) and int(par.max()) < p1
+    got = nested_softmax_average(nd, x, a, b, row_block=row_block)
+    m = build_machine("bbELS", imgs)
+    for k in ks:
+        r = k // 2
+        want = m.denoised(x, t, k=k)
+        inner = (slice(None), slice(None), slice(r, 9 - r), slice(r, 11 - r))
+        assert rel_err(got[k][inner], want[inner]) < 1e-10, k
+        outside = torch.ones(9, 11, dtype=torch.bool)
+        outside[r:9 - r, r:11 - r] = False
+        assert torch.isnan(got[k][:, :, outside]).all()               # edge pixels: not the tree's
+
+
+def test_interior_tree_counts_every_interior_key_once_per_level():
+    imgs = sparse_digits(6, 8, 9)
+    ks = (3, 5, 7)
+    nd = build_nested_dictionary(imgs, ks, mode="interior", tile_nodes=3)
+    log2_count = None
+    for k, lv in zip(ks, nd.levels):
+        log2_count = lv.dbias if lv.parent is None else log2_count[lv.parent.long()] + lv.dbias
+        r = k // 2
+        assert torch.allclose((2.0 ** log2_count).sum(), torch.tensor(6.0 * (8 - 2 * r) * (9 - 2 * r),
+                                                                      dtype=torch.float64))
+    owned = [sum(t[i][1] - t[i][2] for t in nd.tiles) for i in range(len(ks))]
+    assert owned == nd.unique_keys
+
+
+def test_interior_tree_needs_an_interior():
+    with pytest.raises(ValueError, match="interior tree needs k <= 5"):
+        build_nested_dictionary(sparse_digits(2, 5, 6), (3, 7), mode="interior")
+
+
+def test_bbels_conditional_and_float32_sweeps():
+    imgs = sparse_digits(8, 8, 8)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2, 0, 1])
+    lab = torch.tensor([2, 0, 1])
+    _, x = data(1, 8, 8)
+    m = build_machine("bbELS", imgs, labels)
+    got = m.score_sweep(x, 0.3, (3, 5, 9), label=lab)
+    for k in (3, 5, 9):
+        assert rel_err(got[k], m.score(x, 0.3, k=k, label=lab)) < 1e-10, k
+    m32 = build_machine("bbELS", imgs.float())
+    for t in (0.1, 0.5, 0.9):
+        d32 = m32.denoised_sweep(x.float(), t, (3, 5, 7))
+        for k, d in d32.items():
+            assert rel_err(d.double(), m.denoised(x, t, k=k)) < 1e-4, (t, k)
+
+
+def test_bbels_edge_dictionary_is_the_complement_of_the_interior():
+    from els_audit.machines._dictionary import build_dictionary
+    imgs = sparse_digits(3, 7, 9)
+    for k in (3, 5, 7, 9):
+        full = build_dictionary("bbELS", imgs, k, mode="zeros")
+        edges = build_dictionary("bbELS", imgs, k, mode="zeros", interior=False)
+        r = k // 2
+        pix = torch.cat([g.query_pixels for g in edges.groups]).tolist()
+        interior = {y * 9 + x for y in range(r, 7 - r) for x in range(r, 9 - r)}
+        assert len(pix) == len(set(pix)) and set(pix) == set(range(63)) - interior
+        assert len(edges.groups) == len(full.groups) - (1 if interior else 0)
