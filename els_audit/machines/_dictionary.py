@@ -181,6 +181,14 @@ class PatchGroup:
         """(len(idx), 3) long: (image, centre y, centre x) of keys at positions idx."""
         return self.enum.source(self.rep[idx] if self.deduplicated else idx)
 
+    def patches(self, idx: torch.Tensor) -> torch.Tensor:
+        """(len(idx), K) the patches of the keys at positions idx of the key order."""
+        return self.enum.at(self.rep[idx] if self.deduplicated else idx)
+
+    def log2_multiplicity(self, idx: torch.Tensor) -> torch.Tensor:
+        """(len(idx),) float64 log2 of the keys' multiplicities (0 when not merged)."""
+        return self.multiplicity(idx).to(torch.float64).log2()
+
     def multiplicity(self, idx: torch.Tensor) -> torch.Tensor:
         if self.deduplicated:
             return self.count[idx].long()

@@ -39,7 +39,8 @@ import torch
 
 from ._dictionary import PatchDictionary
 
-__all__ = ["GroupedResult", "grouped_softmax_average", "SKIP_BITS", "exp2_floor", "skip_threshold"]
+__all__ = ["GroupedResult", "grouped_softmax_average", "SKIP_BITS", "exp2_floor", "skip_threshold",
+           "REFINE_BITS", "REFINE_MIN_COEF", "refine_rows", "Float64Refinement"]
 
 LOG2E = 1.0 / math.log(2.0)
 # A tile whose keys weigh less than 2**-SKIP_BITS of the softmax mass in all is skipped.
@@ -54,6 +55,116 @@ def exp2_floor(dtype: torch.dtype) -> float:
     (which is 2**0 = 1): far below float precision.
     """
     return -126.0 if dtype == torch.float32 else -1022.0
+
+
+# Float32 refinement (see Float64Refinement): keys within REFINE_BITS of a query's maximum
+# get float64 logits, in rows whose logit scale a^2 / (2 b^2) log2(e) is at least
+# REFINE_MIN_COEF bits per unit of squared distance (low noise, where float32 rounding of
+# logits in the hundreds or thousands shows in the weights).
+REFINE_BITS = 8.0
+REFINE_MIN_COEF = 3.0
+
+
+def refine_rows(dtype: torch.dtype, coef_sq: torch.Tensor) -> Optional[torch.Tensor]:
+    """(R,) bool: rows whose float32 answer gets a float64 refinement (None: no row)."""
+    if dtype != torch.float32:
+        return None
+    rows = coef_sq.abs() >= REFINE_MIN_COEF
+    return rows if bool(rows.any()) else None
+
+
+class Float64Refinement:
+    """Float64 logits for the keys that carry a query's softmax, at low noise.
+
+    In float32 the logit ``-||q - a p||^2 / (2 b^2)`` comes out of a GEMM of terms up to
+    ~1e3 bits at t ~ 0.1, so each logit carries ~1e-4 to 1e-3 bits of rounding, and the
+    answer ~1e-5 relative.  The float32 pass stays as it is (it finds every query's
+    maximum); on the way, every key whose float32 logit lies within ``REFINE_BITS`` of the
+    running maximum is recorded with that logit.  At the end the recorded keys still within
+    ``REFINE_BITS`` of the final maximum m get float64 logits, and their terms in the float32
+    sums are swapped: ``acc += (2**(S64 - m) - 2**(S32 - m)) * [centre, 1]`` in float64.
+    The other keys weigh < 2**-REFINE_BITS of the maximum each, so their float32 rounding
+    (~1e-3 relative of a small weight) no longer shows (measured: ``bench/accuracy.py``).
+
+    ``add`` takes rows, key positions and float32 logits of one tile; the list is pruned
+    against the running maximum when it grows.  Should it still hold more than ``cap``
+    records (a very flat softmax at a logit scale above REFINE_MIN_COEF), the refinement
+    gives up (``gave_up``) and the float32 answer stands.
+    """
+
+    def __init__(self, active_rows: torch.Tensor, prune_at: int = 1 << 20, cap: int = 1 << 24):
+        self.active = active_rows
+        self.rows: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
+        self.n = 0
+        self.prune_at = prune_at
+        self.cap = cap
+        self.gave_up = False
+
+    def add(self, L: torch.Tensor, tile_max: torch.Tensor, m: torch.Tensor, row0: int, key0: int) -> None:
+        """Record the entries of logit tile L (rows row0.., keys key0..; its row maxima
+        tile_max) within REFINE_BITS of m (the rows' running maxima)."""
+        if self.gave_up:
+            return
+        thr = torch.where(self.active[row0: row0 + L.shape[0]], m - REFINE_BITS, torch.full_like(m, float("inf")))
+        hit = (tile_max >= thr).nonzero().flatten()                                    # rows with records
+        if not hit.numel():
+            return
+        if hit.numel() == L.shape[0]:
+            r, c = (L >= thr[:, None]).nonzero(as_tuple=True)
+        else:
+            r, c = (L[hit] >= thr[hit, None]).nonzero(as_tuple=True)
+            r = hit[r]
+        if r.numel():
+            self.rows.append(r + row0)
+            self.keys.append(c + key0)
+            self.logits.append(L[r, c])
+            self.n += r.numel()
+
+    def prune(self, m: torch.Tensor) -> None:
+        if self.n < self.prune_at or self.gave_up:
+            return
+        rows, keys, logits = self.final(m)
+        self.rows, self.keys, self.logits, self.n = [rows], [keys], [logits], rows.numel()
+        self.prune_at = max(self.prune_at, 2 * self.n)
+        if self.n > self.cap:
+            self.gave_up = True
+            self.rows, self.keys, self.logits, self.n = [], [], [], 0
+
+    def final(self, m: torch.Tensor):
+        """(rows, keys, float32 logits) of the records within REFINE_BITS of the maxima m."""
+        if not self.rows or self.gave_up:
+            e = torch.empty(0, dtype=torch.long)
+            return e, e, torch.empty(0, dtype=m.dtype)
+        rows, keys, logits = torch.cat(self.rows), torch.cat(self.keys), torch.cat(self.logits)
+        keep = logits >= m[rows] - REFINE_BITS
+        return rows[keep], keys[keep], logits[keep]
+
+    def corrected(self, acc: torch.Tensor, m: torch.Tensor, exact, step: int = 1 << 15) -> torch.Tensor:
+        """float64 (R, C+1) sums ``acc`` with the recorded keys' float32 terms swapped for
+        float64 ones.  ``exact(rows, keys)`` gives those keys' float64 logits and their
+        (n, C+1) centres and ones; it is called in chunks of ``step`` records."""
+        acc = acc.to(torch.float64)
+        rows, keys, s32 = self.final(m)
+        m64 = m.to(torch.float64)
+        for s in range(0, rows.numel(), step):
+            r, kk = rows[s: s + step], keys[s: s + step]
+            s64, vals = exact(r, kk)
+            dw = torch.exp2(s64 - m64[r]) - torch.exp2(s32[s: s + step].to(torch.float64) - m64[r])
+            acc.index_add_(0, r, dw[:, None] * vals.to(torch.float64))
+        return acc
+
+
+def exact_logits(q: torch.Tensor, p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mu: torch.Tensor,
+                 log2_count: torch.Tensor) -> torch.Tensor:
+    """Base-2 logits in float64, in the engine's convention (the GEMM's, which leaves out the
+    per-query constant): ``log2(e) (||q'||^2 - ||q - a p||^2) / (2 b^2) + log2(count)`` with
+    ``q' = q - a mu``.  q, p (n, K); a, b (n,); mu (K,) the mean the GEMM subtracted."""
+    q, p, a, b = (v.to(torch.float64) for v in (q, p, a, b))
+    qc = q - a[:, None] * mu.to(torch.float64)
+    d = q - a[:, None] * p
+    return LOG2E * ((qc * qc).sum(1) - (d * d).sum(1)) / (2 * b * b) + log2_count.to(torch.float64)
 
 
 def skip_threshold(n_keys: int) -> float:
@@ -114,10 +225,11 @@ def grouped_softmax_average(
     underflow = exp2_floor(dtype)
     coef_lin = LOG2E * a / b**2                                                        # (B,)
     coef_sq = -LOG2E * (a**2) / (2 * b**2)                                            # (B,)
+    refine_items = refine_rows(dtype, coef_sq)                                          # (B,) or None
     for g in dic.groups:
         P = g.query_pixels.numel()
-        q = queries[:, :, g.query_pixels].permute(0, 2, 1)                              # (B, P, K)
-        q = q - a[:, None, None] * g.mean                                              # q' = q - a mu
+        q_raw = queries[:, :, g.query_pixels].permute(0, 2, 1)                          # (B, P, K)
+        q = q_raw - a[:, None, None] * g.mean                                          # q' = q - a mu
         qa = torch.cat([q * coef_lin[:, None, None],
                         coef_sq[:, None, None].expand(B, P, 1)], dim=2).reshape(B * P, K + 1)
         R = B * P
@@ -132,6 +244,7 @@ def grouped_softmax_average(
         # tile shape: Rt query rows x Mc keys
         Mc = max(64, min(M, tile_elems // max(1, min(R, 256))))
         skip_below = skip_threshold(g.total_keys)
+        refine = None if refine_items is None else Float64Refinement(refine_items[:, None].expand(B, P).reshape(R))
         buf = None
         for ch in g.chunks(Mc):
             mc = ch.kaug.shape[0]
@@ -156,6 +269,8 @@ def grouped_softmax_average(
                 if not diagnostics and bool((tile_max - m_old).max() < skip_below):
                     continue                                                            # negligible tile
                 m_new = torch.maximum(m_old, tile_max)
+                if refine is not None:
+                    refine.add(L, tile_max, m_new, rs, ch.start)
                 if diagnostics:
                     ent_logit = L if bias is None else L - bias                         # per-entry logits
                     bv, bi = ent_logit.max(1)
@@ -172,8 +287,21 @@ def grouped_softmax_average(
                 L.clamp_(min=underflow).exp2_()                                         # see exp2_floor
                 acc[rs:re].mul_(scale[:, None]).add_(torch.mm(L, vals_t))
                 m[rs:re] = m_new
+            if refine is not None:
+                refine.prune(m)
         z = acc[:, C]                                                                   # (R,)
-        mean_c = (acc[:, :C] / z[:, None]).reshape(B, P, C).permute(0, 2, 1)
+        if refine is None:
+            mean_c = (acc[:, :C] / z[:, None]).reshape(B, P, C).permute(0, 2, 1)
+        else:
+            q_rows = q_raw.reshape(R, K)
+
+            def exact(rows, keys):
+                bi = rows // P
+                s64 = exact_logits(q_rows[rows], g.patches(keys), a[bi], b[bi], g.mean, g.log2_multiplicity(keys))
+                return s64, torch.cat([g.centre[keys], torch.ones(keys.numel(), 1, dtype=dtype)], 1)
+
+            acc64 = refine.corrected(acc[:, : C + 1], m, exact)
+            mean_c = (acc64[:, :C] / acc64[:, C:]).to(dtype).reshape(B, P, C).permute(0, 2, 1)
         out[:, :, g.query_pixels] = mean_c
         if diagnostics:
             # entropy over entries: H = log Z - T1/Z + T2/Z  (see module docstring of machines)

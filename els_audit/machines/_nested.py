@@ -50,13 +50,14 @@ import torch
 import torch.nn.functional as F
 
 from ._dictionary import _hash_dedup, _KeyEnumerator, circular_pad, patch_offsets, prefix_rows
-from ._engine import LOG2E, exp2_floor, skip_threshold
+from ._engine import LOG2E, Float64Refinement, exact_logits, exp2_floor, refine_rows, skip_threshold
 
 __all__ = ["NestedLevel", "NestedDictionary", "build_nested_dictionary", "nested_softmax_average",
            "nested_dictionary_bytes", "onion_offsets", "NESTED_BYTES_PER_NODE"]
 
-# bookkeeping per node and level: rep base (int64), parent (int32), log2 count, centre + 1
-NESTED_BYTES_PER_NODE = 8 + 4 + 4 + 8
+# bookkeeping per node and level: rep base (int64), parent (int32), log2 count, count (int32),
+# centre + 1
+NESTED_BYTES_PER_NODE = 8 + 4 + 4 + 4 + 8
 
 
 def onion_offsets(k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +95,8 @@ class NestedLevel:
     dbias: (U,) the node's ``log2(count)`` minus its parent's (the engine carries each
     node's bias inside its logit, so a child adds only the difference); vals: (C + 1, U)
     centre values and ones (the softmax numerator and denominator); mu_ring: (ring,) the
-    channel means at the ring's columns; kaug: optional materialised engine rows
+    channel means at the ring's columns; count: (U,) int32 multiplicity of each node (for
+    the float64 refinement); kaug: optional materialised engine rows
     ``[ring - mu, ||ring - mu||^2, dbias]`` for a prefix of the nodes (n <= U, ring + 2).
     """
 
@@ -106,6 +108,7 @@ class NestedLevel:
     dbias: torch.Tensor
     vals: torch.Tensor
     mu_ring: torch.Tensor
+    count: torch.Tensor
     kaug: Optional[torch.Tensor] = None
 
     @property
@@ -141,7 +144,7 @@ class NestedLevel:
         return (want - have) * row
 
     def nbytes(self) -> int:
-        ts = [self.offsets, self.rep_base, self.dbias, self.vals] + [
+        ts = [self.offsets, self.rep_base, self.dbias, self.vals, self.count] + [
             t for t in (self.parent, self.kaug) if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
 
@@ -264,7 +267,7 @@ def build_nested_dictionary(images: torch.Tensor, ks: Sequence[int], *, image_id
         dbias = log2c if parent is None else log2c - prev_log2[parent.long()]
         rep_base = n_i * (C * Hp * Wp) + (y + r_max) * Wp + (x + r_max)                    # centre, padded
         levels.append(NestedLevel(k, cols, all_off[cols].contiguous(), rep_base, parent,
-                                  dbias.to(dtype), vals, mu.repeat(k * k - prev_k2)))
+                                  dbias.to(dtype), vals, mu.repeat(k * k - prev_k2), counts.to(torch.int32)))
         prev, prev_k2, prev_log2 = enum, k * k, log2c
     del prev_ids
     tiles = _leaf_tiles(levels, tile_nodes)
@@ -372,13 +375,15 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
         rows = order[: n_rows[0]]
     else:
         n_rows = [rows.numel()] * L
-    Q = xp.reshape(-1)[_centre_flat_index(B, C, H, W, r_max)[rows, None] + all_off[None, :]]  # (R, C k_max^2)
-    R = Q.shape[0]
+    Q_raw = xp.reshape(-1)[_centre_flat_index(B, C, H, W, r_max)[rows, None] + all_off[None, :]]  # (R, C k^2)
+    R = Q_raw.shape[0]
     bi = rows // (H * W)                                                                   # query image of a row
     a_row, b_row = a[bi], b[bi]
-    Q -= a_row[:, None] * nd.mu.repeat(all_off.numel() // C)[None, :]                       # q' = q - a mu
+    mu_cols = nd.mu.repeat(all_off.numel() // C)                                           # onion layout
+    Q = Q_raw - a_row[:, None] * mu_cols[None, :]                                          # q' = q - a mu
     coef_lin = LOG2E * a_row / b_row**2
     coef_sq = -LOG2E * a_row**2 / (2 * b_row**2)
+    refine_all = refine_rows(dtype, coef_sq)                                               # (R,) or None
     underflow = exp2_floor(dtype)
     skip_below = skip_threshold(nd.total_keys)
     means = torch.full((L, C, R), float("nan"), dtype=dtype)
@@ -394,6 +399,7 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
         acc = [torch.zeros(C + 1, n, dtype=dtype) for n in nr[:Lb]]
         # per level: was the last tile negligible?  (then check the next one's max first)
         checking = [True] * Lb
+        refine = None if refine_all is None else [Float64Refinement(refine_all[r0:r0 + n]) for n in nr[:Lb]]
         ebuf = torch.empty(0, dtype=dtype)
         for tile in nd.tiles:
             S_prev, prev_j0 = None, 0
@@ -442,11 +448,30 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
                         continue
                 else:
                     checking[i] = False
+                if refine is not None:
+                    refine[i].add(S_own.t(), S_own.amax(0), m_new, 0, own0)
                 acc[i].mul_(torch.exp2(m_old - m_new)[None, :]).add_(part)
                 m[i] = m_new
                 counts["done"] += 1
+            if refine is not None:
+                for i in range(Lb):
+                    refine[i].prune(m[i])
         for i in range(Lb):
-            means[i, :, r0:r0 + nr[i]] = acc[i][:C] / acc[i][C:]
+            if refine is None:
+                means[i, :, r0:r0 + nr[i]] = acc[i][:C] / acc[i][C:]
+                continue
+            lv = levels[i]
+            win = all_off[: C * lv.k * lv.k]                                               # the level's window
+
+            def exact(r, j, lv=lv, win=win):
+                rr = r0 + r
+                keys = nd.padded_flat[lv.rep_base[j, None] + win[None, :]]
+                s64 = exact_logits(Q_raw[rr, : win.numel()], keys, a_row[rr], b_row[rr], mu_cols[: win.numel()],
+                                   lv.count[j].to(torch.float64).log2())
+                return s64, lv.vals[:, j].t()
+
+            acc64 = refine[i].corrected(acc[i].t(), m[i], exact)                               # (rows, C+1)
+            means[i, :, r0:r0 + nr[i]] = (acc64[:, :C] / acc64[:, C:]).t().to(dtype)
     if stats is not None:
         stats.update(counts)
     out = {}

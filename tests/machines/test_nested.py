@@ -298,3 +298,49 @@ def test_bbels_edge_dictionary_is_the_complement_of_the_interior():
         interior = {y * 9 + x for y in range(r, 7 - r) for x in range(r, 9 - r)}
         assert len(pix) == len(set(pix)) and set(pix) == set(range(63)) - interior
         assert len(edges.groups) == len(full.groups) - (1 if interior else 0)
+
+
+# -- float32 refinement at low noise (els_audit/machines/_engine.py, Float64Refinement) -----
+def _low_noise_case(seed=5):
+    """Near-copies of one image (pixel differences ~0.006) and a query at t = 0.03: the
+    logits reach ~1e4 bits while the copies' logits differ by a few bits, so float32
+    rounding of the logits (~1e-3 bits) shows in the weights."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(1, 3, 9, 9, generator=g, dtype=torch.float64) * 2 - 1
+    imgs = base + 0.006 * torch.randn(40, 3, 9, 9, generator=g, dtype=torch.float64)
+    t = 0.03
+    a, b = (float(v) for v in SCHED.alpha_sigma(t))
+    x = a * base + b * torch.randn(1, 3, 9, 9, generator=g, dtype=torch.float64)
+    return imgs, x, t
+
+
+@pytest.mark.parametrize("kind", ["ELS", "bbELS"])
+def test_float64_refinement_makes_float32_exact_at_low_noise(kind, monkeypatch):
+    from els_audit.machines import _engine
+    imgs, x, t = _low_noise_case()
+    ks = (3, 5, 7)
+    want = {k: build_machine(kind, imgs).score(x, t, k=k) for k in ks}
+    m32 = build_machine(kind, imgs.float())
+    refined = {k: m32.score(x.float(), t, k=k) for k in ks}
+    swept = m32.score_sweep(x.float(), t, ks)
+    monkeypatch.setattr(_engine, "REFINE_MIN_COEF", float("inf"))                 # refinement off
+    plain = {k: m32.score(x.float(), t, k=k) for k in ks}
+    plain_swept = m32.score_sweep(x.float(), t, ks)
+    for k in ks:
+        e_ref, e_sw = rel_err(refined[k].double(), want[k]), rel_err(swept[k].double(), want[k])
+        # ~1e-6 is float32 output rounding: the score divides x - a * mean by b^2 at t = 0.03
+        assert e_ref < 3e-6 and e_sw < 3e-6, (k, e_ref, e_sw)
+        if k >= 5:                                    # without it: 1.6e-5 .. 8.5e-5
+            assert rel_err(plain[k].double(), want[k]) > 5 * e_ref
+            assert rel_err(plain_swept[k].double(), want[k]) > 5 * e_sw
+
+
+def test_float64_refinement_gives_up_beyond_its_cap():
+    from els_audit.machines._engine import Float64Refinement
+    ref = Float64Refinement(torch.ones(4, dtype=torch.bool), prune_at=8, cap=8)
+    L = torch.zeros(4, 6)                               # 24 records, all at the maximum
+    ref.add(L, L.amax(1), L.amax(1), 0, 0)
+    ref.prune(torch.zeros(4))
+    assert ref.gave_up and ref.final(torch.zeros(4))[0].numel() == 0
+    acc = torch.ones(4, 2)
+    assert torch.equal(ref.corrected(acc, torch.zeros(4), None), acc.double())   # float32 answer stands
