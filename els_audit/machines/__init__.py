@@ -149,7 +149,10 @@ class ScoreMachine:
             lab = torch.as_tensor(label, dtype=torch.long).reshape(-1)
             labs = torch.unique(self.check_label(lab, lab.numel())).tolist()
         for lab in labs:
-            self._nested_dictionary(self._tree_ks(ks), lab)
+            if self.kind == "bbELS":                      # the edge groups, one k at a time
+                for k in ks:
+                    self._dictionary(k, lab, interior=False)
+            self._nested_dictionary(self._tree_ks(ks), lab)   # last: first call on the budget
 
     def denoised_sweep(self, x: torch.Tensor, t: Union[float, torch.Tensor], ks: Sequence[int],
                        label: Union[None, int, torch.Tensor] = None) -> dict[int, torch.Tensor]:
@@ -337,7 +340,9 @@ class ScoreMachine:
                                  dedup_budget=self.memory_budget // 2, interior=interior)
             self._cache[key] = d
             self._evict_over_half_budget()
-        self._materialize_within_budget(d)
+        # NB: edge groups (bbELS sweeps) only use the budget that is free: the nested tree's
+        # kept rows serve every interior pixel and are worth more than theirs
+        self._materialize_within_budget(d, release_others=interior)
         return d
 
     def _evict_over_half_budget(self) -> None:
@@ -353,13 +358,14 @@ class ScoreMachine:
         while len(self._cache) > 1 and over():
             self._cache.popitem(last=False)
 
-    def _materialize_within_budget(self, d) -> None:
-        """Materialise d's keys up to 3/4 of the budget, releasing older dictionaries' first."""
+    def _materialize_within_budget(self, d, release_others: bool = True) -> None:
+        """Materialise d's keys up to 3/4 of the budget, releasing older dictionaries' first
+        (unless ``release_others`` is False: then only into the free part of it)."""
         if d.materialized_fraction >= 1:
             return
         limit = self.memory_budget * 3 // 4
         need = d.unmaterialized_bytes()
-        for other in list(self._cache.values())[:-1]:                        # oldest first
+        for other in list(self._cache.values())[:-1] if release_others else []:   # oldest first
             if sum(v.nbytes() for v in self._cache.values()) + need <= limit:
                 break
             other.release()
