@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from ..schedules import NoiseSchedule, get_schedule
 from ._dictionary import PatchDictionary, build_dictionary, circular_pad as _circular_pad
 from ._engine import grouped_softmax_average
-from ._nested import NestedDictionary, build_nested_dictionary, nested_dictionary_bytes, nested_softmax_average
+from ._nested import (NestedDictionary, build_nested_dictionary, interior_tree_bytes, nested_dictionary_bytes,
+                      nested_softmax_average)
 
 __all__ = ["build_machine", "ScoreMachine", "ScoreDiagnostics", "MACHINE_KINDS", "scale_schedule_eps"]
 
@@ -264,13 +265,25 @@ class ScoreMachine:
 
     def _nests(self, ks) -> bool:
         """Whether a sweep over ks runs as one nested pass (see score_sweep): two or more
-        sizes the tree answers, or any that a tree prepared before covers."""
+        sizes the tree answers, or any that a tree prepared before covers.
+
+        Periodic ELS nests when the tree's bookkeeping fits half the budget.  bbELS nests
+        only when its whole tree, rows included, fits the three quarters of the budget that
+        dictionaries may keep: its one-k-at-a-time evaluation is cheap (interior pixels meet
+        interior keys only), and rows the tree cannot keep are gathered from the images
+        (cache misses, ~10 ns an element at N = 5000), which costs more than nesting saves
+        (bench/README.md: at the 2 GB default the tree keeps 47% and the sweep took 20.8 s
+        against 17.1 s one k at a time).
+        """
         tree_ks = self._tree_ks(ks)
         if not tree_ks:
             return False
         if len(tree_ks) < 2:
             return any(key[0] == "nested" and set(tree_ks) <= set(key[1]) for key in self._cache)
         N, C, H, W = self.images.shape
+        if self.kind == "bbELS":
+            fits = interior_tree_bytes(N, C, H, W, tree_ks, self.images.element_size())
+            return fits <= self.memory_budget * 3 // 4
         return nested_dictionary_bytes(N * H * W, len(tree_ks), C) <= self.memory_budget // 2
 
     def _nested_dictionary(self, ks, label) -> NestedDictionary:

@@ -26,6 +26,12 @@ torch on CPU; the same weights.  A key tile whose largest logit lies more than
 ``SKIP_BITS + log2(keys)`` below the running maximum (in base 2) is skipped after its GEMM:
 its keys together weigh less than ``2**-SKIP_BITS`` of the total, far below float64
 rounding of the result, so the skip is exact to that stated bound.
+
+Float32 at low noise: logits there are hundreds to thousands of bits, so float32 rounding
+of the GEMM (~1e-3 bits) shows in the weights (~1e-5 relative in the answer).  The keys
+that carry each query's softmax (within ``REFINE_BITS`` of its maximum) then get float64
+logits after the pass (:class:`Float64Refinement`); float64 inputs compute in float64
+throughout.
 """
 
 from __future__ import annotations
@@ -102,25 +108,29 @@ class Float64Refinement:
         self.cap = cap
         self.gave_up = False
 
-    def add(self, L: torch.Tensor, tile_max: torch.Tensor, m: torch.Tensor, row0: int, key0: int) -> None:
-        """Record the entries of logit tile L (rows row0.., keys key0..; its row maxima
-        tile_max) within REFINE_BITS of m (the rows' running maxima)."""
+    def add(self, L: torch.Tensor, tile_max: torch.Tensor, m: torch.Tensor, row0: int, key0: int,
+            keys_first: bool = False) -> None:
+        """Record the entries of logit tile L (rows row0.., keys key0..; L is (rows, keys), or
+        (keys, rows) if ``keys_first``; tile_max its per-row maxima) within REFINE_BITS of m
+        (the rows' running maxima).  Only the rows that have such entries are scanned."""
         if self.gave_up:
             return
-        thr = torch.where(self.active[row0: row0 + L.shape[0]], m - REFINE_BITS, torch.full_like(m, float("inf")))
+        thr = torch.where(self.active[row0: row0 + m.numel()], m - REFINE_BITS, torch.full_like(m, float("inf")))
         hit = (tile_max >= thr).nonzero().flatten()                                    # rows with records
         if not hit.numel():
             return
-        if hit.numel() == L.shape[0]:
-            r, c = (L >= thr[:, None]).nonzero(as_tuple=True)
+        sub = L.index_select(0 if not keys_first else 1, hit)
+        if keys_first:
+            c, h = (sub >= thr[hit][None, :]).nonzero(as_tuple=True)
+            vals = sub[c, h]
         else:
-            r, c = (L[hit] >= thr[hit, None]).nonzero(as_tuple=True)
-            r = hit[r]
-        if r.numel():
-            self.rows.append(r + row0)
+            h, c = (sub >= thr[hit][:, None]).nonzero(as_tuple=True)
+            vals = sub[h, c]
+        if h.numel():
+            self.rows.append(hit[h] + row0)
             self.keys.append(c + key0)
-            self.logits.append(L[r, c])
-            self.n += r.numel()
+            self.logits.append(vals)
+            self.n += h.numel()
 
     def prune(self, m: torch.Tensor) -> None:
         if self.n < self.prune_at or self.gave_up:

@@ -53,7 +53,7 @@ from ._dictionary import _hash_dedup, _KeyEnumerator, circular_pad, patch_offset
 from ._engine import LOG2E, Float64Refinement, exact_logits, exp2_floor, refine_rows, skip_threshold
 
 __all__ = ["NestedLevel", "NestedDictionary", "build_nested_dictionary", "nested_softmax_average",
-           "nested_dictionary_bytes", "onion_offsets", "NESTED_BYTES_PER_NODE"]
+           "nested_dictionary_bytes", "interior_tree_bytes", "onion_offsets", "NESTED_BYTES_PER_NODE"]
 
 # bookkeeping per node and level: rep base (int64), parent (int32), log2 count, count (int32),
 # centre + 1
@@ -203,6 +203,16 @@ class NestedDictionary:
 def nested_dictionary_bytes(n_keys: int, n_levels: int, C: int) -> int:
     """Upper bound of a nested dictionary's bookkeeping (every key distinct at every level)."""
     return n_keys * n_levels * (NESTED_BYTES_PER_NODE + 4 * (C - 1))
+
+
+def interior_tree_bytes(n_images: int, C: int, H: int, W: int, ks: Sequence[int], itemsize: int) -> int:
+    """Upper bound (every key distinct) of an interior tree's bookkeeping plus its kept rows."""
+    total, prev_k2 = 0, 0
+    for k in sorted(ks):
+        keys = n_images * max(0, H - k + 1) * max(0, W - k + 1)
+        total += keys * (NESTED_BYTES_PER_NODE + 4 * (C - 1) + (C * (k * k - prev_k2) + 2) * itemsize)
+        prev_k2 = k * k
+    return total
 
 
 def build_nested_dictionary(images: torch.Tensor, ks: Sequence[int], *, image_ids: Optional[torch.Tensor] = None,
@@ -401,6 +411,10 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
         checking = [True] * Lb
         refine = None if refine_all is None else [Float64Refinement(refine_all[r0:r0 + n]) for n in nr[:Lb]]
         ebuf = torch.empty(0, dtype=dtype)
+        # NB: two logit buffers, used in turn by consecutive levels: a fresh tensor per step
+        # costs page faults.  m_known: every row of the level has a finite running max.
+        sbuf = [torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype)]
+        m_known = [False] * Lb
         for tile in nd.tiles:
             S_prev, prev_j0 = None, 0
             for i in range(Lb):
@@ -409,18 +423,21 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
                 if j1 == j0:
                     break                                                                 # no deeper nodes here
                 kaug = lv.keys(nd.padded_flat, j0, j1)                                    # (n, ring+2)
+                if sbuf[i % 2].numel() < (j1 - j0) * nr[i]:
+                    sbuf[i % 2] = torch.empty((j1 - j0) * nr[i] * 5 // 4, dtype=dtype)
+                S = sbuf[i % 2][: (j1 - j0) * nr[i]].view(j1 - j0, nr[i])
                 # S: base-2 logits of nodes j0..j1-1 including their log2(count) bias
                 if S_prev is None:
-                    S = torch.mm(kaug, qaT[i])                                            # (n, rows)
+                    torch.mm(kaug, qaT[i], out=S)                                         # (n, rows)
                 else:
-                    S = S_prev[:, : nr[i]].index_select(0, lv.parent[j0:j1].long() - prev_j0)
+                    torch.index_select(S_prev[:, : nr[i]], 0, lv.parent[j0:j1].long() - prev_j0, out=S)
                     S.addmm_(kaug, qaT[i])
                 S_prev, prev_j0 = S, j0
                 if j1 == own0 or not wanted[i]:
                     continue
                 S_own = S[own0 - j0:]
                 m_old = m[i]
-                if checking[i] or not torch.isfinite(m_old).all():
+                if checking[i] or not m_known[i]:
                     tmax = S_own.amax(0)
                     if bool((tmax - m_old).max() < skip_below):
                         counts["skipped"] += 1
@@ -435,23 +452,27 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
                 part = _weighted_sums(S_own, m_new, vals, E, underflow)                   # (C+1, rows)
                 if not checking[i]:
                     # NB: without the tile max, a logit far above the running max overflows;
-                    # then redo the tile with its max (rare: the max settles early)
-                    z = part[C]
-                    if not bool(torch.isfinite(z).all()) or bool((z > 2.0 ** 60).any()):
+                    # then redo the tile with its max (rare: the max settles early).  One
+                    # sync: the normaliser's largest entry (NaN / inf compare False).
+                    z_hi = float(part[C].max())
+                    if not z_hi < 2.0 ** 60:
                         counts["redone"] += 1
                         checking[i] = True
                         m_new = torch.maximum(m_old, S_own.amax(0))
                         part = _weighted_sums(S_own, m_new, vals, E, underflow)
-                    elif bool((z < 2.0 ** skip_below).all()):
+                    elif z_hi < 2.0 ** skip_below:
                         counts["skipped"] += 1
                         checking[i] = True                                                # negligible: check next
                         continue
                 else:
-                    checking[i] = False
+                    checking[i] = refine is not None                                      # it needs tile maxima
                 if refine is not None:
-                    refine[i].add(S_own.t(), S_own.amax(0), m_new, 0, own0)
-                acc[i].mul_(torch.exp2(m_old - m_new)[None, :]).add_(part)
+                    refine[i].add(S_own, tmax, m_new, 0, own0, keys_first=True)
+                if m_new is not m_old:
+                    acc[i].mul_(torch.exp2(m_old - m_new)[None, :])
+                acc[i].add_(part)
                 m[i] = m_new
+                m_known[i] = True
                 counts["done"] += 1
             if refine is not None:
                 for i in range(Lb):

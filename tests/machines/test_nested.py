@@ -344,3 +344,13 @@ def test_float64_refinement_gives_up_beyond_its_cap():
     assert ref.gave_up and ref.final(torch.zeros(4))[0].numel() == 0
     acc = torch.ones(4, 2)
     assert torch.equal(ref.corrected(acc, torch.zeros(4), None), acc.double())   # float32 answer stands
+
+
+def test_bbels_nests_only_when_the_whole_tree_fits_the_budget():
+    imgs, x = data(1, 6, 7)
+    need = nested_mod.interior_tree_bytes(4, 1, 6, 7, (3, 5), 8)
+    assert build_machine("bbELS", imgs, memory_budget=need * 4 // 3 + 4)._nests((3, 5))
+    small = build_machine("bbELS", imgs, memory_budget=need * 4 // 3 - 4)
+    assert not small._nests((3, 5))
+    got = small.score_sweep(x, 0.4, (3, 5))
+    assert torch.equal(got[5], small.score(x, 0.4, k=5))
