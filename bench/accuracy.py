@@ -34,7 +34,11 @@ def main(argv=None):
     ap.add_argument("--ts", default="0.1")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--sweep", action="store_true",
-                    help="also score_sweep over --ks (periodic ELS: the nested engine), per k against the same reference")
+                    help="also score_sweep over --ks (nested for periodic ELS, and for bbELS when its tree fits the "
+                         "budget), per k against the same reference")
+    ap.add_argument("--memory-budget-gb", type=float, default=None,
+                    help="the engine's memory budget (default: the library default, 2 GB; bbELS sweeps nest "
+                         "only when the whole interior tree fits it)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -49,12 +53,15 @@ def main(argv=None):
     ks = [int(v) for v in args.ks.split(",")]
     ts = [float(v) for v in args.ts.split(",")]
     for kind in args.kinds.split(","):
-        eng = build_machine(kind, imgs)
-        sweep = {}
+        budget = {} if args.memory_budget_gb is None else {"memory_budget": int(args.memory_budget_gb * 2**30)}
+        eng = build_machine(kind, imgs, **budget)
+        sweep, nested = {}, False
         if args.sweep:
+            nested = eng._nests(tuple(ks))
             for t in ts:
                 a, b = (float(v) for v in sched.alpha_sigma(t))
                 sweep[t] = eng.score_sweep(a * x0 + b * noise, t, ks)
+            print(f"{kind}: sweep over {ks} {'nested' if nested else 'one k at a time'}", flush=True)
             eng._cache.clear()
         for k in ks:
             base32 = UnfoldGemmMachine(kind, imgs, k)
@@ -68,6 +75,7 @@ def main(argv=None):
                        "baseline_f32_err": rel(base32.score(x, a, b))}
                 if sweep:
                     row["sweep_f32_err"] = rel(sweep[t][k])
+                    row["sweep_nested"] = nested
                 rows.append(row)
                 print(f"{kind:5s} k={k:2d} t={t}: engine f32 {row['engine_f32_err']:.1e}, "
                       + (f"sweep f32 {row['sweep_f32_err']:.1e}, " if sweep else "")

@@ -10,8 +10,8 @@ of every cell is compared: max |s_engine - s_baseline| / max |s_baseline|.
 
 The sweep row times what a calibration step asks for, the score at every k of --sweep-ks
 for one x and t: the engine's ``score_sweep`` (one nested pass for periodic ELS, built once
-by ``prepare_sweep``; one k at a time for bbELS) against the sum of the baseline's single-k
-times at those k.
+by ``prepare_sweep``; for bbELS the same over its interior tree when the whole tree fits the
+budget, else one k at a time) against the sum of the baseline's single-k times at those k.
 """
 
 from __future__ import annotations
