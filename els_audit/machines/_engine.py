@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import math
+import warnings
 
 import torch
 
@@ -95,7 +96,7 @@ class Float64Refinement:
     ``add`` takes rows, key positions and float32 logits of one tile; the list is pruned
     against the running maximum when it grows.  Should it still hold more than ``cap``
     records (a very flat softmax at a logit scale above REFINE_MIN_COEF), the refinement
-    gives up (``gave_up``) and the float32 answer stands.
+    gives up (``gave_up``, with a RuntimeWarning) and the float32 answer stands.
     """
 
     def __init__(self, active_rows: torch.Tensor, prune_at: int = 1 << 20, cap: int = 1 << 24):
@@ -141,6 +142,10 @@ class Float64Refinement:
         if self.n > self.cap:
             self.gave_up = True
             self.rows, self.keys, self.logits, self.n = [], [], [], 0
+            warnings.warn(f"float64 refinement skipped: more than {self.cap} keys lie within {REFINE_BITS:g} bits "
+                          "of their pixels' maxima (a very flat softmax at low noise), so this float32 answer "
+                          "may be off by ~1e-5 relative; pass float64 images and x for a float64 computation",
+                          RuntimeWarning, stacklevel=2)
 
     def final(self, m: torch.Tensor):
         """(rows, keys, float32 logits) of the records within REFINE_BITS of the maxima m."""
