@@ -1,6 +1,6 @@
 """Markdown tables from bench_machines.py / accuracy.py JSON results.
 
-    python bench/tabulate.py bench/results/mnist5k_threads2.json [bench/results/accuracy_els_sweep.json]
+    python bench/tabulate.py bench/results/mnist5k_threads2.json [bench/results/accuracy_*.json ...]
 """
 
 import json
@@ -44,15 +44,17 @@ def machines(path):
               f"{r['engine_build_s']:.1f} | {r['baseline_build_s']:.1f} |")
 
 
-def accuracy(path):
-    rows = json.load(open(path))
+def accuracy(paths):
+    rows = [r for path in paths for r in json.load(open(path))]
     print("\n| kind | k | t | engine f32 vs f64 | sweep f32 vs f64 | baseline f32 vs f64 |\n|---|---|---|---|---|---|")
     for r in rows:
         sw = f"{r['sweep_f32_err']:.1e}" if "sweep_f32_err" in r else "-"
+        if "sweep_f32_err" in r and not r.get("sweep_nested", True):
+            sw += " (one k at a time)"
         print(f"| {r['kind']} | {r['k']} | {r['t']} | {r['engine_f32_err']:.1e} | {sw} | {r['baseline_f32_err']:.1e} |")
 
 
 if __name__ == "__main__":
     machines(sys.argv[1])
     if len(sys.argv) > 2:
-        accuracy(sys.argv[2])
+        accuracy(sys.argv[2:])
