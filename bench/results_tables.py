@@ -1,6 +1,6 @@
 """Markdown tables from bench_machines.py / accuracy.py JSON results.
 
-    python bench/tabulate.py bench/results/mnist5k_threads2.json [bench/results/accuracy_*.json ...]
+    python bench/results_tables.py bench/results/mnist5k_threads2.json [bench/results/accuracy_*.json ...]
 """
 
 import json
