@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baseline import UnfoldGemmMachine  # noqa: E402
+from bench_machines import bench_query  # noqa: E402
 
 from els_audit.data import load_dataset  # noqa: E402
 from els_audit.machines import build_machine  # noqa: E402
@@ -44,10 +45,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     imgs = load_dataset(args.data).images
-    N = imgs.shape[0]
-    g = torch.Generator().manual_seed(0)                    # the same query as bench_machines.py
-    x0 = imgs[torch.randperm(N, generator=g)[:1]].flip(-1)
-    noise = torch.randn(x0.shape, generator=g)
+    x0, noise = bench_query(imgs)                           # the same query as bench_machines.py
     sched = get_schedule("cosine-legacy")
     rows = []
     ks = [int(v) for v in args.ks.split(",")]

@@ -32,6 +32,14 @@ from els_audit.machines import build_machine  # noqa: E402
 from els_audit.schedules import get_schedule  # noqa: E402
 
 
+def bench_query(imgs: torch.Tensor, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, noise) of the benches' queries: seeded, horizontally flipped training images
+    (image-like, not in the dictionary) and their noise; x_t = a x0 + b noise."""
+    g = torch.Generator().manual_seed(0)
+    x0 = imgs[torch.randperm(imgs.shape[0], generator=g)[:batch]].flip(-1)
+    return x0, torch.randn(x0.shape, generator=g)
+
+
 def best_of(fn, repeat):
     best, out = float("inf"), None
     for _ in range(repeat):
@@ -65,10 +73,7 @@ def main(argv=None):
     imgs = ds.images                                                             # (N, C, H, W)
     N, C, H, W = imgs.shape
     sched = get_schedule("cosine-legacy")
-    # queries: noised, horizontally flipped training digits (digit-like, not in the dictionary)
-    g = torch.Generator().manual_seed(0)
-    x0 = imgs[torch.randperm(N, generator=g)[: args.batch]].flip(-1)
-    noise = torch.randn(x0.shape, generator=g)
+    x0, noise = bench_query(imgs, args.batch)
     kinds = args.kinds.split(",")
     single_ks = [int(v) for v in args.single_ks.split(",")]
     sweep_ks = [int(v) for v in args.sweep_ks.split(",")]

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_machines import bench_query  # noqa: E402
+
 import els_audit.machines._nested as nested  # noqa: E402
 from els_audit.data import load_dataset  # noqa: E402
 from els_audit.machines import build_machine  # noqa: E402
@@ -36,9 +38,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     imgs = load_dataset(args.data).images
-    g = torch.Generator().manual_seed(0)                    # the same query as bench_machines.py
-    x0 = imgs[torch.randperm(imgs.shape[0], generator=g)[:1]].flip(-1)
-    noise = torch.randn(x0.shape, generator=g)
+    x0, noise = bench_query(imgs)                           # the same query as bench_machines.py
     ks = tuple(int(v) for v in args.ks.split(","))
     eng = build_machine("ELS", imgs, memory_budget=int(args.memory_budget_gb * 2**30))
     t0 = time.perf_counter()
