@@ -27,6 +27,10 @@ torch on CPU; the same weights.  A key tile whose largest logit lies more than
 its keys together weigh less than ``2**-SKIP_BITS`` of the total, far below float64
 rounding of the result, so the skip is exact to that stated bound.
 
+After the GEMM, the float32 softmax sums of a tile (subtract the running maximum, clamp,
+exp2, weighted sum of centres) run as one C pass when the native kernels build
+(:mod:`._native`), else as torch ops; the same answers to float32 rounding.
+
 Float32 at low noise: logits there are hundreds to thousands of bits, so float32 rounding
 of the GEMM (~1e-3 bits) shows in the weights (~1e-5 relative in the answer).  The keys
 that carry each query's softmax (within ``REFINE_BITS`` of its maximum) then get float64
@@ -44,6 +48,7 @@ import warnings
 
 import torch
 
+from . import _native as native
 from ._dictionary import PatchDictionary
 
 __all__ = ["GroupedResult", "grouped_softmax_average", "SKIP_BITS", "exp2_floor", "skip_threshold",
@@ -241,6 +246,9 @@ def grouped_softmax_average(
     coef_lin = LOG2E * a / b**2                                                        # (B,)
     coef_sq = -LOG2E * (a**2) / (2 * b**2)                                            # (B,)
     refine_items = refine_rows(dtype, coef_sq)                                          # (B,) or None
+    # float32 softmax sums run fused in C when the native kernels build (:mod:`._native`)
+    use_native = (not diagnostics and dtype == torch.float32 and C <= native.MAX_CHANNELS
+                  and native.available())
     for g in dic.groups:
         P = g.query_pixels.numel()
         q_raw = queries[:, :, g.query_pixels].permute(0, 2, 1)                          # (B, P, K)
@@ -271,7 +279,8 @@ def grouped_softmax_average(
             cols = [ch.centre.t(), torch.ones(1, mc, dtype=dtype)]
             if diagnostics:
                 cols.append(torch.zeros(1, mc, dtype=dtype) if bias is None else ch.log_count[None, :])  # nats
-            vals_t = torch.cat(cols, 0).t()                                             # (mc, ncol), column-major
+            vals_rows = torch.cat(cols, 0)                                              # (ncol, mc)
+            vals_t = vals_rows.t()                                                      # (mc, ncol), column-major
             for rs in range(0, R, Rt):
                 re = min(R, rs + Rt)
                 L = buf[: (re - rs) * mc].view(re - rs, mc)
@@ -293,6 +302,10 @@ def grouped_softmax_average(
                     best[rs:re] = torch.where(upd, bv, best[rs:re])
                     best_i[rs:re] = torch.where(upd, bi + ch.start, best_i[rs:re])
                 scale = torch.exp2(m_old - m_new)                                       # (rt,) 0 at start
+                if use_native:                                                          # one fused C pass
+                    acc[rs:re].mul_(scale[:, None]).add_(native.softmax_sums_rows(L, m_new, vals_rows, underflow))
+                    m[rs:re] = m_new
+                    continue
                 L.sub_(m_new[:, None])
                 if diagnostics:
                     z_old = acc[rs:re, C]

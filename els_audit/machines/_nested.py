@@ -38,7 +38,8 @@ Two dictionaries nest this way (``mode``):
 at a time.)  With ``q' = q - a mu`` and ``p' = p - mu`` for the per-channel pixel mean mu
 (any constant vector works in exact arithmetic; this one keeps float32 logits small), the
 logit is, as in :mod:`._engine`, a GEMM of ``[q' a/b^2, -a^2/(2b^2)]`` against
-``[p', ||p'||^2]`` in base 2.
+``[p', ||p'||^2]`` in base 2.  In float32 each step's softmax sums run as one C pass when
+the native kernels build (:mod:`._native`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dictionary import _hash_dedup, _KeyEnumerator, circular_pad, patch_offsets, prefix_rows
+from . import _native as native
 from ._engine import LOG2E, Float64Refinement, exact_logits, exp2_floor, refine_rows, skip_threshold
 
 __all__ = ["NestedLevel", "NestedDictionary", "build_nested_dictionary", "nested_softmax_average",
@@ -328,10 +330,16 @@ def _leaf_tiles(levels: list[NestedLevel], tile_leaves: int) -> list[list[tuple[
             for t in range(l0.numel())]
 
 
-def _weighted_sums(S: torch.Tensor, m_ref: torch.Tensor, vals: torch.Tensor, E: torch.Tensor,
-                   floor: float) -> torch.Tensor:
+def _weighted_sums(S: torch.Tensor, m_ref: torch.Tensor, vals: torch.Tensor, scratch: list,
+                   floor: float, use_native: bool) -> torch.Tensor:
     """(C+1, R) sums over nodes of ``vals * 2**(S - m_ref)`` (centres, then the normaliser);
-    S (n, R) base-2 logits, E an (n, R) scratch buffer."""
+    S (n, R) base-2 logits.  In one fused C pass when ``use_native`` (:mod:`._native`), else
+    in torch ops with ``scratch[0]`` as the (reused, grown) exp2 buffer."""
+    if use_native:
+        return native.softmax_sums(S, m_ref, vals, floor)
+    if scratch[0].numel() < S.numel():
+        scratch[0] = torch.empty(S.numel(), dtype=S.dtype)
+    E = scratch[0][: S.numel()].view(S.shape)
     torch.sub(S, m_ref[None, :], out=E).clamp_(min=floor).exp2_()
     return torch.mm(vals, E)
 
@@ -397,6 +405,8 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
     underflow = exp2_floor(dtype)
     skip_below = skip_threshold(nd.total_keys)
     means = torch.full((L, C, R), float("nan"), dtype=dtype)
+    # float32 softmax sums run fused in C when the native kernels build (:mod:`._native`)
+    use_native = dtype == torch.float32 and C <= native.MAX_CHANNELS and native.available()
     for r0 in range(0, R, row_block):
         r1 = min(R, r0 + row_block)
         Rb = r1 - r0
@@ -410,7 +420,7 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
         # per level: was the last tile negligible?  (then check the next one's max first)
         checking = [True] * Lb
         refine = None if refine_all is None else [Float64Refinement(refine_all[r0:r0 + n]) for n in nr[:Lb]]
-        ebuf = torch.empty(0, dtype=dtype)
+        scratch = [torch.empty(0, dtype=dtype)]
         m_known = [False] * Lb                    # every row of the level has a finite running max
         for tile in nd.tiles:
             S_prev, prev_j0 = None, 0
@@ -442,11 +452,8 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
                     m_new = torch.maximum(m_old, tmax)
                 else:
                     m_new = m_old                                                         # optimistic, see below
-                if ebuf.numel() < S_own.numel():
-                    ebuf = torch.empty(S_own.numel(), dtype=dtype)
-                E = ebuf[: S_own.numel()].view(S_own.shape)
                 vals = lv.vals[:, own0:j1]
-                part = _weighted_sums(S_own, m_new, vals, E, underflow)                   # (C+1, rows)
+                part = _weighted_sums(S_own, m_new, vals, scratch, underflow, use_native)  # (C+1, rows)
                 if not checking[i]:
                     # NB: without the tile max, a logit far above the running max overflows;
                     # then redo the tile with its max (rare: the max settles early).  One
@@ -456,7 +463,7 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
                         counts["redone"] += 1
                         checking[i] = True
                         m_new = torch.maximum(m_old, S_own.amax(0))
-                        part = _weighted_sums(S_own, m_new, vals, E, underflow)
+                        part = _weighted_sums(S_own, m_new, vals, scratch, underflow, use_native)
                     elif z_hi < 2.0 ** skip_below:
                         counts["skipped"] += 1
                         checking[i] = True                                                # negligible: check next

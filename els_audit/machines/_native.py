@@ -1,0 +1,179 @@
+"""Native (C) kernels for the engine's hot loop, compiled on first use, with a torch fallback.
+
+Why: the nested pass (:mod:`._nested`) spends most of its time in memory passes over its
+logit tiles: after the GEMM, subtract the running maximum, clamp, exp2 and the weighted sum
+are four torch ops, each reading (and most writing) the whole tile.  ``_native_kernels.c``
+does them in one read per tile and level (``bench/README.md`` has the measured gain).  Its answers agree with the torch path to float32 rounding (its exp2
+is a degree-7 polynomial, < 6e-8 relative; tests/machines/test_native.py).
+
+How: the C source ships with the package.  On first use it is compiled with the system C
+compiler (``$CC`` or ``cc``) into the user cache (``$ELS_AUDIT_CACHE``, else
+``$XDG_CACHE_HOME/els-audit``, else ``~/.cache/els-audit``), named by a hash of the source,
+the flags and the compiler's version, and loaded with ctypes.  It is built with OpenMP and
+links the ``libgomp.so.1`` that torch has already loaded, so both share one thread pool.
+Vector flags follow what torch detected on this CPU (``torch.backends.cpu.get_cpu_capability``).
+
+When there is no compiler (or OpenMP), the build fails, or ``ELS_AUDIT_NATIVE=0`` is set, the
+engine runs the same steps as torch ops: the same answers, slower.  :func:`status` says
+which and why (the bench prints it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["available", "status", "softmax_sums", "softmax_sums_rows", "ENV_SWITCH", "MAX_CHANNELS"]
+
+ENV_SWITCH = "ELS_AUDIT_NATIVE"
+MAX_CHANNELS = 7                          # MAX_NC - 1 in the C source
+_SOURCE = Path(__file__).with_name("_native_kernels.c")
+_ABI = 1
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_status: Optional[str] = None             # None: not tried yet
+
+
+def _arch_flags() -> list[str]:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap.startswith("AVX512"):
+        return ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"]
+    if cap == "AVX2":
+        return ["-mavx2", "-mfma"]
+    return []
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ELS_AUDIT_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "els-audit"
+
+
+def _compile(cc: str, flags: list[str], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *flags, "-o", tmp, str(_SOURCE)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if res.returncode:
+            first = (res.stderr.strip().splitlines() or ["(no message)"])[0]
+            raise RuntimeError(f"'{' '.join(cmd)}' failed: {first}")
+        os.replace(tmp, out)                                   # atomic: a concurrent build is harmless
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    global _lib, _status
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        _status = f"off ({ENV_SWITCH}=0): torch ops"
+        return None
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        _status = f"off (no C compiler {cc!r} on PATH): torch ops"
+        return None
+    flags = ["-O3", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", *_arch_flags()]
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+        key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+        path = _cache_dir() / f"els_native_{key}.so"
+        if not path.exists():
+            _compile(cc, flags, path)
+        lib = ctypes.CDLL(str(path))
+        if lib.els_native_abi() != _ABI:
+            raise RuntimeError(f"{path} has ABI {lib.els_native_abi()}, expected {_ABI}")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _status = f"off (build failed: {e}): torch ops"
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.els_softmax_sums.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
+    lib.els_softmax_sums.restype = ctypes.c_int
+    lib.els_softmax_sums_rows.argtypes = lib.els_softmax_sums.argtypes
+    lib.els_softmax_sums_rows.restype = ctypes.c_int
+    _status = f"on ({path.name}, {' '.join(_arch_flags()) or 'no vector flags'})"
+    return lib
+
+
+def _get() -> Optional[ctypes.CDLL]:
+    global _lib
+    if _status is None:
+        with _lock:
+            if _status is None:
+                _lib = _load()
+    return _lib
+
+
+def available() -> bool:
+    """True when the native kernels are built and loaded (builds them on first call)."""
+    return _get() is not None
+
+
+def status() -> str:
+    """One line: whether the native kernels are in use, and if not, why."""
+    _get()
+    return _status
+
+
+def _reset_for_tests() -> None:
+    global _lib, _status
+    with _lock:
+        _lib, _status = None, None
+
+
+def softmax_sums(S: torch.Tensor, m: torch.Tensor, vals: torch.Tensor, lo: float) -> torch.Tensor:
+    """(C+1, R) sums over the n rows of S of ``vals[:, j] * 2**clamp(S[j] - m, lo, 127)``.
+
+    S (n, R) float32 with contiguous rows, m (R,) contiguous, vals (C+1, n) float32 with unit
+    column stride (C + 1 <= 8).  The same numbers as ``vals @ exp2(clamp(S - m, lo))`` up to
+    float32 rounding.  Call only when :func:`available`.
+    """
+    lib = _get()
+    n, R = S.shape
+    nc = vals.shape[0]
+    if any(t.dtype != torch.float32 for t in (S, m, vals)) or S.stride(1) != 1 or not m.is_contiguous() \
+            or vals.stride(1) != 1 or not 1 <= nc <= MAX_CHANNELS + 1 or vals.shape[1] != n or m.shape != (R,):
+        raise ValueError("native softmax_sums takes float32 S (n, R) with contiguous rows, m (R,), "
+                         f"vals (C+1 <= {MAX_CHANNELS + 1}, n) with unit column stride")
+    part = torch.empty(nc, R, dtype=torch.float32)
+    rc = lib.els_softmax_sums(S.data_ptr(), n, R, S.stride(0), m.data_ptr(), vals.data_ptr(), nc, vals.stride(0),
+                              float(lo), part.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise ValueError(f"native softmax_sums rejected its arguments (code {rc})")
+    return part
+
+
+def softmax_sums_rows(L: torch.Tensor, m: torch.Tensor, vals: torch.Tensor, lo: float) -> torch.Tensor:
+    """(R, C+1) sums over the n columns of L of ``vals[:, j] * 2**clamp(L[:, j] - m, lo, 127)``:
+    :func:`softmax_sums` for (rows, keys) tiles.  L (R, n) float32 with contiguous rows, m (R,)
+    contiguous, vals (C+1, n) float32 with unit column stride.  Call only when :func:`available`.
+    """
+    lib = _get()
+    R, n = L.shape
+    nc = vals.shape[0]
+    if any(t.dtype != torch.float32 for t in (L, m, vals)) or L.stride(1) != 1 or not m.is_contiguous() \
+            or vals.stride(1) != 1 or not 1 <= nc <= MAX_CHANNELS + 1 or vals.shape[1] != n or m.shape != (R,):
+        raise ValueError("native softmax_sums_rows takes float32 L (R, n) with contiguous rows, m (R,), "
+                         f"vals (C+1 <= {MAX_CHANNELS + 1}, n) with unit column stride")
+    part = torch.empty(R, nc, dtype=torch.float32)
+    rc = lib.els_softmax_sums_rows(L.data_ptr(), R, n, L.stride(0), m.data_ptr(), vals.data_ptr(), nc,
+                                   vals.stride(0), float(lo), part.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise ValueError(f"native softmax_sums_rows rejected its arguments (code {rc})")
+    return part

@@ -1,0 +1,123 @@
+/* Native kernels of the els-audit score engine (compiled on first use by _native.py).
+ *
+ * els_softmax_sums: the softmax sums of one (tile, level) step of the nested pass
+ * (_nested.py), in one read of the logits instead of four torch passes (subtract the
+ * running maximum, clamp, exp2, weighted sum).  Columns r are query pixels, rows j nodes:
+ *
+ *   part[c, r] = sum_j vals[c, j] * 2**min(max(S[j, r] - m[r], lo), 127)
+ *
+ * S (n, R) with row stride ldS, m (R,), vals (nc, n) with row stride ldv, part (nc, R)
+ * contiguous.  (A variant that also added the parents' logits, replacing the row gather
+ * and the GEMM's accumulate, ran slower: bench/README.md.)
+ *
+ * 2**x is computed as 2**n * 2**f with n = rint(x), f = x - n in [-1/2, 1/2] and 2**f by its
+ * Taylor series to degree 7 (truncation < 4e-9 relative; measured in float32 over [-126, 127]
+ * against float64: < 6e-8 relative, tests/machines/test_native.py).
+ *
+ * Threads: OpenMP over blocks of columns; linked against the libgomp that torch has loaded
+ * (same soname), so torch and these kernels share one thread pool.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#ifndef BLOCK
+#define BLOCK 128   /* columns per work item (64 and 256 measured no faster) */
+#endif
+#define MAX_NC 8    /* centre channels + 1 */
+
+static inline float exp2_f32(float x) {
+    float n = __builtin_rintf(x);
+    float f = (x - n) * 0.693147180559945309f;   /* 2**(x-n) = e**f */
+    float p = 1.0f / 5040.0f;
+    p = p * f + 1.0f / 720.0f;
+    p = p * f + 1.0f / 120.0f;
+    p = p * f + 1.0f / 24.0f;
+    p = p * f + 1.0f / 6.0f;
+    p = p * f + 0.5f;
+    p = p * f + 1.0f;
+    p = p * f + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;     /* 2**n, n in [-126, 127] */
+    float s;
+    memcpy(&s, &bits, sizeof s);
+    return p * s;
+}
+
+int els_native_abi(void) { return 1; }
+
+int els_softmax_sums(const float *S, int64_t n, int64_t R, int64_t ldS, const float *m,
+                     const float *vals, int64_t nc, int64_t ldv, float lo, float *part, int nthreads) {
+    if (nc < 1 || nc > MAX_NC || n < 0 || R < 0) return 1;
+    const int64_t nblocks = (R + BLOCK - 1) / BLOCK;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < nblocks; b++) {
+        const int64_t r0 = b * BLOCK;
+        const int64_t w = R - r0 < BLOCK ? R - r0 : BLOCK;
+        float acc[MAX_NC][BLOCK];
+        float e[BLOCK];
+        for (int64_t c = 0; c < nc; c++)
+            for (int64_t r = 0; r < w; r++) acc[c][r] = 0.0f;
+        const float *mb = m + r0;
+        for (int64_t j = 0; j < n; j++) {
+            const float *row = S + j * ldS + r0;
+            #pragma omp simd
+            for (int64_t r = 0; r < w; r++) {
+                float d = row[r] - mb[r];
+                d = d < lo ? lo : d;
+                d = d > 127.0f ? 127.0f : d;
+                e[r] = exp2_f32(d);
+            }
+            for (int64_t c = 0; c < nc; c++) {
+                const float vc = vals[c * ldv + j];
+                #pragma omp simd
+                for (int64_t r = 0; r < w; r++) acc[c][r] += vc * e[r];
+            }
+        }
+        for (int64_t c = 0; c < nc; c++) memcpy(part + c * R + r0, acc[c], (size_t)w * sizeof(float));
+    }
+    return 0;
+}
+
+/* els_softmax_sums_rows: the same sums for the single-k kernel (_engine.py), whose logit
+ * tiles are (rows, keys) with keys contiguous:
+ *
+ *   part[r, c] = sum_j vals[c, j] * 2**min(max(L[r, j] - m[r], lo), 127)
+ *
+ * L (R, n) with row stride ldL, m (R,), vals (nc, n) with row stride ldv, part (R, nc)
+ * contiguous.  Threads over rows; each row is reduced by 8-lane partial sums.
+ */
+int els_softmax_sums_rows(const float *L, int64_t R, int64_t n, int64_t ldL, const float *m,
+                          const float *vals, int64_t nc, int64_t ldv, float lo, float *part, int nthreads) {
+    if (nc < 1 || nc > MAX_NC || n < 0 || R < 0) return 1;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+        const float *row = L + r * ldL;
+        const float mr = m[r];
+        float acc[MAX_NC][8];
+        float e[BLOCK];
+        for (int64_t c = 0; c < nc; c++)
+            for (int l = 0; l < 8; l++) acc[c][l] = 0.0f;
+        for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
+            const int64_t w = n - j0 < BLOCK ? n - j0 : BLOCK;
+            #pragma omp simd
+            for (int64_t j = 0; j < w; j++) {
+                float d = row[j0 + j] - mr;
+                d = d < lo ? lo : d;
+                d = d > 127.0f ? 127.0f : d;
+                e[j] = exp2_f32(d);
+            }
+            for (int64_t c = 0; c < nc; c++) {
+                const float *v = vals + c * ldv + j0;
+                int64_t j = 0;
+                for (; j + 8 <= w; j += 8)
+                    for (int l = 0; l < 8; l++) acc[c][l] += v[j + l] * e[j + l];
+                for (; j < w; j++) acc[c][j & 7] += v[j] * e[j];
+            }
+        }
+        for (int64_t c = 0; c < nc; c++) {
+            float s = 0.0f;
+            for (int l = 0; l < 8; l++) s += acc[c][l];
+            part[r * nc + c] = s;
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,148 @@
+"""The native kernels (els_audit/machines/_native.py, _native_kernels.c) and their fallback.
+
+Checked against float64 torch formulas; then the engines (nested pass and single-k kernel)
+with the kernels on and off must give the same float32 answers.  The suite's conftest builds
+the kernels into a fresh folder, so these tests also exercise the compile step.
+"""
+
+import shutil
+
+import pytest
+import torch
+
+from els_audit.machines import _native, build_machine
+from els_audit.machines._engine import exp2_floor
+
+from .test_machines import data, rel_err
+
+HAVE_CC = shutil.which("cc") is not None
+needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the engine runs torch ops (tested elsewhere)")
+
+
+@pytest.fixture
+def two_threads():
+    """The kernels split columns (or rows) over OpenMP threads: test with two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fresh_native(monkeypatch):
+    """Forget the loaded kernels before and after a test that changes how they build."""
+    _native._reset_for_tests()
+    yield monkeypatch
+    monkeypatch.undo()
+    _native._reset_for_tests()
+
+
+@needs_cc
+def test_kernels_build_here():
+    assert _native.available(), _native.status()
+    assert _native.status().startswith("on ")
+
+
+@needs_cc
+def test_exp2_to_float32_rounding_and_clamped(two_threads):
+    x = torch.cat([torch.linspace(-126.0, 127.0, 200_003), torch.tensor([-500.0, -126.5, 127.5, 1000.0])])
+    S = x[None, :].contiguous()                                            # one node, R columns
+    part = _native.softmax_sums(S, torch.zeros(x.numel()), torch.ones(1, 1), exp2_floor(torch.float32))
+    want = torch.exp2(x.double().clamp(-126.0, 127.0))
+    err = (part[0].double() / want - 1).abs()
+    assert err.max().item() < 1e-7                                          # measured 5.6e-8
+    # vs torch's float32 exp2 (Sleef, 1 ulp): the same to a few ulp
+    assert ((part[0][:-4] / torch.exp2(x[:-4]) - 1).abs().max().item()) < 3e-7
+
+
+def _want_sums(S, m, vals, lo):
+    E = torch.exp2((S.double() - m.double()[None, :]).clamp(min=lo, max=127.0))
+    return vals.double() @ E, vals.double().abs() @ E                      # sums, and the scale of each
+
+
+@needs_cc
+@pytest.mark.parametrize("nc", [1, 2, 4, 8])
+def test_softmax_sums_against_float64(nc, two_threads):
+    g = torch.Generator().manual_seed(nc)
+    n, R = 257, 333                                                        # R: not a multiple of the block
+    big = torch.randn(n, R + 7, generator=g) * 30                          # rows with a stride > R
+    S = big[:, :R]
+    m = S.amax(0) + torch.rand(R, generator=g) * 3 - 1                     # some logits above m: weights > 1
+    vals_big = torch.randn(nc + 2, n + 5, generator=g)
+    vals = vals_big[1:nc + 1, 3:n + 3]                                     # row stride > n
+    got = _native.softmax_sums(S, m, vals, -126.0)
+    want, scale = _want_sums(S, m, vals, -126.0)
+    assert got.shape == (nc, R)
+    assert ((got.double() - want).abs() / scale).max().item() < 1e-6
+
+
+@needs_cc
+@pytest.mark.parametrize("nc", [1, 2, 4])
+def test_softmax_sums_rows_against_float64(nc, two_threads):
+    g = torch.Generator().manual_seed(10 + nc)
+    R, n = 45, 301                                                         # n: not a multiple of 8 or the block
+    big = torch.randn(R, n + 3, generator=g) * 30
+    L = big[:, 2:n + 2]
+    m = L.amax(1) + torch.rand(R, generator=g) - 0.5
+    vals = torch.randn(nc, n + 4, generator=g)[:, :n]
+    got = _native.softmax_sums_rows(L, m, vals, -126.0)
+    want, scale = _want_sums(L.t(), m, vals, -126.0)
+    assert got.shape == (R, nc)
+    assert ((got.t().double() - want).abs() / scale).max().item() < 1e-6
+
+
+@needs_cc
+def test_bad_arguments_are_refused():
+    S = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="float32"):
+        _native.softmax_sums(S.double(), torch.zeros(4), torch.ones(2, 3), -126.0)
+    with pytest.raises(ValueError, match="C\\+1 <= 8"):
+        _native.softmax_sums(S, torch.zeros(4), torch.ones(9, 3), -126.0)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        _native.softmax_sums_rows(S.t(), torch.zeros(4), torch.ones(2, 3), -126.0)
+
+
+def test_switched_off_by_environment(fresh_native):
+    fresh_native.setenv(_native.ENV_SWITCH, "0")
+    assert not _native.available()
+    assert "ELS_AUDIT_NATIVE=0" in _native.status()
+
+
+def test_failed_build_falls_back(fresh_native, tmp_path):
+    fresh_native.setenv("ELS_AUDIT_CACHE", str(tmp_path))
+    fresh_native.setenv("CC", shutil.which("false") or "/bin/false")         # a "compiler" that fails
+    assert not _native.available()
+    assert "build failed" in _native.status()
+    assert not list(tmp_path.glob("*.so"))                                  # nothing half-written left
+    fresh_native.setenv("CC", "no-such-compiler-here")
+    _native._reset_for_tests()
+    assert not _native.available()
+    assert "no C compiler" in _native.status()
+
+
+def _with_and_without_native(monkeypatch, fn):
+    on = fn()
+    monkeypatch.setattr(_native, "available", lambda: False)
+    off = fn()
+    monkeypatch.undo()
+    return on, off
+
+
+@needs_cc
+@pytest.mark.parametrize("kind", ["ELS", "bbELS"])
+def test_engines_agree_with_and_without_native(kind, monkeypatch, two_threads):
+    imgs, x = data(1, 7, 8, N=5)
+    imgs, x = imgs.float(), x.float()
+    t = torch.tensor([0.1, 0.5, 0.9])                                      # 0.1: the float64 refinement too
+    ks = (3, 5, 7)
+    m = build_machine(kind, imgs, memory_budget=64 * 2**20)
+    assert m._nests(ks)
+    sweep_on, sweep_off = _with_and_without_native(monkeypatch, lambda: m.score_sweep(x, t, ks))
+    want = build_machine(kind, imgs.double()).score_sweep(x.double(), t.double(), ks)
+    for k in ks:
+        single_on, single_off = _with_and_without_native(monkeypatch, lambda: m.score(x, t, k=k))
+        assert rel_err(sweep_on[k], sweep_off[k]) < 2e-6, k
+        assert rel_err(single_on, single_off) < 2e-6, k
+        # and right: the float64 engine, which the brute-force tests check (test_machines.py)
+        assert rel_err(sweep_on[k].double(), want[k]) < 2e-5, k
+        assert rel_err(single_on.double(), want[k]) < 2e-5, k
