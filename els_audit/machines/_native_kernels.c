@@ -44,6 +44,30 @@ static inline float exp2_f32(float x) {
 
 int els_native_abi(void) { return 1; }
 
+/* The column-block body for a compile-time channel count NC (so that the loop over r, with
+ * its NC accumulators, vectorises). */
+static inline __attribute__((always_inline)) void
+sums_block(const int NC, const float *S, int64_t n, int64_t ldS, const float *mb, const float *vals,
+           int64_t ldv, float lo, int64_t w, float *part, int64_t R) {
+    float acc[MAX_NC][BLOCK];
+    for (int c = 0; c < NC; c++)
+        for (int64_t r = 0; r < BLOCK; r++) acc[c][r] = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        const float *row = S + j * ldS;
+        float v[MAX_NC];
+        for (int c = 0; c < NC; c++) v[c] = vals[c * ldv + j];
+        #pragma omp simd
+        for (int64_t r = 0; r < w; r++) {
+            float d = row[r] - mb[r];
+            d = d < lo ? lo : d;
+            d = d > 127.0f ? 127.0f : d;
+            const float e = exp2_f32(d);
+            for (int c = 0; c < NC; c++) acc[c][r] += v[c] * e;
+        }
+    }
+    for (int c = 0; c < NC; c++) memcpy(part + c * R, acc[c], (size_t)w * sizeof(float));
+}
+
 int els_softmax_sums(const float *S, int64_t n, int64_t R, int64_t ldS, const float *m,
                      const float *vals, int64_t nc, int64_t ldv, float lo, float *part, int nthreads) {
     if (nc < 1 || nc > MAX_NC || n < 0 || R < 0) return 1;
@@ -52,27 +76,18 @@ int els_softmax_sums(const float *S, int64_t n, int64_t R, int64_t ldS, const fl
     for (int64_t b = 0; b < nblocks; b++) {
         const int64_t r0 = b * BLOCK;
         const int64_t w = R - r0 < BLOCK ? R - r0 : BLOCK;
-        float acc[MAX_NC][BLOCK];
-        float e[BLOCK];
-        for (int64_t c = 0; c < nc; c++)
-            for (int64_t r = 0; r < w; r++) acc[c][r] = 0.0f;
-        const float *mb = m + r0;
-        for (int64_t j = 0; j < n; j++) {
-            const float *row = S + j * ldS + r0;
-            #pragma omp simd
-            for (int64_t r = 0; r < w; r++) {
-                float d = row[r] - mb[r];
-                d = d < lo ? lo : d;
-                d = d > 127.0f ? 127.0f : d;
-                e[r] = exp2_f32(d);
-            }
-            for (int64_t c = 0; c < nc; c++) {
-                const float vc = vals[c * ldv + j];
-                #pragma omp simd
-                for (int64_t r = 0; r < w; r++) acc[c][r] += vc * e[r];
-            }
+        const float *Sb = S + r0, *mb = m + r0;
+        float *pb = part + r0;
+        switch (nc) {
+            case 1: sums_block(1, Sb, n, ldS, mb, vals, ldv, lo, w, pb, R); break;
+            case 2: sums_block(2, Sb, n, ldS, mb, vals, ldv, lo, w, pb, R); break;
+            case 3: sums_block(3, Sb, n, ldS, mb, vals, ldv, lo, w, pb, R); break;
+            case 4: sums_block(4, Sb, n, ldS, mb, vals, ldv, lo, w, pb, R); break;
+            case 5: sums_block(5, Sb, n, ldS, mb, vals, ldv, lo, w, pb, R); break;
+            case 6: sums_block(6, Sb, n, ldS, mb, vals, ldv, lo, w, pb, R); break;
+            case 7: sums_block(7, Sb, n, ldS, mb, vals, ldv, lo, w, pb, R); break;
+            default: sums_block(8, Sb, n, ldS, mb, vals, ldv, lo, w, pb, R); break;   /* nc == MAX_NC */
         }
-        for (int64_t c = 0; c < nc; c++) memcpy(part + c * R + r0, acc[c], (size_t)w * sizeof(float));
     }
     return 0;
 }
