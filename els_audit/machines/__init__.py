@@ -36,7 +36,7 @@ from ..schedules import NoiseSchedule, get_schedule
 from ._dictionary import PatchDictionary, build_dictionary, circular_pad as _circular_pad
 from ._engine import grouped_softmax_average
 from ._nested import (NestedDictionary, build_nested_dictionary, interior_tree_bytes, nested_dictionary_bytes,
-                      nested_softmax_average)
+                      nested_softmax_average, palette_of)
 
 __all__ = ["build_machine", "ScoreMachine", "ScoreDiagnostics", "MACHINE_KINDS", "scale_schedule_eps"]
 
@@ -89,6 +89,7 @@ class ScoreMachine:
         self.default_k = k
         self.memory_budget = int(memory_budget)
         self._cache: "OrderedDict[tuple, PatchDictionary]" = OrderedDict()
+        self._palette_coded: Optional[bool] = None        # see _nests
 
     # -- public ---------------------------------------------------------------------------
     @property
@@ -272,8 +273,10 @@ class ScoreMachine:
         dictionaries may keep: its one-k-at-a-time evaluation is cheap (interior pixels meet
         interior keys only), and rows the tree cannot keep are gathered from the images
         (cache misses, ~10 ns an element at N = 5000), which costs more than nesting saves
-        (bench/README.md: at the 2 GB default the tree keeps 47% and the sweep took 20.8 s
-        against 17.1 s one k at a time).
+        (bench/README.md: with float rows, at the 2 GB default the tree kept 47% and the sweep
+        took 20.8 s against 17.1 s one k at a time).  Images with at most 256 distinct values
+        keep their rows as byte codes (:func:`._nested.palette_of`): MNIST-5k's tree at k =
+        3..15 then needs 1.2 GB instead of 2.8 GB and nests at the default budget.
         """
         tree_ks = self._tree_ks(ks)
         if not tree_ks:
@@ -282,7 +285,9 @@ class ScoreMachine:
             return any(key[0] == "nested" and set(tree_ks) <= set(key[1]) for key in self._cache)
         N, C, H, W = self.images.shape
         if self.kind == "bbELS":
-            fits = interior_tree_bytes(N, C, H, W, tree_ks, self.images.element_size())
+            if self._palette_coded is None:                  # the tree keeps rows as byte codes
+                self._palette_coded = palette_of(self.images) is not None
+            fits = interior_tree_bytes(N, C, H, W, tree_ks, self.images.element_size(), coded=self._palette_coded)
             return fits <= self.memory_budget * 3 // 4
         return nested_dictionary_bytes(N * H * W, len(tree_ks), C) <= self.memory_budget // 2
 

@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "status", "softmax_sums", "softmax_sums_rows", "ENV_SWITCH", "MAX_CHANNELS"]
+__all__ = ["available", "status", "softmax_sums", "softmax_sums_rows", "decode_rows", "ENV_SWITCH", "MAX_CHANNELS"]
 
 ENV_SWITCH = "ELS_AUDIT_NATIVE"
 MAX_CHANNELS = 7                          # MAX_NC - 1 in the C source
@@ -107,6 +107,8 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.els_softmax_sums.restype = ctypes.c_int
     lib.els_softmax_sums_rows.argtypes = lib.els_softmax_sums.argtypes
     lib.els_softmax_sums_rows.restype = ctypes.c_int
+    lib.els_decode_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.els_decode_rows.restype = ctypes.c_int
     _status = f"on ({path.name}, {' '.join(_arch_flags()) or 'no vector flags'})"
     return lib
 
@@ -177,3 +179,25 @@ def softmax_sums_rows(L: torch.Tensor, m: torch.Tensor, vals: torch.Tensor, lo: 
     if rc:
         raise ValueError(f"native softmax_sums_rows rejected its arguments (code {rc})")
     return part
+
+
+def decode_rows(codes: torch.Tensor, palette: torch.Tensor, mu: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """(n, ring + 2) float32 rows ``[palette[codes] - mu, extra]`` (the same bits as in torch).
+
+    codes (n, ring) uint8 with contiguous rows, palette (256,) float32 (every code has an entry),
+    mu (ring,) float32, extra (n, 2) float32 with contiguous rows.  Call only when
+    :func:`available`.
+    """
+    lib = _get()
+    n, ring = codes.shape
+    if codes.dtype != torch.uint8 or codes.stride(1) != 1 or extra.shape != (n, 2) or extra.stride(1) != 1 \
+            or any(t.dtype != torch.float32 for t in (palette, mu, extra)) or not palette.is_contiguous() \
+            or not mu.is_contiguous() or mu.shape != (ring,) or palette.shape != (256,):
+        raise ValueError("native decode_rows takes uint8 codes (n, ring), float32 palette (256,), "
+                         "mu (ring,) and extra (n, 2)")
+    out = torch.empty(n, ring + 2, dtype=torch.float32)
+    rc = lib.els_decode_rows(codes.data_ptr(), n, ring, codes.stride(0), palette.data_ptr(), mu.data_ptr(),
+                             extra.data_ptr(), extra.stride(0), out.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise ValueError(f"native decode_rows rejected its arguments (code {rc})")
+    return out

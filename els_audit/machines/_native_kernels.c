@@ -136,3 +136,24 @@ int els_softmax_sums_rows(const float *L, int64_t R, int64_t n, int64_t ldL, con
     }
     return 0;
 }
+
+/* els_decode_rows: kept tree rows stored as palette codes (_nested.py) back to engine rows:
+ *
+ *   out[j, c] = palette[codes[j, c]] - mu[c]   (c < ring),   out[j, ring + i] = extra[j, i]  (i < 2)
+ *
+ * codes (n, ring) uint8 with row stride ldc, extra (n, 2) with row stride lde, out (n, ring + 2)
+ * contiguous.  The same float32 operations as decoding in torch, so the same bits.
+ */
+int els_decode_rows(const uint8_t *codes, int64_t n, int64_t ring, int64_t ldc, const float *palette,
+                    const float *mu, const float *extra, int64_t lde, float *out, int nthreads) {
+    if (n < 0 || ring < 0) return 1;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * ring > (1 << 16))
+    for (int64_t j = 0; j < n; j++) {
+        const uint8_t *cj = codes + j * ldc;
+        float *oj = out + j * (ring + 2);
+        for (int64_t c = 0; c < ring; c++) oj[c] = palette[cj[c]] - mu[c];
+        oj[ring] = extra[j * lde];
+        oj[ring + 1] = extra[j * lde + 1];
+    }
+    return 0;
+}

@@ -55,7 +55,7 @@ from . import _native as native
 from ._engine import LOG2E, Float64Refinement, exact_logits, exp2_floor, refine_rows, skip_threshold
 
 __all__ = ["NestedLevel", "NestedDictionary", "build_nested_dictionary", "nested_softmax_average",
-           "nested_dictionary_bytes", "interior_tree_bytes", "onion_offsets", "NESTED_BYTES_PER_NODE"]
+           "nested_dictionary_bytes", "interior_tree_bytes", "onion_offsets", "palette_of", "NESTED_BYTES_PER_NODE"]
 
 # bookkeeping per node and level: rep base (int64), parent (int32), log2 count, count (int32),
 # centre + 1
@@ -100,6 +100,11 @@ class NestedLevel:
     channel means at the ring's columns; count: (U,) int32 multiplicity of each node (for
     the float64 refinement); kaug: optional materialised engine rows
     ``[ring - mu, ||ring - mu||^2, dbias]`` for a prefix of the nodes (n <= U, ring + 2).
+
+    Palette-coded trees (images with at most 256 distinct values, e.g. anything decoded from
+    8-bit pixels; ``palette`` (256,) set): the kept rows are ``kcodes`` (n, ring) uint8 codes
+    of the ring's pixels and ``kextra`` (n, 2) ``[||ring - mu||^2, dbias]``, a quarter of the
+    memory, decoded per tile into the same float rows (same bits).
     """
 
     k: int
@@ -112,6 +117,9 @@ class NestedLevel:
     mu_ring: torch.Tensor
     count: torch.Tensor
     kaug: Optional[torch.Tensor] = None
+    palette: Optional[torch.Tensor] = None
+    kcodes: Optional[torch.Tensor] = None
+    kextra: Optional[torch.Tensor] = None
 
     @property
     def n_nodes(self) -> int:
@@ -119,35 +127,64 @@ class NestedLevel:
 
     @property
     def n_materialized(self) -> int:
-        return 0 if self.kaug is None else int(self.kaug.shape[0])
+        kept = self.kaug if self.palette is None else self.kcodes
+        return 0 if kept is None else int(kept.shape[0])
+
+    def row_bytes(self) -> int:
+        """Bytes to keep one node's row (coded rows: a byte per ring pixel)."""
+        ring, item = self.offsets.numel(), self.vals.element_size()
+        return (ring + 2) * item if self.palette is None else ring + 2 * item
 
     def keys(self, padded_flat: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
         """Engine rows of nodes j0..j1-1 (materialised, or gathered from the images)."""
         if j1 <= self.n_materialized:
-            return self.kaug[j0:j1]
+            if self.palette is None:
+                return self.kaug[j0:j1]
+            codes, extra = self.kcodes[j0:j1], self.kextra[j0:j1]
+            if extra.dtype == torch.float32 and native.available():
+                return native.decode_rows(codes, self.palette, self.mu_ring, extra)
+            return torch.cat([self.palette[codes.long()] - self.mu_ring, extra], 1)
         kr = padded_flat[self.rep_base[j0:j1, None] + self.offsets[None, :]]              # (n, ring)
         kr -= self.mu_ring
         return torch.cat([kr, (kr * kr).sum(1, keepdim=True), self.dbias[j0:j1, None]], 1)
 
     def materialized_bytes(self) -> int:
         """Bytes to keep the rows of every node not kept yet."""
-        return (self.n_nodes - self.n_materialized) * (self.offsets.numel() + 2) * self.vals.element_size()
+        return (self.n_nodes - self.n_materialized) * self.row_bytes()
 
-    def materialize(self, padded_flat: torch.Tensor, max_bytes: Optional[int] = None, step: int = 1 << 16) -> int:
-        """Keep the rows of all nodes, or of as long a prefix as ``max_bytes`` more allows."""
-        row = (self.offsets.numel() + 2) * self.vals.element_size()
+    def materialize(self, padded_flat: torch.Tensor, max_bytes: Optional[int] = None, step: int = 1 << 16,
+                    codes_flat: Optional[torch.Tensor] = None) -> int:
+        """Keep the rows of all nodes, or of as long a prefix as ``max_bytes`` more allows
+        (coded trees: ``codes_flat`` holds the padded images' palette codes)."""
+        row = self.row_bytes()
         have = self.n_materialized
         want = prefix_rows(have, self.n_nodes, row, max_bytes)
         if want <= have:
             return 0
-        parts = ([self.kaug] if have else []) + [self.keys(padded_flat, s, min(want, s + step))
-                                                 for s in range(have, want, step)]
-        self.kaug = torch.cat(parts)
+        spans = [(s, min(want, s + step)) for s in range(have, want, step)]
+        if self.palette is None:
+            self.kaug = torch.cat(([self.kaug] if have else []) + [self.keys(padded_flat, s, e) for s, e in spans])
+            return (want - have) * row
+        codes, extra = [], []
+        for s, e in spans:
+            kc = codes_flat[self.rep_base[s:e, None] + self.offsets[None, :]]              # (n, ring) uint8
+            kr = self.palette[kc.long()] - self.mu_ring                                  # as keys() computes
+            codes.append(kc)
+            extra.append(torch.cat([(kr * kr).sum(1, keepdim=True), self.dbias[s:e, None]], 1))
+        self.kcodes = torch.cat(([self.kcodes] if have else []) + codes)
+        self.kextra = torch.cat(([self.kextra] if have else []) + extra)
         return (want - have) * row
+
+    def release(self) -> None:
+        self.kaug = self.kcodes = self.kextra = None
+
+    def kept_bytes(self) -> int:
+        """Bytes of the kept rows."""
+        return sum(t.numel() * t.element_size() for t in (self.kaug, self.kcodes, self.kextra) if t is not None)
 
     def nbytes(self) -> int:
         ts = [self.offsets, self.rep_base, self.dbias, self.vals, self.count] + [
-            t for t in (self.parent, self.kaug) if t is not None]
+            t for t in (self.parent, self.kaug, self.kcodes, self.kextra) if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
 
 
@@ -167,26 +204,30 @@ class NestedDictionary:
     total_keys: int                # N*H*W: at most this many keys at any level
     tiles: list[list[tuple[int, int, int]]]
     mode: str = "circular"         # or "interior" (build_nested_dictionary)
+    codes_flat: Optional[torch.Tensor] = None   # uint8 palette codes of padded_flat (coded trees)
 
     def nbytes(self) -> int:
-        return self.padded_flat.numel() * self.padded_flat.element_size() + sum(lv.nbytes() for lv in self.levels)
+        extra = 0 if self.codes_flat is None else self.codes_flat.numel()
+        return self.padded_flat.numel() * self.padded_flat.element_size() + extra + sum(
+            lv.nbytes() for lv in self.levels)
 
     def materialize(self, budget_bytes: int) -> int:
         """Materialise the levels' engine rows, first level first, within ``budget_bytes``
         (the last one partly: a prefix of its nodes).
 
         NB: gathering a node's ring from the images costs ~5-15 ns per element here (random
-        images: cache misses), a fifth of the whole pass; kept rows cost nothing to read.
+        images: cache misses), a fifth of the whole pass; kept rows cost nothing to read
+        (byte-coded ones a decode pass over the tile's keys, sequential and small).
         """
         added = 0
         for lv in self.levels:
             if lv.materialized_bytes() and budget_bytes - added > 0:
-                added += lv.materialize(self.padded_flat, budget_bytes - added)
+                added += lv.materialize(self.padded_flat, budget_bytes - added, codes_flat=self.codes_flat)
         return added
 
     def release(self) -> None:
         for lv in self.levels:
-            lv.kaug = None
+            lv.release()
 
     def unmaterialized_bytes(self) -> int:
         return sum(lv.materialized_bytes() for lv in self.levels)
@@ -207,14 +248,27 @@ def nested_dictionary_bytes(n_keys: int, n_levels: int, C: int) -> int:
     return n_keys * n_levels * (NESTED_BYTES_PER_NODE + 4 * (C - 1))
 
 
-def interior_tree_bytes(n_images: int, C: int, H: int, W: int, ks: Sequence[int], itemsize: int) -> int:
-    """Upper bound (every key distinct) of an interior tree's bookkeeping plus its kept rows."""
+def interior_tree_bytes(n_images: int, C: int, H: int, W: int, ks: Sequence[int], itemsize: int,
+                        coded: bool = False) -> int:
+    """Upper bound (every key distinct) of an interior tree's bookkeeping plus its kept rows
+    (``coded``: rows kept as palette codes, a byte per pixel; see :func:`palette_of`)."""
     total, prev_k2 = 0, 0
     for k in sorted(ks):
         keys = n_images * max(0, H - k + 1) * max(0, W - k + 1)
-        total += keys * (NESTED_BYTES_PER_NODE + 4 * (C - 1) + (C * (k * k - prev_k2) + 2) * itemsize)
+        ring = C * (k * k - prev_k2)
+        row = ring + 2 * itemsize if coded else (ring + 2) * itemsize
+        total += keys * (NESTED_BYTES_PER_NODE + 4 * (C - 1) + row)
         prev_k2 = k * k
     return total
+
+
+def palette_of(images: torch.Tensor) -> Optional[torch.Tensor]:
+    """(256,) the distinct values of ``images`` (sorted, padded with the largest) when there are
+    at most 256 of them (images decoded from 8-bit pixels), else None."""
+    vals = torch.unique(images)
+    if vals.numel() > 256:
+        return None
+    return torch.cat([vals, vals[-1:].expand(256 - vals.numel())])
 
 
 def build_nested_dictionary(images: torch.Tensor, ks: Sequence[int], *, image_ids: Optional[torch.Tensor] = None,
@@ -238,6 +292,13 @@ def build_nested_dictionary(images: torch.Tensor, ks: Sequence[int], *, image_id
     r_max = ks[-1] // 2
     padded = (circular_pad(images, r_max) if mode == "circular" else F.pad(images, (r_max,) * 4)).contiguous()
     Hp, Wp = padded.shape[-2:]
+    palette = palette_of(images)
+    codes_flat = None
+    if palette is not None:                     # rows kept as a byte per pixel (NestedLevel)
+        codes = torch.searchsorted(palette, images.contiguous()).to(torch.uint8)
+        assert torch.equal(palette[codes.long()], images)
+        # interior trees never read their zero padding: code 0 there
+        codes_flat = (circular_pad(codes, r_max) if mode == "circular" else F.pad(codes, (r_max,) * 4)).reshape(-1)
     all_off = _onion_flat_offsets(ks[-1], C, Hp, Wp)                                         # (C k_max^2,)
     mu = images.to(torch.float64).mean(dim=(0, 2, 3)).to(dtype)                            # (C,)
 
@@ -279,11 +340,12 @@ def build_nested_dictionary(images: torch.Tensor, ks: Sequence[int], *, image_id
         dbias = log2c if parent is None else log2c - prev_log2[parent.long()]
         rep_base = n_i * (C * Hp * Wp) + (y + r_max) * Wp + (x + r_max)                    # centre, padded
         levels.append(NestedLevel(k, cols, all_off[cols].contiguous(), rep_base, parent,
-                                  dbias.to(dtype), vals, mu.repeat(k * k - prev_k2), counts.to(torch.int32)))
+                                  dbias.to(dtype), vals, mu.repeat(k * k - prev_k2), counts.to(torch.int32),
+                                  palette=palette))
         prev, prev_k2, prev_log2 = enum, k * k, log2c
     del prev_ids
     tiles = _leaf_tiles(levels, tile_nodes)
-    return NestedDictionary(ks, levels, padded.reshape(-1), mu, N * H * W, tiles, mode)
+    return NestedDictionary(ks, levels, padded.reshape(-1), mu, N * H * W, tiles, mode, codes_flat)
 
 
 def _index_in(prev: "_KeyEnumerator", enum: "_KeyEnumerator", idx: torch.Tensor) -> torch.Tensor:

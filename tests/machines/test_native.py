@@ -146,3 +146,12 @@ def test_engines_agree_with_and_without_native(kind, monkeypatch, two_threads):
         # and right: the float64 engine, which the brute-force tests check (test_machines.py)
         assert rel_err(sweep_on[k].double(), want[k]) < 2e-5, k
         assert rel_err(single_on.double(), want[k]) < 2e-5, k
+
+
+@needs_cc
+def test_decode_rows_refuses_a_short_palette():
+    codes = torch.zeros(2, 3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="palette \\(256,\\)"):
+        _native.decode_rows(codes, torch.zeros(10), torch.zeros(3), torch.zeros(2, 2))
+    out = _native.decode_rows(codes + 7, torch.arange(256.0), torch.ones(3), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    assert torch.equal(out, torch.tensor([[6.0, 6, 6, 1, 2], [6, 6, 6, 3, 4]]))

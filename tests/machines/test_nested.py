@@ -181,7 +181,7 @@ def test_prepared_tree_serves_single_sizes_and_survives_single_k_calls():
     assert rel_err(got[5], build_machine("ELS", imgs).denoised(x, 0.3, k=5)) < 1e-10
     # a single-k dictionary over a tight budget: the tree's kept rows go before the tree does
     single = build_machine("ELS", imgs)._dictionary(3, None).nbytes()
-    kept = sum(lv.kaug.numel() * lv.kaug.element_size() for lv in tree.levels)
+    kept = sum(lv.kept_bytes() for lv in tree.levels)
     m.memory_budget = 2 * (tree.nbytes() - kept + single)
     m._dictionary(3, None)
     assert tree_key in m._cache and tree.materialized_fraction < 1
@@ -347,11 +347,54 @@ def test_float64_refinement_gives_up_beyond_its_cap():
     assert torch.equal(ref.corrected(acc, torch.zeros(4), None), acc.double())   # float32 answer stands
 
 
-def test_bbels_nests_only_when_the_whole_tree_fits_the_budget():
-    imgs, x = data(1, 6, 7)
-    need = nested_mod.interior_tree_bytes(4, 1, 6, 7, (3, 5), 8)
+@pytest.mark.parametrize("N", [4, 8])                                # 168 / 336 distinct pixel values
+def test_bbels_nests_only_when_the_whole_tree_fits_the_budget(N):
+    imgs, x = data(1, 6, 7, N=N)
+    coded = N == 4                                                      # <= 256 values: byte-coded rows
+    assert (nested_mod.palette_of(imgs) is not None) == coded
+    need = nested_mod.interior_tree_bytes(N, 1, 6, 7, (3, 5), 8, coded=coded)
     assert build_machine("bbELS", imgs, memory_budget=need * 4 // 3 + 4)._nests((3, 5))
     small = build_machine("bbELS", imgs, memory_budget=need * 4 // 3 - 4)
     assert not small._nests((3, 5))
     got = small.score_sweep(x, 0.4, (3, 5))
     assert torch.equal(got[5], small.score(x, 0.4, k=5))
+
+
+# -- kept rows as palette codes (NestedLevel: images with <= 256 distinct values) ----------
+@pytest.mark.parametrize("mode", ["circular", "interior"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_byte_coded_rows_decode_to_the_same_bits(mode, dtype, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    imgs = (torch.randint(0, 256, (5, 2, 9, 8), generator=g) / 127.5 - 1).to(dtype)   # 8-bit pixels
+    coded = build_nested_dictionary(imgs, (3, 5, 7), mode=mode, tile_nodes=16)
+    assert coded.codes_flat is not None and all(lv.palette is not None for lv in coded.levels)
+    plain = build_nested_dictionary(imgs, (3, 5, 7), mode=mode, tile_nodes=16)
+    plain.codes_flat = None
+    for lv in plain.levels:
+        lv.palette = None
+    for nd in (coded, plain):
+        nd.materialize(1 << 30)
+        assert nd.materialized_fraction == 1
+    for lc, lp in zip(coded.levels, plain.levels):
+        assert lc.kaug is None and lc.kcodes.dtype == torch.uint8
+        assert lc.kept_bytes() < lp.kept_bytes() / 2
+        for j0, j1 in ((0, lc.n_nodes), (3, 11)):
+            want = lp.keys(plain.padded_flat, j0, j1)
+            assert torch.equal(lc.keys(coded.padded_flat, j0, j1), want)         # native decode (float32)
+            monkeypatch.setattr(nested_mod.native, "available", lambda: False)
+            assert torch.equal(lc.keys(coded.padded_flat, j0, j1), want)         # torch decode
+            monkeypatch.undo()
+    # and the pass agrees with the rows gathered from the images
+    x = torch.randn(2, 2, 9, 8, generator=g, dtype=dtype)
+    a, b = torch.tensor([0.8, 0.3], dtype=dtype), torch.tensor([0.6, 0.95], dtype=dtype)
+    got = nested_softmax_average(coded, x, a, b)
+    coded.release()
+    want = nested_softmax_average(coded, x, a, b)
+    for k in got:
+        assert torch.equal(got[k].nan_to_num(), want[k].nan_to_num()), k
+
+
+def test_no_palette_beyond_256_values():
+    imgs = torch.linspace(-1, 1, 257).reshape(1, 1, 1, 257)
+    assert nested_mod.palette_of(imgs) is None
+    assert nested_mod.palette_of(imgs[..., :256]).shape == (256,)
