@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baseline import UnfoldGemmMachine  # noqa: E402
 
 from els_audit.data import load_dataset  # noqa: E402
+from els_audit.machines import _native as native  # noqa: E402
 from els_audit.machines import build_machine  # noqa: E402
 from els_audit.schedules import get_schedule  # noqa: E402
 
@@ -79,7 +80,8 @@ def main(argv=None):
     sweep_ks = [int(v) for v in args.sweep_ks.split(",")]
     ts = [float(v) for v in args.ts.split(",")]
     all_ks = sorted(set(single_ks) | set(sweep_ks))
-    print(f"data {args.data}: N={N} {C}x{H}x{W}; batch {args.batch}; threads {torch.get_num_threads()}", flush=True)
+    print(f"data {args.data}: N={N} {C}x{H}x{W}; batch {args.batch}; threads {torch.get_num_threads()}; "
+          f"native kernels {native.status()}", flush=True)
 
     rows, builds = [], []
     for kind in kinds:
@@ -144,7 +146,7 @@ def main(argv=None):
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "builds": builds,
                                          "rows": rows, "threads": torch.get_num_threads(),
-                                         "torch": torch.__version__}, indent=1))
+                                         "torch": torch.__version__, "native": native.status()}, indent=1))
     worst = max((r["rel_err"] for r in rows if "rel_err" in r), default=0.0)
     print(f"max relative difference engine vs baseline: {worst:.1e}")
     return 0 if worst < 1e-4 else 1
