@@ -3,8 +3,10 @@
 Why: the nested pass (:mod:`._nested`) spends most of its time in memory passes over its
 logit tiles: after the GEMM, subtract the running maximum, clamp, exp2 and the weighted sum
 are four torch ops, each reading (and most writing) the whole tile.  ``_native_kernels.c``
-does them in one read per tile and level (``bench/README.md`` has the measured gain).  Its answers agree with the torch path to float32 rounding (its exp2
-is a degree-7 polynomial, < 6e-8 relative; tests/machines/test_native.py).
+does them in one read per tile and level (``bench/README.md`` has the measured gain), and
+the single-k kernel (:mod:`._engine`) likewise for its (rows, keys) tiles; a third function
+decodes byte-coded tree rows.  The answers agree with the torch path to float32 rounding
+(its exp2 is a degree-7 polynomial, < 6e-8 relative; tests/machines/test_native.py).
 
 How: the C source ships with the package.  On first use it is compiled with the system C
 compiler (``$CC`` or ``cc``) into the user cache (``$ELS_AUDIT_CACHE``, else
