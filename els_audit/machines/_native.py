@@ -141,6 +141,27 @@ def _reset_for_tests() -> None:
         _lib, _status = None, None
 
 
+def _sums(kernel: str, T: torch.Tensor, m: torch.Tensor, vals: torch.Tensor, lo: float, *,
+          keys_are_rows: bool) -> torch.Tensor:
+    """Check and run one of the two softmax-sum kernels.  T holds the logits with contiguous
+    rows: (n keys, R queries) if ``keys_are_rows``, else (R, n); the result is (C+1, R) or
+    (R, C+1) respectively."""
+    lib = _get()
+    n, R = T.shape if keys_are_rows else T.shape[::-1]
+    nc = vals.shape[0]
+    if any(t.dtype != torch.float32 for t in (T, m, vals)) or T.stride(1) != 1 or not m.is_contiguous() \
+            or vals.stride(1) != 1 or not 1 <= nc <= MAX_CHANNELS + 1 or vals.shape[1] != n or m.shape != (R,):
+        layout = "(n, R)" if keys_are_rows else "(R, n)"
+        raise ValueError(f"native {kernel} takes float32 logits {layout} with contiguous rows, m (R,), "
+                         f"vals (C+1 <= {MAX_CHANNELS + 1}, n) with unit column stride")
+    part = torch.empty((nc, R) if keys_are_rows else (R, nc), dtype=torch.float32)
+    rc = getattr(lib, f"els_{kernel}")(T.data_ptr(), *T.shape, T.stride(0), m.data_ptr(), vals.data_ptr(), nc,
+                                       vals.stride(0), float(lo), part.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise ValueError(f"native {kernel} rejected its arguments (code {rc})")
+    return part
+
+
 def softmax_sums(S: torch.Tensor, m: torch.Tensor, vals: torch.Tensor, lo: float) -> torch.Tensor:
     """(C+1, R) sums over the n rows of S of ``vals[:, j] * 2**clamp(S[j] - m, lo, 127)``.
 
@@ -148,19 +169,7 @@ def softmax_sums(S: torch.Tensor, m: torch.Tensor, vals: torch.Tensor, lo: float
     column stride (C + 1 <= 8).  The same numbers as ``vals @ exp2(clamp(S - m, lo))`` up to
     float32 rounding.  Call only when :func:`available`.
     """
-    lib = _get()
-    n, R = S.shape
-    nc = vals.shape[0]
-    if any(t.dtype != torch.float32 for t in (S, m, vals)) or S.stride(1) != 1 or not m.is_contiguous() \
-            or vals.stride(1) != 1 or not 1 <= nc <= MAX_CHANNELS + 1 or vals.shape[1] != n or m.shape != (R,):
-        raise ValueError("native softmax_sums takes float32 S (n, R) with contiguous rows, m (R,), "
-                         f"vals (C+1 <= {MAX_CHANNELS + 1}, n) with unit column stride")
-    part = torch.empty(nc, R, dtype=torch.float32)
-    rc = lib.els_softmax_sums(S.data_ptr(), n, R, S.stride(0), m.data_ptr(), vals.data_ptr(), nc, vals.stride(0),
-                              float(lo), part.data_ptr(), torch.get_num_threads())
-    if rc:
-        raise ValueError(f"native softmax_sums rejected its arguments (code {rc})")
-    return part
+    return _sums("softmax_sums", S, m, vals, lo, keys_are_rows=True)
 
 
 def softmax_sums_rows(L: torch.Tensor, m: torch.Tensor, vals: torch.Tensor, lo: float) -> torch.Tensor:
@@ -168,19 +177,7 @@ def softmax_sums_rows(L: torch.Tensor, m: torch.Tensor, vals: torch.Tensor, lo: 
     :func:`softmax_sums` for (rows, keys) tiles.  L (R, n) float32 with contiguous rows, m (R,)
     contiguous, vals (C+1, n) float32 with unit column stride.  Call only when :func:`available`.
     """
-    lib = _get()
-    R, n = L.shape
-    nc = vals.shape[0]
-    if any(t.dtype != torch.float32 for t in (L, m, vals)) or L.stride(1) != 1 or not m.is_contiguous() \
-            or vals.stride(1) != 1 or not 1 <= nc <= MAX_CHANNELS + 1 or vals.shape[1] != n or m.shape != (R,):
-        raise ValueError("native softmax_sums_rows takes float32 L (R, n) with contiguous rows, m (R,), "
-                         f"vals (C+1 <= {MAX_CHANNELS + 1}, n) with unit column stride")
-    part = torch.empty(R, nc, dtype=torch.float32)
-    rc = lib.els_softmax_sums_rows(L.data_ptr(), R, n, L.stride(0), m.data_ptr(), vals.data_ptr(), nc,
-                                   vals.stride(0), float(lo), part.data_ptr(), torch.get_num_threads())
-    if rc:
-        raise ValueError(f"native softmax_sums_rows rejected its arguments (code {rc})")
-    return part
+    return _sums("softmax_sums_rows", L, m, vals, lo, keys_are_rows=False)
 
 
 def decode_rows(codes: torch.Tensor, palette: torch.Tensor, mu: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:

@@ -143,7 +143,7 @@ class NestedLevel:
             codes, extra = self.kcodes[j0:j1], self.kextra[j0:j1]
             if extra.dtype == torch.float32 and native.available():
                 return native.decode_rows(codes, self.palette, self.mu_ring, extra)
-            return torch.cat([self.palette[codes.long()] - self.mu_ring, extra], 1)
+            return torch.cat([self._ring_values(codes), extra], 1)
         kr = padded_flat[self.rep_base[j0:j1, None] + self.offsets[None, :]]              # (n, ring)
         kr -= self.mu_ring
         return torch.cat([kr, (kr * kr).sum(1, keepdim=True), self.dbias[j0:j1, None]], 1)
@@ -168,12 +168,17 @@ class NestedLevel:
         codes, extra = [], []
         for s, e in spans:
             kc = codes_flat[self.rep_base[s:e, None] + self.offsets[None, :]]              # (n, ring) uint8
-            kr = self.palette[kc.long()] - self.mu_ring                                  # as keys() computes
+            kr = self._ring_values(kc)                                                   # as keys() decodes
             codes.append(kc)
             extra.append(torch.cat([(kr * kr).sum(1, keepdim=True), self.dbias[s:e, None]], 1))
         self.kcodes = torch.cat(([self.kcodes] if have else []) + codes)
         self.kextra = torch.cat(([self.kextra] if have else []) + extra)
         return (want - have) * row
+
+    def _ring_values(self, codes: torch.Tensor) -> torch.Tensor:
+        """Engine ring values ``palette[codes] - mu`` of byte-coded rows (native decode_rows
+        computes the same)."""
+        return self.palette[codes.long()] - self.mu_ring
 
     def release(self) -> None:
         self.kaug = self.kcodes = self.kextra = None
