@@ -5,7 +5,10 @@ logit tiles: after the GEMM, subtract the running maximum, clamp, exp2 and the w
 are four torch ops, each reading (and most writing) the whole tile.  ``_native_kernels.c``
 does them in one read per tile and level (``bench/README.md`` has the measured gain), and
 the single-k kernel (:mod:`._engine`) likewise for its (rows, keys) tiles; a third function
-decodes byte-coded tree rows.  The answers agree with the torch path to float32 rounding
+decodes byte-coded tree rows.  ``els_nested_tile`` goes further for float32 passes without
+the float64 refinement: it runs a whole tile of the nested pass (every level's parent
+logits, ring GEMM and softmax sums) per block of query rows, keeping the logits in registers
+and a cache-sized scratch instead of writing (nodes, rows) tiles to memory.  The answers agree with the torch path to float32 rounding
 (its exp2 is a degree-7 polynomial, < 6e-8 relative; tests/machines/test_native.py).
 
 How: the C source ships with the package.  On first use it is compiled with the system C
@@ -35,12 +38,15 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "status", "softmax_sums", "softmax_sums_rows", "decode_rows", "ENV_SWITCH", "MAX_CHANNELS"]
+__all__ = ["available", "status", "softmax_sums", "softmax_sums_rows", "decode_rows", "nested_tile",
+           "NESTED_LEVEL_FIELDS", "NESTED_MICRO_ROWS", "ENV_SWITCH", "MAX_CHANNELS"]
 
 ENV_SWITCH = "ELS_AUDIT_NATIVE"
 MAX_CHANNELS = 7                          # MAX_NC - 1 in the C source
+NESTED_LEVEL_FIELDS = 15                  # int64 fields of els_level_t
+NESTED_MICRO_ROWS = 16                    # MW in the C source
 _SOURCE = Path(__file__).with_name("_native_kernels.c")
-_ABI = 1
+_ABI = 2
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -111,6 +117,9 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.els_softmax_sums_rows.restype = ctypes.c_int
     lib.els_decode_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.els_decode_rows.restype = ctypes.c_int
+    lib.els_nested_tile.argtypes = [ptr, i64, i64, ctypes.c_float, ctypes.c_float, ctypes.c_float, i64, ptr, i64,
+                                    ctypes.c_int]
+    lib.els_nested_tile.restype = ctypes.c_int
     _status = f"on ({path.name}, {' '.join(_arch_flags()) or 'no vector flags'})"
     return lib
 
@@ -200,3 +209,27 @@ def decode_rows(codes: torch.Tensor, palette: torch.Tensor, mu: torch.Tensor, ex
     if rc:
         raise ValueError(f"native decode_rows rejected its arguments (code {rc})")
     return out
+
+
+def nested_tile(levels: torch.Tensor, nc: int, lo: float, skip: float, slack: float, block: int,
+                scratch: torch.Tensor, nthreads: int) -> None:
+    """Run ``els_nested_tile`` (the C source documents it) over one tile's levels.
+
+    levels: (nlev, NESTED_LEVEL_FIELDS) int64, one row per level in the order of the C struct
+    ``els_level_t`` (pointers as integers; the caller keeps the tensors they point to alive);
+    block: micro-columns of 16 rows per work item; scratch: float32 with
+    ``scratch_per_thread = scratch.numel() // nthreads`` >= 2 * (largest level's nodes) *
+    block * 16.  Updates the levels' running maxima and sums in place.  Call only when
+    :func:`available`.
+    """
+    lib = _get()
+    if levels.dtype != torch.int64 or levels.dim() != 2 or levels.shape[1] != NESTED_LEVEL_FIELDS \
+            or not levels.is_contiguous() or scratch.dtype != torch.float32 or not scratch.is_contiguous() \
+            or ctypes.sizeof(ctypes.c_void_p) != 8:
+        raise ValueError("native nested_tile takes an int64 (levels, 15) table and a float32 scratch buffer "
+                         "(64-bit platforms)")
+    per_thread = scratch.numel() // nthreads
+    rc = lib.els_nested_tile(levels.data_ptr(), levels.shape[0], nc, float(lo), float(skip), float(slack), block,
+                             scratch.data_ptr(), per_thread, nthreads)
+    if rc:
+        raise ValueError(f"native nested_tile rejected its arguments (code {rc})")

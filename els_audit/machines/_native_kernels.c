@@ -17,8 +17,13 @@
  * Threads: OpenMP over blocks of columns; linked against the libgomp that torch has loaded
  * (same soname), so torch and these kernels share one thread pool.
  */
+#include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 
 #ifndef BLOCK
 #define BLOCK 128   /* columns per work item (64 and 256 measured no faster) */
@@ -42,7 +47,7 @@ static inline float exp2_f32(float x) {
     return p * s;
 }
 
-int els_native_abi(void) { return 1; }
+int els_native_abi(void) { return 2; }
 
 /* The column-block body for a compile-time channel count NC (so that the loop over r, with
  * its NC accumulators, vectorises). */
@@ -154,6 +159,237 @@ int els_decode_rows(const uint8_t *codes, int64_t n, int64_t ring, int64_t ldc, 
         for (int64_t c = 0; c < ring; c++) oj[c] = palette[cj[c]] - mu[c];
         oj[ring] = extra[j * lde];
         oj[ring + 1] = extra[j * lde + 1];
+    }
+    return 0;
+}
+
+/* els_nested_tile: one tile of the nested pass (_nested.py), all its levels, fused.
+ *
+ * Per level i (k_1 < k_2 < ...) and query row r, the base-2 logit of node j is
+ *
+ *   S_i[j, r] = S_(i-1)[par_i[j], r] + sum_d K_i[j, d] Q_i[d, r]
+ *
+ * (its parent's logit plus the GEMM over the ring's columns and the two bias columns), and
+ * each level keeps an online softmax per row: a running maximum m_i[r] and the sums
+ *
+ *   acc_i[c, r] = sum over nodes j counted so far of vals_i[c, j] * 2**(S_i[j, r] - m_i[r]).
+ *
+ * The torch path (_nested.py) writes every level's (nodes, rows) logit tile to memory and
+ * reads it back three times (parent gather, GEMM accumulate, softmax); here a worker takes
+ * a block of rows (WB micro-columns of 16 rows), walks the tile's levels keeping only the
+ * previous level's logits of its rows (in its scratch, cache-resident), and computes the
+ * logits of 4 nodes x 16 rows in registers, followed at once by their exp2 and sums.
+ *
+ * Softmax: the running maximum is raised only when a logit exceeds it by more than `slack`
+ * bits (sums then stay below 2**slack * nodes, far from float32 overflow), and the row's
+ * sums are rescaled then; a micro-tile whose logits all lie more than -skip bits below the
+ * running maximum adds nothing (each weight < 2**skip, all keys together below float
+ * rounding: _engine.skip_threshold) and is not exponentiated.  Weights below 2**lo are
+ * clamped to 2**lo as in els_softmax_sums.
+ *
+ * Rows: level i computes rows [0, rows_i) rounded up to 16 (rows_i non-increasing in i); the
+ * caller pads Q, m and acc to that width and ignores the extra rows.
+ * Returns 0, or a code > 0 for bad arguments (nothing written).
+ */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+typedef struct {           /* one level of a tile; every field 8 bytes (filled from an int64 array) */
+    const float *K;        /* (n, D) key rows [ring - mu, ||ring - mu||^2, dbias], row stride ldK */
+    int64_t ldK, D, n;
+    const int32_t *par;    /* (n,) parent index into the previous level's nodes of this tile (level 0: unused) */
+    const float *Q;        /* (D, >= rows rounded up to 16) query columns [q' a/b^2 log2e; coef_sq; 1] */
+    int64_t ldQ;
+    int64_t own0;          /* nodes own0..n-1 are counted in this tile's softmax */
+    int64_t want;          /* 0: the level only feeds the next one */
+    int64_t rows;          /* active query rows */
+    const float *vals;     /* (nc, n) centres and ones, row stride ldv */
+    int64_t ldv;
+    float *m;              /* (>= rows rounded up to 16) running maxima, updated */
+    float *acc;            /* (nc, ldacc) sums, updated */
+    int64_t ldacc;
+} els_level_t;
+
+#define MW 16              /* rows per micro-column: two 8-lane vectors */
+
+static inline v8f v8_ld(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
+static inline void v8_st(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+static inline v8f v8_splat(float x) { v8f v = {x, x, x, x, x, x, x, x}; return v; }
+static inline v8f v8_sel(v8i m, v8f a, v8f b) { return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
+static inline v8f v8_max(v8f a, v8f b) { return v8_sel(a > b, a, b); }
+static inline v8f v8_min(v8f a, v8f b) { return v8_sel(a < b, a, b); }
+static inline int v8_any(v8i m) {
+#ifdef __AVX__
+    return _mm256_movemask_ps((__m256)m) != 0;
+#else
+    int any = 0;
+    for (int l = 0; l < 8; l++) any |= m[l] != 0;
+    return any;
+#endif
+}
+
+/* 2**x for x in [-126, 127], as exp2_f32 (rounding by the 1.5 * 2**23 trick: exact for |x| < 2**22) */
+static inline v8f v8_exp2(v8f x) {
+    const v8f magic = v8_splat(12582912.0f);
+    v8f n = (x + magic) - magic;
+    v8f f = (x - n) * v8_splat(0.693147180559945309f);
+    v8f p = v8_splat(1.0f / 5040.0f);
+    p = p * f + v8_splat(1.0f / 720.0f);
+    p = p * f + v8_splat(1.0f / 120.0f);
+    p = p * f + v8_splat(1.0f / 24.0f);
+    p = p * f + v8_splat(1.0f / 6.0f);
+    p = p * f + v8_splat(0.5f);
+    p = p * f + v8_splat(1.0f);
+    p = p * f + v8_splat(1.0f);
+    v8i e = (__builtin_convertvector(n, v8i) + 127) << 23;
+    return p * (v8f)e;
+}
+
+/* NQ nodes j..j+NQ-1 of level L over micro-columns [ub, ue) of a worker whose block starts at
+ * micro-column ub0 (scratch index ul = u - ub0). */
+static inline __attribute__((always_inline)) void
+nested_nodes(const int NQ, const els_level_t *L, int first, int64_t j, const float *Sprev, float *Scur, float *P,
+             int64_t ub0, int64_t ue, int64_t WB, int own, int64_t nc, float lo, float skip, float slack) {
+    const float *Kq[4];
+    _Pragma("GCC unroll 4")
+    for (int q = 0; q < NQ; q++) Kq[q] = L->K + (j + q) * L->ldK;
+    const int64_t D = L->D;
+    for (int64_t u = ub0; u < ue; u++) {
+        const int64_t ul = u - ub0, r = u * MW;
+        v8f s[4][2];
+        _Pragma("GCC unroll 4")
+        for (int q = 0; q < NQ; q++) s[q][0] = s[q][1] = v8_splat(0.0f);
+        const float *Qc = L->Q + r;
+        for (int64_t d = 0; d < D; d++, Qc += L->ldQ) {
+            const v8f q0 = v8_ld(Qc), q1 = v8_ld(Qc + 8);
+            _Pragma("GCC unroll 4")
+            for (int q = 0; q < NQ; q++) {
+                const v8f kb = v8_splat(Kq[q][d]);
+                s[q][0] += kb * q0;
+                s[q][1] += kb * q1;
+            }
+        }
+        if (!first) {                          /* the parent's logit last, as addmm adds its product */
+            _Pragma("GCC unroll 4")
+            for (int q = 0; q < NQ; q++) {
+                const float *p = Sprev + ((int64_t)L->par[j + q] * WB + ul) * MW;
+                s[q][0] += v8_ld(p);
+                s[q][1] += v8_ld(p + 8);
+            }
+        }
+        _Pragma("GCC unroll 4")
+        for (int q = 0; q < NQ; q++) {
+            float *p = Scur + ((j + q) * WB + ul) * MW;
+            v8_st(p, s[q][0]);
+            v8_st(p + 8, s[q][1]);
+        }
+        if (!own) continue;
+        _Pragma("GCC unroll 4")
+        for (int h = 0; h < 2; h++) {
+            float *mp = L->m + r + 8 * h;
+            v8f mv = v8_ld(mp), d[4], dmax = v8_splat(-INFINITY);
+            _Pragma("GCC unroll 4")
+            for (int q = 0; q < NQ; q++) {
+                d[q] = s[q][h] - mv;
+                dmax = v8_max(dmax, d[q]);
+            }
+            const v8i raise = dmax > v8_splat(slack);
+            if (v8_any(raise)) {               /* rare once the maxima settle */
+                v8f smax = s[0][h];
+                _Pragma("GCC unroll 4")
+                for (int q = 1; q < NQ; q++) smax = v8_max(smax, s[q][h]);
+                const v8f mnew = v8_sel(raise, smax, mv);
+                const v8f scale = v8_exp2(v8_min(v8_max(mv - mnew, v8_splat(lo)), v8_splat(0.0f)));
+                for (int64_t c = 0; c < nc; c++) {
+                    float *ap = L->acc + c * L->ldacc + r + 8 * h, *pp = P + (c * WB + ul) * MW + 8 * h;
+                    v8_st(ap, v8_ld(ap) * scale);
+                    v8_st(pp, v8_ld(pp) * scale);
+                }
+                v8_st(mp, mnew);
+                mv = mnew;
+                dmax = v8_splat(-INFINITY);
+                _Pragma("GCC unroll 4")
+                for (int q = 0; q < NQ; q++) {
+                    d[q] = s[q][h] - mv;
+                    dmax = v8_max(dmax, d[q]);
+                }
+            }
+            if (!v8_any(dmax >= v8_splat(skip))) continue;       /* negligible micro-tile */
+            v8f e[4];
+            _Pragma("GCC unroll 4")
+            for (int q = 0; q < NQ; q++) e[q] = v8_exp2(v8_min(v8_max(d[q], v8_splat(lo)), v8_splat(127.0f)));
+            for (int64_t c = 0; c < nc; c++) {
+                float *ap = P + (c * WB + ul) * MW + 8 * h;
+                v8f a = v8_ld(ap);
+                _Pragma("GCC unroll 4")
+                for (int q = 0; q < NQ; q++) a += v8_splat(L->vals[c * L->ldv + j + q]) * e[q];
+                v8_st(ap, a);
+            }
+        }
+    }
+}
+
+static void nested_range(const els_level_t *L, int first, int64_t j0, int64_t j1, const float *Sprev, float *Scur,
+                         float *P, int64_t ub0, int64_t ue, int64_t WB, int own, int64_t nc, float lo, float skip,
+                         float slack) {
+    int64_t j = j0;
+    if (first) {
+        for (; j + 4 <= j1; j += 4) nested_nodes(4, L, 1, j, Sprev, Scur, P, ub0, ue, WB, own, nc, lo, skip, slack);
+        for (; j < j1; j++) nested_nodes(1, L, 1, j, Sprev, Scur, P, ub0, ue, WB, own, nc, lo, skip, slack);
+    } else {
+        for (; j + 4 <= j1; j += 4) nested_nodes(4, L, 0, j, Sprev, Scur, P, ub0, ue, WB, own, nc, lo, skip, slack);
+        for (; j < j1; j++) nested_nodes(1, L, 0, j, Sprev, Scur, P, ub0, ue, WB, own, nc, lo, skip, slack);
+    }
+}
+
+int els_nested_tile(const els_level_t *lv, int64_t nlev, int64_t nc, float lo, float skip, float slack,
+                     int64_t WB, float *scratch, int64_t scratch_per_thread, int nthreads) {
+    if (nlev < 1 || nc < 1 || nc > MAX_NC || WB < 1 || nthreads < 1 || !(slack > 0.0f) || slack > 64.0f)
+        return 1;
+    int64_t nmax = 0;
+    for (int64_t i = 0; i < nlev; i++) {
+        const els_level_t *L = lv + i;
+        if (L->n < 0 || L->D < 1 || L->ldK < L->D || L->own0 < 0 || L->own0 > L->n || L->rows < 0)
+            return 2;
+        if (i > 0 && L->rows > lv[i - 1].rows) return 3;
+        if (i > 0) {
+            for (int64_t j = 0; j < L->n; j++)
+                if (L->par[j] < 0 || L->par[j] >= lv[i - 1].n) return 4;
+        }
+        if (L->n > nmax) nmax = L->n;
+    }
+    if ((2 * nmax + MAX_NC) * WB * MW > scratch_per_thread) return 5;
+    const int64_t U0 = (lv[0].rows + MW - 1) / MW, items = (U0 + WB - 1) / WB;
+    #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; item++) {
+        float *buf[2];
+        buf[0] = scratch + (int64_t)omp_get_thread_num() * scratch_per_thread;
+        buf[1] = buf[0] + nmax * WB * MW;
+        float *P = buf[1] + nmax * WB * MW;          /* this tile's sums of the level (nc, WB, MW) */
+        const int64_t ub0 = item * WB;
+        for (int64_t i = 0; i < nlev; i++) {
+            const els_level_t *L = lv + i;
+            const int64_t Ui = (L->rows + MW - 1) / MW;
+            const int64_t ue = ub0 + WB < Ui ? ub0 + WB : Ui;
+            if (ue <= ub0 || L->n == 0) break;
+            const float *Sprev = buf[(i + 1) & 1];
+            float *Scur = buf[i & 1];
+            const int first = i == 0, last = i == nlev - 1;
+            const int64_t own0 = L->want ? L->own0 : L->n;
+            /* nodes before own0 only feed the next level (none at the last) */
+            if (!last) nested_range(L, first, 0, own0, Sprev, Scur, P, ub0, ue, WB, 0, nc, lo, skip, slack);
+            if (own0 == L->n) continue;
+            /* the tile's sums apart, added at the end (as the torch path does: float32 sums
+             * over a whole dictionary in one accumulator lose ~1e-5) */
+            memset(P, 0, (size_t)(nc * WB * MW) * sizeof(float));
+            nested_range(L, first, own0, L->n, Sprev, Scur, P, ub0, ue, WB, 1, nc, lo, skip, slack);
+            for (int64_t c = 0; c < nc; c++)
+                for (int64_t u = ub0; u < ue; u++) {
+                    float *ap = L->acc + c * L->ldacc + u * MW;
+                    const float *pp = P + (c * WB + u - ub0) * MW;
+                    for (int l = 0; l < MW; l++) ap[l] += pp[l];
+                }
+        }
     }
     return 0;
 }

@@ -411,9 +411,62 @@ def _weighted_sums(S: torch.Tensor, m_ref: torch.Tensor, vals: torch.Tensor, scr
     return torch.mm(vals, E)
 
 
+# fused tile step (native.nested_tile): the running max is raised only when a logit exceeds it
+# by more than this many bits; a worker's scratch (the previous and current level's logits of
+# its rows) is kept near this size, within a core's L2 cache
+FUSED_SLACK_BITS = 32.0
+FUSED_SCRATCH_BYTES = 256 << 10
+
+
+def _fused_row_block(nd: NestedDictionary, levels: list[NestedLevel], wanted: list[bool], Q: torch.Tensor,
+                     coef_lin: torch.Tensor, coef_sq: torch.Tensor, nr: list[int], lo: float, skip: float,
+                     counts: dict) -> torch.Tensor:
+    """Softmax sums (L, C+1, rows padded to 16) of one block of query rows over the whole tree,
+    one fused C call per tile (``els_nested_tile``); float32, the rows of level i are the
+    first ``nr[i]`` of ``Q`` (R, C k_max^2)."""
+    L = len(levels)
+    C = nd.mu.numel()
+    mw = native.NESTED_MICRO_ROWS
+    pad = -(-nr[0] // mw) * mw
+    ones = torch.ones(nr[0], 1, dtype=Q.dtype)
+    qaT = []
+    for lv, n in zip(levels, nr):
+        q = torch.zeros(lv.offsets.numel() + 2, pad, dtype=Q.dtype)
+        q[:, :n] = torch.cat([Q[:n, lv.cols] * coef_lin[:n, None], coef_sq[:n, None], ones[:n]], 1).t()
+        qaT.append(q)
+    m = torch.full((L, pad), float("-inf"), dtype=Q.dtype)
+    acc = torch.zeros(L, C + 1, pad, dtype=Q.dtype)
+    nmax = max(max(t[i][1] - t[i][0] for i in range(L)) for t in nd.tiles)
+    block = max(1, min(-(-pad // mw), FUSED_SCRATCH_BYTES // (2 * max(1, nmax) * mw * 4)))
+    threads = torch.get_num_threads()
+    scratch = torch.empty(threads * (2 * max(1, nmax) + native.MAX_CHANNELS + 1) * block * mw, dtype=Q.dtype)
+    item = Q.element_size()
+    for tile in nd.tiles:
+        fields, alive, prev_j0 = [], [], 0
+        for i, lv in enumerate(levels):
+            j0, j1, own0 = tile[i]
+            if j1 == j0:
+                break
+            K = lv.keys(nd.padded_flat, j0, j1)
+            if K.stride(1) != 1:
+                K = K.contiguous()
+            par = lv.parent[j0:j1] - prev_j0 if i else None
+            alive += [K, par]
+            want = wanted[i] and own0 < j1
+            counts["done"] += int(want)
+            fields += [K.data_ptr(), K.stride(0), K.shape[1], j1 - j0, 0 if par is None else par.data_ptr(),
+                       qaT[i].data_ptr(), pad, own0 - j0, int(want), nr[i],
+                       lv.vals.data_ptr() + j0 * item, lv.vals.stride(0), m[i].data_ptr(), acc[i].data_ptr(), pad]
+            prev_j0 = j0
+        if fields:
+            native.nested_tile(torch.tensor(fields, dtype=torch.int64).view(-1, native.NESTED_LEVEL_FIELDS), C + 1,
+                               lo, skip, FUSED_SLACK_BITS, block, scratch, threads)
+    return acc
+
+
 def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
                            ks: Optional[Sequence[int]] = None, row_block: int = 1024,
-                           stats: Optional[dict] = None) -> dict[int, torch.Tensor]:
+                           stats: Optional[dict] = None, fuse: bool = True) -> dict[int, torch.Tensor]:
     """Softmax average of key centres at every level, for every query pixel.
 
     Per (tile, level) the softmax either takes the tile's maximum first (and skips the tile
@@ -433,7 +486,10 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
         ks: the sizes wanted (a subset of ``nd.ks``; default all): levels above the largest
             are not computed, and only wanted levels pay for a softmax.
         row_block: query pixels per block (each block walks every tile).
-        stats: if a dict, receives counts of (tile, level) steps: "done", "skipped", "redone".
+        stats: if a dict, receives counts of (tile, level) steps: "done", "skipped", "redone"
+            (the fused C step counts every step with a softmax as "done").
+        fuse: run each tile's levels as one fused C step where it applies (float32 without
+            the float64 refinement, native kernels built); False: the step by step path.
     Returns:
         {k: (B, C, H, W) mean centre}; for interior trees NaN at the pixels closer than
         k // 2 to an edge (not in the interior group at that k).
@@ -474,11 +530,19 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
     means = torch.full((L, C, R), float("nan"), dtype=dtype)
     # float32 softmax sums run fused in C when the native kernels build (:mod:`._native`)
     use_native = dtype == torch.float32 and C <= native.MAX_CHANNELS and native.available()
+    # float32 without the float64 refinement: the whole tile step fused in C (els_nested_tile)
+    fused = use_native and refine_all is None and fuse
     for r0 in range(0, R, row_block):
         r1 = min(R, r0 + row_block)
         Rb = r1 - r0
         nr = [max(0, min(Rb, n - r0)) for n in n_rows]                                     # active rows per level
         Lb = sum(1 for n in nr if n)                                                       # levels with rows
+        if fused:
+            acc = _fused_row_block(nd, levels[:Lb], wanted, Q[r0:r1], coef_lin[r0:r1], coef_sq[r0:r1], nr,
+                                   underflow, skip_below, counts)
+            for i in range(Lb):
+                means[i, :, r0:r0 + nr[i]] = acc[i, :C, : nr[i]] / acc[i, C, : nr[i]]
+            continue
         ones = torch.ones(Rb, 1, dtype=dtype)
         qaT = [torch.cat([Q[r0:r0 + n, lv.cols] * coef_lin[r0:r0 + n, None], coef_sq[r0:r0 + n, None], ones[:n]],
                          1).t().contiguous() for lv, n in zip(levels[:Lb], nr)]          # (ring+2, rows)

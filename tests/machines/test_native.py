@@ -155,3 +155,104 @@ def test_decode_rows_refuses_a_short_palette():
         _native.decode_rows(codes, torch.zeros(10), torch.zeros(3), torch.zeros(2, 2))
     out = _native.decode_rows(codes + 7, torch.arange(256.0), torch.ones(3), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
     assert torch.equal(out, torch.tensor([[6.0, 6, 6, 1, 2], [6, 6, 6, 3, 4]]))
+
+
+def _tile_fields(levels):
+    """An int64 (levels, 15) table for native.nested_tile from dicts of tensors."""
+    rows = []
+    for lv in levels:
+        K, par, Q, vals, m, acc = lv["K"], lv.get("par"), lv["Q"], lv["vals"], lv["m"], lv["acc"]
+        rows.append([K.data_ptr(), K.stride(0), K.shape[1], K.shape[0], 0 if par is None else par.data_ptr(),
+                     Q.data_ptr(), Q.stride(0), lv["own0"], lv["want"], lv["rows"], vals.data_ptr(), vals.stride(0),
+                     m.data_ptr(), acc.data_ptr(), acc.stride(0)])
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def _random_tile(g, nc, ns=(9, 23, 30), rows=(45, 33, 17), Ds=(5, 7, 9), wants=(1, 0, 1), own0s=(2, 5, 0)):
+    """A tile of three levels in the kernel's layout, with a 'previous tile' already summed."""
+    pad = -(-max(rows) // 16) * 16
+    levels = []
+    for i, (n, R, D, want, own0) in enumerate(zip(ns, rows, Ds, wants, own0s)):
+        K = (torch.randn(n, D + 3, generator=g) * 0.7)[:, :D]                      # row stride > D
+        Q = torch.zeros(D, pad)
+        Q[:, :R] = torch.randn(D, R, generator=g) * 0.7
+        m = torch.randn(pad, generator=g) * 2
+        levels.append(dict(K=K, Q=Q, par=None if i == 0 else torch.randint(0, ns[i - 1], (n,), generator=g,
+                                                                             dtype=torch.int32),
+                           vals=torch.randn(nc, n + 2, generator=g)[:, :n], m=m, acc=torch.rand(nc, pad, generator=g),
+                           own0=own0, want=want, rows=R))
+    return levels
+
+
+@needs_cc
+@pytest.mark.parametrize("nc", [1, 2, 4])
+def test_nested_tile_against_float64(nc, two_threads):
+    g = torch.Generator().manual_seed(20 + nc)
+    levels = _random_tile(g, nc)
+    before = [(lv["m"].double().clone(), lv["acc"].double().clone()) for lv in levels]
+    S_prev = None
+    want_sums = []
+    for lv in levels:
+        S = lv["K"].double() @ lv["Q"].double()                                # (n, pad)
+        if S_prev is not None:
+            S = S + S_prev[lv["par"].long()]
+        S_prev = S
+        E = torch.exp2(S[lv["own0"]:])
+        want_sums.append((lv["vals"].double()[:, lv["own0"]:] @ E, lv["vals"].double()[:, lv["own0"]:].abs() @ E))
+    scratch = torch.empty(2 * (2 * 30 + 8) * 4 * 16)
+    _native.nested_tile(_tile_fields(levels), nc, -126.0, -60.0, 32.0, 4, scratch, 2)
+    for lv, (m0, acc0), (ws, scale) in zip(levels, before, want_sums):
+        R = lv["rows"]
+        total = acc0 * torch.exp2(m0) + (ws if lv["want"] else 0)              # sums at maximum 0
+        scale = acc0 * torch.exp2(m0) + scale                                   # of each sum's terms
+        got = lv["acc"].double() * torch.exp2(lv["m"].double())
+        if not lv["want"]:
+            assert torch.equal(lv["m"].double(), m0) and torch.equal(lv["acc"].double(), acc0)
+        assert ((got - total)[:, :R].abs() / scale[:, :R]).max().item() < 1e-6
+        assert bool((lv["m"].double()[:R] >= m0[:R]).all())                     # maxima only rise
+
+
+@needs_cc
+def test_nested_tile_refuses_bad_tables():
+    g = torch.Generator().manual_seed(5)
+    scratch = torch.empty(2 * (2 * 30 + 8) * 4 * 16)
+    levels = _random_tile(g, 2)
+    levels[2]["par"][3] = 23                                                   # level 1 has 23 nodes
+    with pytest.raises(ValueError, match="code 4"):
+        _native.nested_tile(_tile_fields(levels), 2, -126.0, -60.0, 32.0, 4, scratch, 2)
+    levels = _random_tile(g, 2, rows=(17, 33, 17))                               # rows must not grow
+    with pytest.raises(ValueError, match="code 3"):
+        _native.nested_tile(_tile_fields(levels), 2, -126.0, -60.0, 32.0, 4, scratch, 2)
+    levels = _random_tile(g, 2)
+    with pytest.raises(ValueError, match="code 5"):                              # scratch too small
+        _native.nested_tile(_tile_fields(levels), 2, -126.0, -60.0, 32.0, 4, scratch[:100], 2)
+    with pytest.raises(ValueError, match="int64"):
+        _native.nested_tile(_tile_fields(levels).int(), 2, -126.0, -60.0, 32.0, 4, scratch, 2)
+
+
+@needs_cc
+@pytest.mark.parametrize("mode", ["circular", "interior"])
+@pytest.mark.parametrize("C", [1, 3])
+def test_fused_nested_pass_matches_the_step_by_step_pass(mode, C, two_threads):
+    from els_audit.machines._nested import build_nested_dictionary, nested_softmax_average
+    from els_audit.schedules import get_schedule
+
+    g = torch.Generator().manual_seed(C)
+    imgs = (torch.randint(0, 6, (12, C, 11, 9), generator=g).float() / 5) * 2 - 1      # repeated patches
+    x = torch.randn(3, C, 11, 9, generator=g)
+    a, b = get_schedule("cosine-legacy").alpha_sigma(torch.tensor([0.35, 0.6, 0.95]))
+    want = nested_softmax_average(build_nested_dictionary(imgs.double(), (3, 5, 7, 9), mode=mode), x.double(),
+                                  a.double(), b.double())
+    for tile_nodes in (5, 1024):
+        nd = build_nested_dictionary(imgs, (3, 5, 7, 9), mode=mode, tile_nodes=tile_nodes)
+        for ks in ((3, 5, 7, 9), (5, 9), (3,)):
+            stats_on, stats_off = {}, {}
+            on = nested_softmax_average(nd, x, a, b, ks=ks, stats=stats_on)
+            off = nested_softmax_average(nd, x, a, b, ks=ks, stats=stats_off, fuse=False)
+            assert stats_on["redone"] == 0 and stats_on["done"] > 0
+            for k in ks:
+                assert torch.equal(on[k].isnan(), off[k].isnan())
+                # right to float32 precision, and within the two paths' rounding of each other (up to 9e-6
+                # here for the step-by-step pass)
+                assert rel_err(on[k].nan_to_num(), off[k].nan_to_num()) < 2e-5, (tile_nodes, ks, k)
+                assert rel_err(on[k].nan_to_num().double(), want[k].nan_to_num()) < 1e-5, (tile_nodes, ks, k)
