@@ -38,12 +38,12 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "status", "softmax_sums", "softmax_sums_rows", "decode_rows", "nested_tile",
+__all__ = ["available", "status", "softmax_sums", "softmax_sums_rows", "decode_rows", "nested_tile", "nested_tile_csr_floats",
            "NESTED_LEVEL_FIELDS", "NESTED_MICRO_ROWS", "ENV_SWITCH", "MAX_CHANNELS"]
 
 ENV_SWITCH = "ELS_AUDIT_NATIVE"
 MAX_CHANNELS = 7                          # MAX_NC - 1 in the C source
-NESTED_LEVEL_FIELDS = 15                  # int64 fields of els_level_t
+NESTED_LEVEL_FIELDS = 21                  # int64 fields of els_level_t (pointers as integers)
 NESTED_MICRO_ROWS = 16                    # MW in the C source
 _SOURCE = Path(__file__).with_name("_native_kernels.c")
 _ABI = 2
@@ -118,7 +118,7 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.els_decode_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.els_decode_rows.restype = ctypes.c_int
     lib.els_nested_tile.argtypes = [ptr, i64, i64, ctypes.c_float, ctypes.c_float, ctypes.c_float, i64, ptr, i64,
-                                    ctypes.c_int]
+                                    ptr, i64, ctypes.c_int]
     lib.els_nested_tile.restype = ctypes.c_int
     _status = f"on ({path.name}, {' '.join(_arch_flags()) or 'no vector flags'})"
     return lib
@@ -211,25 +211,33 @@ def decode_rows(codes: torch.Tensor, palette: torch.Tensor, mu: torch.Tensor, ex
     return out
 
 
+def nested_tile_csr_floats(n_nodes: int, widths) -> int:
+    """Floats of the ``csr`` buffer :func:`nested_tile` needs for levels of at most ``n_nodes``
+    nodes and key rows of ``widths`` (D per level)."""
+    return sum(2 * n_nodes * d + (n_nodes * d + 1) // 2 + n_nodes for d in widths)
+
+
 def nested_tile(levels: torch.Tensor, nc: int, lo: float, skip: float, slack: float, block: int,
-                scratch: torch.Tensor, nthreads: int) -> None:
+                scratch: torch.Tensor, csr: torch.Tensor, nthreads: int) -> None:
     """Run ``els_nested_tile`` (the C source documents it) over one tile's levels.
 
     levels: (nlev, NESTED_LEVEL_FIELDS) int64, one row per level in the order of the C struct
     ``els_level_t`` (pointers as integers; the caller keeps the tensors they point to alive);
     block: micro-columns of 16 rows per work item; scratch: float32 with
     ``scratch_per_thread = scratch.numel() // nthreads`` >= 2 * (largest level's nodes) *
-    block * 16.  Updates the levels' running maxima and sums in place.  Call only when
-    :func:`available`.
+    block * 16; csr: float32, at least :func:`nested_tile_csr_floats` (each level's key rows
+    as nonzero entries: levels with fewer than 60% nonzero run sparse).  Updates the levels'
+    running maxima and sums in place.  Call only when :func:`available`.
     """
     lib = _get()
     if levels.dtype != torch.int64 or levels.dim() != 2 or levels.shape[1] != NESTED_LEVEL_FIELDS \
             or not levels.is_contiguous() or scratch.dtype != torch.float32 or not scratch.is_contiguous() \
+            or csr.dtype != torch.float32 or not csr.is_contiguous() \
             or ctypes.sizeof(ctypes.c_void_p) != 8:
-        raise ValueError("native nested_tile takes an int64 (levels, 15) table and a float32 scratch buffer "
+        raise ValueError("native nested_tile takes an int64 (levels, 21) table and float32 scratch and csr buffers "
                          "(64-bit platforms)")
     per_thread = scratch.numel() // nthreads
     rc = lib.els_nested_tile(levels.data_ptr(), levels.shape[0], nc, float(lo), float(skip), float(slack), block,
-                             scratch.data_ptr(), per_thread, nthreads)
+                             scratch.data_ptr(), per_thread, csr.data_ptr(), csr.numel(), nthreads)
     if rc:
         raise ValueError(f"native nested_tile rejected its arguments (code {rc})")

@@ -208,6 +208,13 @@ typedef struct {           /* one level of a tile; every field 8 bytes (filled f
     float *m;              /* (>= rows rounded up to 16) running maxima, updated */
     float *acc;            /* (nc, ldacc) sums, updated */
     int64_t ldacc;
+    /* byte-coded key rows (K NULL): row j is [palette[codes[j, :]] - mu, extra[j, 0], extra[j, 1]] */
+    const uint8_t *codes;  /* (n, D - 2), row stride ldc */
+    int64_t ldc;
+    const float *palette;  /* (256,) */
+    const float *mu;       /* (D - 2,) */
+    const float *extra;    /* (n, 2), row stride lde */
+    int64_t lde;
 } els_level_t;
 
 #define MW 16              /* rows per micro-column: two 8-lane vectors */
@@ -245,21 +252,21 @@ static inline v8f v8_exp2(v8f x) {
     return p * (v8f)e;
 }
 
-/* NQ nodes j..j+NQ-1 of level L over micro-columns [ub, ue) of a worker whose block starts at
- * micro-column ub0 (scratch index ul = u - ub0). */
+/* Logits of the NQ nodes j.. (dense key rows) over micro-columns [ub0, ue) of a worker's
+ * block: S = K Q, then the parent's logit added (as addmm adds its product), into Scur. */
 static inline __attribute__((always_inline)) void
-nested_nodes(const int NQ, const els_level_t *L, int first, int64_t j, const float *Sprev, float *Scur, float *P,
-             int64_t ub0, int64_t ue, int64_t WB, int own, int64_t nc, float lo, float skip, float slack) {
+logits_dense(const int NQ, const els_level_t *L, const float *K, int64_t ldK, int first, int64_t j,
+             const float *Sprev, float *Scur, int64_t ub0, int64_t ue, int64_t WB) {
     const float *Kq[4];
     _Pragma("GCC unroll 4")
-    for (int q = 0; q < NQ; q++) Kq[q] = L->K + (j + q) * L->ldK;
+    for (int q = 0; q < NQ; q++) Kq[q] = K + (j + q) * ldK;
     const int64_t D = L->D;
     for (int64_t u = ub0; u < ue; u++) {
-        const int64_t ul = u - ub0, r = u * MW;
+        const int64_t ul = u - ub0;
         v8f s[4][2];
         _Pragma("GCC unroll 4")
         for (int q = 0; q < NQ; q++) s[q][0] = s[q][1] = v8_splat(0.0f);
-        const float *Qc = L->Q + r;
+        const float *Qc = L->Q + u * MW;
         for (int64_t d = 0; d < D; d++, Qc += L->ldQ) {
             const v8f q0 = v8_ld(Qc), q1 = v8_ld(Qc + 8);
             _Pragma("GCC unroll 4")
@@ -269,35 +276,79 @@ nested_nodes(const int NQ, const els_level_t *L, int first, int64_t j, const flo
                 s[q][1] += kb * q1;
             }
         }
-        if (!first) {                          /* the parent's logit last, as addmm adds its product */
-            _Pragma("GCC unroll 4")
-            for (int q = 0; q < NQ; q++) {
+        _Pragma("GCC unroll 4")
+        for (int q = 0; q < NQ; q++) {
+            if (!first) {
                 const float *p = Sprev + ((int64_t)L->par[j + q] * WB + ul) * MW;
                 s[q][0] += v8_ld(p);
                 s[q][1] += v8_ld(p + 8);
             }
+            float *o = Scur + ((j + q) * WB + ul) * MW;
+            v8_st(o, s[q][0]);
+            v8_st(o + 8, s[q][1]);
         }
-        _Pragma("GCC unroll 4")
-        for (int q = 0; q < NQ; q++) {
-            float *p = Scur + ((j + q) * WB + ul) * MW;
-            v8_st(p, s[q][0]);
-            v8_st(p + 8, s[q][1]);
-        }
-        if (!own) continue;
-        _Pragma("GCC unroll 4")
+    }
+}
+
+/* Sparse key rows (most ring pixels equal to the shift, so exactly zero): node j's `cnt`
+ * nonzero entries (column idx, value), NU micro-columns from u, in registers. */
+static inline __attribute__((always_inline)) void
+logits_sparse_chunk(const int NU, const els_level_t *L, int first, int64_t j, const uint16_t *idx,
+                    const float *val, int64_t cnt, const float *Sprev, float *Scur, int64_t u, int64_t ub0,
+                    int64_t WB) {
+    v8f s[8];
+    _Pragma("GCC unroll 8")
+    for (int w = 0; w < 2 * NU; w++) s[w] = v8_splat(0.0f);
+    const float *Qu = L->Q + u * MW;
+    for (int64_t e = 0; e < cnt; e++) {
+        const float *Qd = Qu + (int64_t)idx[e] * L->ldQ;
+        const v8f v = v8_splat(val[e]);
+        _Pragma("GCC unroll 8")
+        for (int w = 0; w < 2 * NU; w++) s[w] += v * v8_ld(Qd + 8 * w);
+    }
+    if (!first) {
+        const float *p = Sprev + ((int64_t)L->par[j] * WB + u - ub0) * MW;
+        _Pragma("GCC unroll 8")
+        for (int w = 0; w < 2 * NU; w++) s[w] += v8_ld(p + 8 * w);
+    }
+    float *o = Scur + (j * WB + u - ub0) * MW;
+    _Pragma("GCC unroll 8")
+    for (int w = 0; w < 2 * NU; w++) v8_st(o + 8 * w, s[w]);
+}
+
+static void logits_sparse(const els_level_t *L, int first, int64_t j, const uint16_t *idx, const float *val,
+                          int64_t cnt, const float *Sprev, float *Scur, int64_t ub0, int64_t ue, int64_t WB) {
+    int64_t u = ub0;
+    for (; ue - u >= 4; u += 4) logits_sparse_chunk(4, L, first, j, idx, val, cnt, Sprev, Scur, u, ub0, WB);
+    switch (ue - u) {
+        case 3: logits_sparse_chunk(3, L, first, j, idx, val, cnt, Sprev, Scur, u, ub0, WB); break;
+        case 2: logits_sparse_chunk(2, L, first, j, idx, val, cnt, Sprev, Scur, u, ub0, WB); break;
+        case 1: logits_sparse_chunk(1, L, first, j, idx, val, cnt, Sprev, Scur, u, ub0, WB); break;
+        default: break;
+    }
+}
+
+/* The online softmax of the NQ nodes j.. (logits in Scur) into the tile's sums P. */
+static inline __attribute__((always_inline)) void
+softmax_nodes(const int NQ, const els_level_t *L, int64_t j, const float *Scur, float *P, int64_t ub0, int64_t ue,
+              int64_t WB, int64_t nc, float lo, float skip, float slack) {
+    for (int64_t u = ub0; u < ue; u++) {
+        const int64_t ul = u - ub0, r = u * MW;
+        _Pragma("GCC unroll 2")
         for (int h = 0; h < 2; h++) {
             float *mp = L->m + r + 8 * h;
-            v8f mv = v8_ld(mp), d[4], dmax = v8_splat(-INFINITY);
+            v8f s[4], mv = v8_ld(mp), d[4], dmax = v8_splat(-INFINITY);
             _Pragma("GCC unroll 4")
             for (int q = 0; q < NQ; q++) {
-                d[q] = s[q][h] - mv;
+                s[q] = v8_ld(Scur + ((j + q) * WB + ul) * MW + 8 * h);
+                d[q] = s[q] - mv;
                 dmax = v8_max(dmax, d[q]);
             }
             const v8i raise = dmax > v8_splat(slack);
             if (v8_any(raise)) {               /* rare once the maxima settle */
-                v8f smax = s[0][h];
+                v8f smax = s[0];
                 _Pragma("GCC unroll 4")
-                for (int q = 1; q < NQ; q++) smax = v8_max(smax, s[q][h]);
+                for (int q = 1; q < NQ; q++) smax = v8_max(smax, s[q]);
                 const v8f mnew = v8_sel(raise, smax, mv);
                 const v8f scale = v8_exp2(v8_min(v8_max(mv - mnew, v8_splat(lo)), v8_splat(0.0f)));
                 for (int64_t c = 0; c < nc; c++) {
@@ -310,7 +361,7 @@ nested_nodes(const int NQ, const els_level_t *L, int first, int64_t j, const flo
                 dmax = v8_splat(-INFINITY);
                 _Pragma("GCC unroll 4")
                 for (int q = 0; q < NQ; q++) {
-                    d[q] = s[q][h] - mv;
+                    d[q] = s[q] - mv;
                     dmax = v8_max(dmax, d[q]);
                 }
             }
@@ -319,37 +370,71 @@ nested_nodes(const int NQ, const els_level_t *L, int first, int64_t j, const flo
             _Pragma("GCC unroll 4")
             for (int q = 0; q < NQ; q++) e[q] = v8_exp2(v8_min(v8_max(d[q], v8_splat(lo)), v8_splat(127.0f)));
             for (int64_t c = 0; c < nc; c++) {
-                float *ap = P + (c * WB + ul) * MW + 8 * h;
-                v8f a = v8_ld(ap);
+                float *pp = P + (c * WB + ul) * MW + 8 * h;
+                v8f a = v8_ld(pp);
                 _Pragma("GCC unroll 4")
                 for (int q = 0; q < NQ; q++) a += v8_splat(L->vals[c * L->ldv + j + q]) * e[q];
-                v8_st(ap, a);
+                v8_st(pp, a);
             }
         }
     }
 }
 
-static void nested_range(const els_level_t *L, int first, int64_t j0, int64_t j1, const float *Sprev, float *Scur,
-                         float *P, int64_t ub0, int64_t ue, int64_t WB, int own, int64_t nc, float lo, float skip,
-                         float slack) {
-    int64_t j = j0;
-    if (first) {
-        for (; j + 4 <= j1; j += 4) nested_nodes(4, L, 1, j, Sprev, Scur, P, ub0, ue, WB, own, nc, lo, skip, slack);
-        for (; j < j1; j++) nested_nodes(1, L, 1, j, Sprev, Scur, P, ub0, ue, WB, own, nc, lo, skip, slack);
-    } else {
-        for (; j + 4 <= j1; j += 4) nested_nodes(4, L, 0, j, Sprev, Scur, P, ub0, ue, WB, own, nc, lo, skip, slack);
-        for (; j < j1; j++) nested_nodes(1, L, 0, j, Sprev, Scur, P, ub0, ue, WB, own, nc, lo, skip, slack);
+typedef struct {           /* a level's key rows as nonzero entries (sparse levels) */
+    int sparse;
+    const float *K;        /* dense key rows, row stride ldK (decoded here for byte-coded rows) */
+    int64_t ldK;
+    float *val;            /* (n, D): node j's entries at j * D */
+    uint16_t *idx;
+    int32_t *cnt;          /* (n,) */
+} csr_t;
+
+/* Nodes [j0, j1) of level L: logits, and with `own` their softmax. */
+static void nested_range(const els_level_t *L, const csr_t *Z, int first, int64_t j0, int64_t j1,
+                         const float *Sprev, float *Scur, float *P, int64_t ub0, int64_t ue, int64_t WB, int own,
+                         int64_t nc, float lo, float skip, float slack) {
+    for (int64_t j = j0; j < j1; j += 4) {
+        const int nq = j1 - j < 4 ? (int)(j1 - j) : 4;
+        if (Z->sparse) {
+            for (int q = 0; q < nq; q++)
+                logits_sparse(L, first, j + q, Z->idx + (j + q) * L->D, Z->val + (j + q) * L->D, Z->cnt[j + q],
+                              Sprev, Scur, ub0, ue, WB);
+        } else if (nq == 4) {
+            if (first) logits_dense(4, L, Z->K, Z->ldK, 1, j, Sprev, Scur, ub0, ue, WB);
+            else logits_dense(4, L, Z->K, Z->ldK, 0, j, Sprev, Scur, ub0, ue, WB);
+        } else {
+            for (int q = 0; q < nq; q++) {
+                if (first) logits_dense(1, L, Z->K, Z->ldK, 1, j + q, Sprev, Scur, ub0, ue, WB);
+                else logits_dense(1, L, Z->K, Z->ldK, 0, j + q, Sprev, Scur, ub0, ue, WB);
+            }
+        }
+        if (!own) continue;
+        if (nq == 4) softmax_nodes(4, L, j, Scur, P, ub0, ue, WB, nc, lo, skip, slack);
+        else
+            for (int q = 0; q < nq; q++) softmax_nodes(1, L, j + q, Scur, P, ub0, ue, WB, nc, lo, skip, slack);
     }
 }
 
+#define MAX_LEVELS 64
+#define SPARSE_BELOW 0.6   /* a level runs sparse when fewer of its key entries are nonzero */
+
+/* csr: float32 scratch of at least sum over levels of n * (ceil(D / 2) + D + 1) floats, plus
+ * n * D more for byte-coded levels (capacity csr_floats); scratch: per thread
+ * (2 * largest n + MAX_NC) * WB * 16 floats. */
 int els_nested_tile(const els_level_t *lv, int64_t nlev, int64_t nc, float lo, float skip, float slack,
-                     int64_t WB, float *scratch, int64_t scratch_per_thread, int nthreads) {
-    if (nlev < 1 || nc < 1 || nc > MAX_NC || WB < 1 || nthreads < 1 || !(slack > 0.0f) || slack > 64.0f)
+                    int64_t WB, float *scratch, int64_t scratch_per_thread, float *csr, int64_t csr_floats,
+                    int nthreads) {
+    if (nlev < 1 || nlev > MAX_LEVELS || nc < 1 || nc > MAX_NC || WB < 1 || nthreads < 1 || !(slack > 0.0f) ||
+        slack > 64.0f)
         return 1;
-    int64_t nmax = 0;
+    int64_t nmax = 0, need = 0;
+    csr_t Z[MAX_LEVELS];
     for (int64_t i = 0; i < nlev; i++) {
         const els_level_t *L = lv + i;
-        if (L->n < 0 || L->D < 1 || L->ldK < L->D || L->own0 < 0 || L->own0 > L->n || L->rows < 0)
+        const int coded = L->K == NULL;
+        if (L->n < 0 || L->D < 1 || L->D > 65535 || L->own0 < 0 || L->own0 > L->n || L->rows < 0 ||
+            (!coded && L->ldK < L->D) ||
+            (coded && (L->D < 2 || L->ldc < L->D - 2 || L->lde < 2 || !L->codes || !L->palette || !L->mu || !L->extra)))
             return 2;
         if (i > 0 && L->rows > lv[i - 1].rows) return 3;
         if (i > 0) {
@@ -357,38 +442,79 @@ int els_nested_tile(const els_level_t *lv, int64_t nlev, int64_t nc, float lo, f
                 if (L->par[j] < 0 || L->par[j] >= lv[i - 1].n) return 4;
         }
         if (L->n > nmax) nmax = L->n;
+        Z[i].val = csr + need;
+        Z[i].idx = (uint16_t *)(csr + need + L->n * L->D);
+        Z[i].cnt = (int32_t *)(csr + need + L->n * L->D + (L->n * L->D + 1) / 2);
+        need += L->n * L->D + (L->n * L->D + 1) / 2 + L->n;
+        Z[i].K = coded ? csr + need : L->K;
+        Z[i].ldK = coded ? L->D : L->ldK;
+        need += coded ? L->n * L->D : 0;
     }
     if ((2 * nmax + MAX_NC) * WB * MW > scratch_per_thread) return 5;
+    if (need > csr_floats) return 6;
     const int64_t U0 = (lv[0].rows + MW - 1) / MW, items = (U0 + WB - 1) / WB;
-    #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; item++) {
-        float *buf[2];
-        buf[0] = scratch + (int64_t)omp_get_thread_num() * scratch_per_thread;
-        buf[1] = buf[0] + nmax * WB * MW;
-        float *P = buf[1] + nmax * WB * MW;          /* this tile's sums of the level (nc, WB, MW) */
-        const int64_t ub0 = item * WB;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        /* key rows to nonzero entries, every level (one read of the rows) */
         for (int64_t i = 0; i < nlev; i++) {
             const els_level_t *L = lv + i;
-            const int64_t Ui = (L->rows + MW - 1) / MW;
-            const int64_t ue = ub0 + WB < Ui ? ub0 + WB : Ui;
-            if (ue <= ub0 || L->n == 0) break;
-            const float *Sprev = buf[(i + 1) & 1];
-            float *Scur = buf[i & 1];
-            const int first = i == 0, last = i == nlev - 1;
-            const int64_t own0 = L->want ? L->own0 : L->n;
-            /* nodes before own0 only feed the next level (none at the last) */
-            if (!last) nested_range(L, first, 0, own0, Sprev, Scur, P, ub0, ue, WB, 0, nc, lo, skip, slack);
-            if (own0 == L->n) continue;
-            /* the tile's sums apart, added at the end (as the torch path does: float32 sums
-             * over a whole dictionary in one accumulator lose ~1e-5) */
-            memset(P, 0, (size_t)(nc * WB * MW) * sizeof(float));
-            nested_range(L, first, own0, L->n, Sprev, Scur, P, ub0, ue, WB, 1, nc, lo, skip, slack);
-            for (int64_t c = 0; c < nc; c++)
-                for (int64_t u = ub0; u < ue; u++) {
-                    float *ap = L->acc + c * L->ldacc + u * MW;
-                    const float *pp = P + (c * WB + u - ub0) * MW;
-                    for (int l = 0; l < MW; l++) ap[l] += pp[l];
+            #pragma omp for schedule(static)
+            for (int64_t j = 0; j < L->n; j++) {
+                const float *k = Z[i].K + j * Z[i].ldK;
+                if (L->K == NULL) {                             /* decode a byte-coded row */
+                    float *kd = (float *)k;
+                    const uint8_t *cj = L->codes + j * L->ldc;
+                    for (int64_t d = 0; d < L->D - 2; d++) kd[d] = L->palette[cj[d]] - L->mu[d];
+                    kd[L->D - 2] = L->extra[j * L->lde];
+                    kd[L->D - 1] = L->extra[j * L->lde + 1];
                 }
+                float *v = Z[i].val + j * L->D;
+                uint16_t *x = Z[i].idx + j * L->D;
+                int32_t c = 0;
+                for (int64_t d = 0; d < L->D; d++) {            /* branch-free: zeros are overwritten */
+                    v[c] = k[d];
+                    x[c] = (uint16_t)d;
+                    c += k[d] != 0.0f;
+                }
+                Z[i].cnt[j] = c;
+            }
+        }
+        #pragma omp single
+        for (int64_t i = 0; i < nlev; i++) {
+            int64_t nnz = 0;
+            for (int64_t j = 0; j < lv[i].n; j++) nnz += Z[i].cnt[j];
+            Z[i].sparse = (double)nnz < SPARSE_BELOW * (double)(lv[i].n * lv[i].D);
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < items; item++) {
+            float *buf[2];
+            buf[0] = scratch + (int64_t)omp_get_thread_num() * scratch_per_thread;
+            buf[1] = buf[0] + nmax * WB * MW;
+            float *P = buf[1] + nmax * WB * MW;          /* this tile's sums of the level (nc, WB, MW) */
+            const int64_t ub0 = item * WB;
+            for (int64_t i = 0; i < nlev; i++) {
+                const els_level_t *L = lv + i;
+                const int64_t Ui = (L->rows + MW - 1) / MW;
+                const int64_t ue = ub0 + WB < Ui ? ub0 + WB : Ui;
+                if (ue <= ub0 || L->n == 0) break;
+                const float *Sprev = buf[(i + 1) & 1];
+                float *Scur = buf[i & 1];
+                const int first = i == 0, last = i == nlev - 1;
+                const int64_t own0 = L->want ? L->own0 : L->n;
+                /* nodes before own0 only feed the next level (none at the last) */
+                if (!last) nested_range(L, Z + i, first, 0, own0, Sprev, Scur, P, ub0, ue, WB, 0, nc, lo, skip, slack);
+                if (own0 == L->n) continue;
+                /* the tile's sums apart, added at the end (as the torch path does: float32 sums
+                 * over a whole dictionary in one accumulator lose ~1e-5) */
+                memset(P, 0, (size_t)(nc * WB * MW) * sizeof(float));
+                nested_range(L, Z + i, first, own0, L->n, Sprev, Scur, P, ub0, ue, WB, 1, nc, lo, skip, slack);
+                for (int64_t c = 0; c < nc; c++)
+                    for (int64_t u = ub0; u < ue; u++) {
+                        float *ap = L->acc + c * L->ldacc + u * MW;
+                        const float *pp = P + (c * WB + u - ub0) * MW;
+                        for (int l = 0; l < MW; l++) ap[l] += pp[l];
+                    }
+            }
         }
     }
     return 0;

@@ -35,11 +35,17 @@ Two dictionaries nest this way (``mode``):
   rows are a prefix.  The other bbELS groups (pixels near an edge, each with its own
   padding pattern) are small; the machine runs them one k at a time.
 (The 'valid' ELS dictionary changes its key set with k but not its queries; it runs one k
-at a time.)  With ``q' = q - a mu`` and ``p' = p - mu`` for the per-channel pixel mean mu
-(any constant vector works in exact arithmetic; this one keeps float32 logits small), the
-logit is, as in :mod:`._engine`, a GEMM of ``[q' a/b^2, -a^2/(2b^2)]`` against
-``[p', ||p'||^2]`` in base 2.  In float32 each step's softmax sums run as one C pass when
-the native kernels build (:mod:`._native`).
+at a time.)  With ``q' = q - a mu`` and ``p' = p - mu`` for a per-channel shift mu (any
+constant vector works in exact arithmetic: the background value where one covers half the
+pixels, so that most ring entries are exactly zero, else the mean, which keeps float32
+logits small; :func:`_shift_of`), the logit is, as in :mod:`._engine`, a GEMM of
+``[q' a/b^2, -a^2/(2b^2)]`` against ``[p', ||p'||^2]`` in base 2.
+
+In float32, when the native kernels build (:mod:`._native`), each tile's levels run as one
+fused C step (``els_nested_tile``: parent logit + ring GEMM + online softmax per block of
+query rows, only the sums written back; levels whose key rows are mostly zero run as
+sparse products), except at low noise where the float64 refinement needs each tile's
+logits; there each step's softmax sums run as one C pass.
 """
 
 from __future__ import annotations
@@ -205,7 +211,7 @@ class NestedDictionary:
     ks: tuple[int, ...]
     levels: list[NestedLevel]
     padded_flat: torch.Tensor      # (N*C*Hp*Wp,) images padded by r_max (circularly or zeros)
-    mu: torch.Tensor               # (C,) per-channel mean of the images
+    mu: torch.Tensor               # (C,) per-channel shift of keys and queries (_shift_of)
     total_keys: int                # N*H*W: at most this many keys at any level
     tiles: list[list[tuple[int, int, int]]]
     mode: str = "circular"         # or "interior" (build_nested_dictionary)
@@ -267,6 +273,22 @@ def interior_tree_bytes(n_images: int, C: int, H: int, W: int, ks: Sequence[int]
     return total
 
 
+def _shift_of(images: torch.Tensor) -> torch.Tensor:
+    """(C,) the constant subtracted from keys and queries (any vector gives the same logits in
+    exact arithmetic): per channel the most common value where it covers at least half of the
+    pixels (a background: then most ring entries are exactly zero and the fused C step runs
+    those levels sparse, :mod:`._native`), else the mean (keeps float32 logits small)."""
+    C = images.shape[1]
+    flat = images.transpose(0, 1).reshape(C, -1)
+    out = flat.to(torch.float64).mean(1).to(images.dtype)
+    for c in range(C):
+        vals, counts = torch.unique(flat[c], return_counts=True)
+        top = int(counts.argmax())
+        if 2 * int(counts[top]) >= flat.shape[1]:
+            out[c] = vals[top]
+    return out
+
+
 def palette_of(images: torch.Tensor) -> Optional[torch.Tensor]:
     """(256,) the distinct values of ``images`` (sorted, padded with the largest) when there are
     at most 256 of them (images decoded from 8-bit pixels), else None."""
@@ -305,7 +327,7 @@ def build_nested_dictionary(images: torch.Tensor, ks: Sequence[int], *, image_id
         # interior trees never read their zero padding: code 0 there
         codes_flat = (circular_pad(codes, r_max) if mode == "circular" else F.pad(codes, (r_max,) * 4)).reshape(-1)
     all_off = _onion_flat_offsets(ks[-1], C, Hp, Wp)                                         # (C k_max^2,)
-    mu = images.to(torch.float64).mean(dim=(0, 2, 3)).to(dtype)                            # (C,)
+    mu = _shift_of(images)                                                                  # (C,)
 
     levels: list[NestedLevel] = []
     prev: Optional[_KeyEnumerator] = None
@@ -415,7 +437,7 @@ def _weighted_sums(S: torch.Tensor, m_ref: torch.Tensor, vals: torch.Tensor, scr
 # by more than this many bits; a worker's scratch (the previous and current level's logits of
 # its rows) is kept near this size, within a core's L2 cache
 FUSED_SLACK_BITS = 32.0
-FUSED_SCRATCH_BYTES = 256 << 10
+FUSED_SCRATCH_BYTES = 512 << 10
 
 
 def _fused_row_block(nd: NestedDictionary, levels: list[NestedLevel], wanted: list[bool], Q: torch.Tensor,
@@ -440,6 +462,7 @@ def _fused_row_block(nd: NestedDictionary, levels: list[NestedLevel], wanted: li
     block = max(1, min(-(-pad // mw), FUSED_SCRATCH_BYTES // (2 * max(1, nmax) * mw * 4)))
     threads = torch.get_num_threads()
     scratch = torch.empty(threads * (2 * max(1, nmax) + native.MAX_CHANNELS + 1) * block * mw, dtype=Q.dtype)
+    csr = torch.empty(native.nested_tile_csr_floats(nmax, [lv.offsets.numel() + 2 for lv in levels]), dtype=Q.dtype)
     item = Q.element_size()
     for tile in nd.tiles:
         fields, alive, prev_j0 = [], [], 0
@@ -447,20 +470,27 @@ def _fused_row_block(nd: NestedDictionary, levels: list[NestedLevel], wanted: li
             j0, j1, own0 = tile[i]
             if j1 == j0:
                 break
-            K = lv.keys(nd.padded_flat, j0, j1)
-            if K.stride(1) != 1:
-                K = K.contiguous()
             par = lv.parent[j0:j1] - prev_j0 if i else None
+            if lv.palette is not None and j1 <= lv.n_materialized:
+                # kept byte-coded rows: the C step decodes them (the same bits as keys())
+                K, coded = None, [lv.kcodes.data_ptr() + j0 * lv.kcodes.stride(0), lv.kcodes.stride(0),
+                                  lv.palette.data_ptr(), lv.mu_ring.data_ptr(),
+                                  lv.kextra.data_ptr() + j0 * lv.kextra.stride(0) * item, lv.kextra.stride(0)]
+            else:
+                K, coded = lv.keys(nd.padded_flat, j0, j1), [0] * 6
+                if K.stride(1) != 1:
+                    K = K.contiguous()
             alive += [K, par]
             want = wanted[i] and own0 < j1
             counts["done"] += int(want)
-            fields += [K.data_ptr(), K.stride(0), K.shape[1], j1 - j0, 0 if par is None else par.data_ptr(),
-                       qaT[i].data_ptr(), pad, own0 - j0, int(want), nr[i],
-                       lv.vals.data_ptr() + j0 * item, lv.vals.stride(0), m[i].data_ptr(), acc[i].data_ptr(), pad]
+            fields += [0 if K is None else K.data_ptr(), 0 if K is None else K.stride(0), lv.offsets.numel() + 2,
+                       j1 - j0, 0 if par is None else par.data_ptr(), qaT[i].data_ptr(), pad, own0 - j0, int(want),
+                       nr[i], lv.vals.data_ptr() + j0 * item, lv.vals.stride(0), m[i].data_ptr(), acc[i].data_ptr(),
+                       pad, *coded]
             prev_j0 = j0
         if fields:
             native.nested_tile(torch.tensor(fields, dtype=torch.int64).view(-1, native.NESTED_LEVEL_FIELDS), C + 1,
-                               lo, skip, FUSED_SLACK_BITS, block, scratch, threads)
+                               lo, skip, FUSED_SLACK_BITS, block, scratch, csr, threads)
     return acc
 
 

@@ -164,16 +164,20 @@ def _tile_fields(levels):
         K, par, Q, vals, m, acc = lv["K"], lv.get("par"), lv["Q"], lv["vals"], lv["m"], lv["acc"]
         rows.append([K.data_ptr(), K.stride(0), K.shape[1], K.shape[0], 0 if par is None else par.data_ptr(),
                      Q.data_ptr(), Q.stride(0), lv["own0"], lv["want"], lv["rows"], vals.data_ptr(), vals.stride(0),
-                     m.data_ptr(), acc.data_ptr(), acc.stride(0)])
+                     m.data_ptr(), acc.data_ptr(), acc.stride(0)] + [0] * 6)
     return torch.tensor(rows, dtype=torch.int64)
 
 
-def _random_tile(g, nc, ns=(9, 23, 30), rows=(45, 33, 17), Ds=(5, 7, 9), wants=(1, 0, 1), own0s=(2, 5, 0)):
-    """A tile of three levels in the kernel's layout, with a 'previous tile' already summed."""
+def _random_tile(g, nc, ns=(9, 23, 30), rows=(45, 33, 17), Ds=(5, 7, 9), wants=(1, 0, 1), own0s=(2, 5, 0),
+                 zeros=0.0):
+    """A tile of three levels in the kernel's layout, with a 'previous tile' already summed;
+    a fraction ``zeros`` of the key entries zero (the kernel runs levels below 60% nonzero
+    sparse)."""
     pad = -(-max(rows) // 16) * 16
     levels = []
     for i, (n, R, D, want, own0) in enumerate(zip(ns, rows, Ds, wants, own0s)):
         K = (torch.randn(n, D + 3, generator=g) * 0.7)[:, :D]                      # row stride > D
+        K[torch.rand(n, D, generator=g) < zeros] = 0.0
         Q = torch.zeros(D, pad)
         Q[:, :R] = torch.randn(D, R, generator=g) * 0.7
         m = torch.randn(pad, generator=g) * 2
@@ -185,10 +189,11 @@ def _random_tile(g, nc, ns=(9, 23, 30), rows=(45, 33, 17), Ds=(5, 7, 9), wants=(
 
 
 @needs_cc
+@pytest.mark.parametrize("zeros", [0.0, 0.8])
 @pytest.mark.parametrize("nc", [1, 2, 4])
-def test_nested_tile_against_float64(nc, two_threads):
+def test_nested_tile_against_float64(nc, zeros, two_threads):
     g = torch.Generator().manual_seed(20 + nc)
-    levels = _random_tile(g, nc)
+    levels = _random_tile(g, nc, zeros=zeros)
     before = [(lv["m"].double().clone(), lv["acc"].double().clone()) for lv in levels]
     S_prev = None
     want_sums = []
@@ -200,7 +205,7 @@ def test_nested_tile_against_float64(nc, two_threads):
         E = torch.exp2(S[lv["own0"]:])
         want_sums.append((lv["vals"].double()[:, lv["own0"]:] @ E, lv["vals"].double()[:, lv["own0"]:].abs() @ E))
     scratch = torch.empty(2 * (2 * 30 + 8) * 4 * 16)
-    _native.nested_tile(_tile_fields(levels), nc, -126.0, -60.0, 32.0, 4, scratch, 2)
+    _native.nested_tile(_tile_fields(levels), nc, -126.0, -60.0, 32.0, 4, scratch, torch.empty(10000), 2)
     for lv, (m0, acc0), (ws, scale) in zip(levels, before, want_sums):
         R = lv["rows"]
         total = acc0 * torch.exp2(m0) + (ws if lv["want"] else 0)              # sums at maximum 0
@@ -219,15 +224,15 @@ def test_nested_tile_refuses_bad_tables():
     levels = _random_tile(g, 2)
     levels[2]["par"][3] = 23                                                   # level 1 has 23 nodes
     with pytest.raises(ValueError, match="code 4"):
-        _native.nested_tile(_tile_fields(levels), 2, -126.0, -60.0, 32.0, 4, scratch, 2)
+        _native.nested_tile(_tile_fields(levels), 2, -126.0, -60.0, 32.0, 4, scratch, torch.empty(10000), 2)
     levels = _random_tile(g, 2, rows=(17, 33, 17))                               # rows must not grow
     with pytest.raises(ValueError, match="code 3"):
-        _native.nested_tile(_tile_fields(levels), 2, -126.0, -60.0, 32.0, 4, scratch, 2)
+        _native.nested_tile(_tile_fields(levels), 2, -126.0, -60.0, 32.0, 4, scratch, torch.empty(10000), 2)
     levels = _random_tile(g, 2)
     with pytest.raises(ValueError, match="code 5"):                              # scratch too small
-        _native.nested_tile(_tile_fields(levels), 2, -126.0, -60.0, 32.0, 4, scratch[:100], 2)
+        _native.nested_tile(_tile_fields(levels), 2, -126.0, -60.0, 32.0, 4, scratch[:100], torch.empty(10000), 2)
     with pytest.raises(ValueError, match="int64"):
-        _native.nested_tile(_tile_fields(levels).int(), 2, -126.0, -60.0, 32.0, 4, scratch, 2)
+        _native.nested_tile(_tile_fields(levels).int(), 2, -126.0, -60.0, 32.0, 4, scratch, torch.empty(10000), 2)
 
 
 @needs_cc
@@ -239,12 +244,17 @@ def test_fused_nested_pass_matches_the_step_by_step_pass(mode, C, two_threads):
 
     g = torch.Generator().manual_seed(C)
     imgs = (torch.randint(0, 6, (12, C, 11, 9), generator=g).float() / 5) * 2 - 1      # repeated patches
+    imgs[:, :, :5] = imgs[:, :, :, :4] = -1.0          # a background: rows mostly zero after the shift, sparse
     x = torch.randn(3, C, 11, 9, generator=g)
     a, b = get_schedule("cosine-legacy").alpha_sigma(torch.tensor([0.35, 0.6, 0.95]))
     want = nested_softmax_average(build_nested_dictionary(imgs.double(), (3, 5, 7, 9), mode=mode), x.double(),
                                   a.double(), b.double())
-    for tile_nodes in (5, 1024):
+    for tile_nodes, kept in ((5, 0.0), (1024, 0.0), (5, 0.5), (1024, 1.0)):
         nd = build_nested_dictionary(imgs, (3, 5, 7, 9), mode=mode, tile_nodes=tile_nodes)
+        assert nd.codes_flat is not None                              # 6 grey levels: byte-coded rows
+        assert torch.equal(nd.mu, torch.full((C,), -1.0))              # shifted by the background
+        nd.materialize(int(kept * nd.unmaterialized_bytes()))        # kept rows: decoded in C
+        assert abs(nd.materialized_fraction - kept) < 0.1
         for ks in ((3, 5, 7, 9), (5, 9), (3,)):
             stats_on, stats_off = {}, {}
             on = nested_softmax_average(nd, x, a, b, ks=ks, stats=stats_on)
@@ -252,7 +262,8 @@ def test_fused_nested_pass_matches_the_step_by_step_pass(mode, C, two_threads):
             assert stats_on["redone"] == 0 and stats_on["done"] > 0
             for k in ks:
                 assert torch.equal(on[k].isnan(), off[k].isnan())
-                # right to float32 precision, and within the two paths' rounding of each other (up to 9e-6
-                # here for the step-by-step pass)
-                assert rel_err(on[k].nan_to_num(), off[k].nan_to_num()) < 2e-5, (tile_nodes, ks, k)
-                assert rel_err(on[k].nan_to_num().double(), want[k].nan_to_num()) < 1e-5, (tile_nodes, ks, k)
+                # right to float32 precision (as test_engines_agree_with_and_without_native; at t = 0.35
+                # with C k^2 = 243 the logits' float32 rounding shows: ~1.4e-5 both ways, measured) and
+                # within the two paths' rounding of each other (the step-by-step pass: up to 4e-5)
+                assert rel_err(on[k].nan_to_num(), off[k].nan_to_num()) < 6e-5, (tile_nodes, ks, k)
+                assert rel_err(on[k].nan_to_num().double(), want[k].nan_to_num()) < 2e-5, (tile_nodes, ks, k)
