@@ -22,8 +22,11 @@ The 2-D pattern is the product of the two axes' patterns (corner pixels: same lo
 A dictionary stores, per group, the *unique* keys as references into the padded images
 plus their multiplicity (identical patches, e.g. MNIST background, are merged and enter
 the softmax with a ``log(count)`` bias: exact), the centre values, the squared norms and
-the group's mean patch (subtracted from keys and queries to keep float32 logits well
-conditioned: exact in exact arithmetic, see :mod:`._engine`).  The patches themselves are
+the group's shift patch (subtracted from keys and queries: exact in exact arithmetic, see
+:mod:`._engine`): its mean patch, which keeps float32 logits well conditioned, except that
+in-image pixels take the background value where the images have one (a value covering half
+their pixels, :func:`background_of`), so that most entries of the shifted keys are exactly
+zero and the fused C kernel multiplies only the others (:mod:`._native`).  The patches themselves are
 either materialised (engine-ready rows, while the memory budget allows) or gathered chunk
 by chunk when the engine needs them; when even the deduplication would not fit the budget
 a group streams every key image by image.  So memory stays bounded whatever N, H, W, k are.
@@ -279,6 +282,37 @@ def circular_pad(x: torch.Tensor, r: int) -> torch.Tensor:
     return tiled[:, :, oy: oy + H + 2 * r, ox: ox + W + 2 * r]
 
 
+def background_of(images: torch.Tensor) -> torch.Tensor:
+    """(C,) per channel the value that covers at least half of the pixels of ``images``
+    (N, C, H, W) (a background, e.g. MNIST's -1), NaN where no value does."""
+    C = images.shape[1]
+    flat = images.transpose(0, 1).reshape(C, -1)
+    out = torch.full((C,), float("nan"), dtype=images.dtype)
+    for c in range(C):
+        vals, counts = torch.unique(flat[c], return_counts=True)
+        top = int(counts.argmax())
+        if 2 * int(counts[top]) >= flat.shape[1]:
+            out[c] = vals[top]
+    return out
+
+
+def _group_shift(mean: torch.Tensor, background: torch.Tensor, C: int, k: int, H: int, W: int, ky0: int, kx0: int,
+                 zero_padded: bool) -> torch.Tensor:
+    """(K,) a group's shift: its mean patch, with the background value at the window's
+    in-image pixels (keys centred at row ky0, column kx0; with zero padding, pixels outside
+    the image keep the mean, 0: every key of a group has the same padding pattern)."""
+    if bool(background.isnan().all()):
+        return mean
+    r = k // 2
+    dy, dx = torch.arange(k) + ky0 - r, torch.arange(k) + kx0 - r
+    inside = ((dy >= 0) & (dy < H))[:, None] & ((dx >= 0) & (dx < W))[None, :]          # (k, k)
+    if not zero_padded:
+        inside[:] = True                                                                # wraps, or interior only
+    bg = background[:, None, None].expand(C, k, k)
+    use = inside[None] & ~bg.isnan()
+    return torch.where(use.reshape(-1), bg.reshape(-1), mean)
+
+
 def patch_offsets(C: int, k: int, Hp: int, Wp: int) -> torch.Tensor:
     """Flat offsets of a (C, k, k) window inside a (C, Hp, Wp) image, in unfold order."""
     c = torch.arange(C)[:, None, None] * (Hp * Wp)
@@ -443,6 +477,7 @@ def build_dictionary(
     offsets = patch_offsets(C, k, Hp, Wp)
     chunk = max(1, chunk_elems // K)
     centre_idx = torch.arange(C) * k * k + r * k + r                                # (C,)
+    background = background_of(images)
 
     # (query rows, query cols, key rows, key cols) per group, in unpadded coordinates
     specs: list[tuple[list[int], list[int], list[int], list[int]]] = []
@@ -488,6 +523,7 @@ def build_dictionary(
             for s in range(0, enum.total, img_chunk):
                 row_sum += enum(s, min(enum.total, s + img_chunk)).to(torch.float64).sum(0)
         mean = (row_sum / enum.total).to(images.dtype)                                # (K,) group mean patch
+        mean = _group_shift(mean, background, C, k, H, W, ky[0], kx[0], mode == "zeros")
         qyy, qxx = torch.meshgrid(torch.tensor(qy), torch.tensor(qx), indexing="ij")
         groups.append(PatchGroup(enum, (qyy * W + qxx).reshape(-1), mean, centre_idx, rep, counts,
                                  dtype=images.dtype))

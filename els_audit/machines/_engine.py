@@ -212,6 +212,44 @@ class GroupedResult:
     entropy: Optional[torch.Tensor] = None
 
 
+# fused kernel (native.nested_tile): keys per call (its scratch holds their logits for a block
+# of rows); the running max is raised only when a logit exceeds it by more than this many bits
+FUSED_CHUNK_KEYS = 1024
+FUSED_SLACK_BITS = 32.0
+FUSED_MIN_ROWS = 128          # per thread (two of the kernel's 64-row blocks)
+
+
+def _fused_group_means(g, qa: torch.Tensor, R: int, C: int, lo: float, skip: float) -> torch.Tensor:
+    """(R, C) softmax means of one group's key centres for float32 query rows ``qa`` (R, K + 1)
+    (``[q' a/b^2 log2e, coef_sq]``), with ``els_nested_tile`` as a one-level tree per key
+    chunk: the log2 multiplicity enters as the level's bias, each row keeps a running
+    maximum and the chunk's sums are added at its end (:mod:`._native`)."""
+    mw = native.NESTED_MICRO_ROWS
+    pad = -(-R // mw) * mw
+    D = qa.shape[1]
+    qT = torch.zeros(D, pad, dtype=qa.dtype)
+    qT[:, :R] = qa.t()
+    m = torch.full((pad,), float("-inf"), dtype=qa.dtype)
+    acc = torch.zeros(C + 1, pad, dtype=qa.dtype)
+    threads = torch.get_num_threads()
+    block = 4
+    n = min(FUSED_CHUNK_KEYS, g.n_keys)
+    scratch = torch.empty(threads * (2 * n + native.MAX_CHANNELS + 1) * block * mw, dtype=qa.dtype)
+    csr = torch.empty(native.nested_tile_csr_floats(n, [D]), dtype=qa.dtype)
+    ones = torch.ones(1, n, dtype=qa.dtype)
+    for ch in g.chunks(FUSED_CHUNK_KEYS):
+        kaug = ch.kaug if ch.kaug.stride(1) == 1 else ch.kaug.contiguous()                # (mc, K + 1)
+        mc = kaug.shape[0]
+        vals = torch.cat([ch.centre.t(), ones[:, :mc]], 0)                                # (C + 1, mc)
+        bias = None if ch.log_count is None else (ch.log_count * LOG2E).contiguous()      # base 2
+        fields = [kaug.data_ptr(), kaug.stride(0), D, mc, 0, qT.data_ptr(), pad, 0, 1, R, vals.data_ptr(),
+                  vals.stride(0), m.data_ptr(), acc.data_ptr(), pad, 0, 0, 0, 0, 0, 0,
+                  0 if bias is None else bias.data_ptr()]
+        native.nested_tile(torch.tensor(fields, dtype=torch.int64)[None], C + 1, lo, skip, FUSED_SLACK_BITS, block,
+                           scratch, csr, threads)
+    return (acc[:C, :R] / acc[C, :R]).t()
+
+
 def grouped_softmax_average(
     dic: PatchDictionary,
     queries: torch.Tensor,
@@ -268,6 +306,12 @@ def grouped_softmax_average(
         Mc = max(64, min(M, tile_elems // max(1, min(R, 256))))
         skip_below = skip_threshold(g.total_keys)
         refine = None if refine_items is None else Float64Refinement(refine_items[:, None].expand(B, P).reshape(R))
+        if use_native and refine is None and R >= FUSED_MIN_ROWS * torch.get_num_threads():
+            # float32 without the refinement: logits and softmax fused in C, one call per key chunk
+            # (its threads split the query rows: small groups, e.g. bbELS edges, keep the GEMM)
+            mean_c = _fused_group_means(g, qa, R, C, underflow, skip_below)               # (R, C)
+            out[:, :, g.query_pixels] = mean_c.reshape(B, P, C).permute(0, 2, 1)
+            continue
         buf = None
         for ch in g.chunks(Mc):
             mc = ch.kaug.shape[0]

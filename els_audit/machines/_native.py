@@ -43,7 +43,7 @@ __all__ = ["available", "status", "softmax_sums", "softmax_sums_rows", "decode_r
 
 ENV_SWITCH = "ELS_AUDIT_NATIVE"
 MAX_CHANNELS = 7                          # MAX_NC - 1 in the C source
-NESTED_LEVEL_FIELDS = 21                  # int64 fields of els_level_t (pointers as integers)
+NESTED_LEVEL_FIELDS = 22                  # int64 fields of els_level_t (pointers as integers)
 NESTED_MICRO_ROWS = 16                    # MW in the C source
 _SOURCE = Path(__file__).with_name("_native_kernels.c")
 _ABI = 2
@@ -234,7 +234,7 @@ def nested_tile(levels: torch.Tensor, nc: int, lo: float, skip: float, slack: fl
             or not levels.is_contiguous() or scratch.dtype != torch.float32 or not scratch.is_contiguous() \
             or csr.dtype != torch.float32 or not csr.is_contiguous() \
             or ctypes.sizeof(ctypes.c_void_p) != 8:
-        raise ValueError("native nested_tile takes an int64 (levels, 21) table and float32 scratch and csr buffers "
+        raise ValueError("native nested_tile takes an int64 (levels, 22) table and float32 scratch and csr buffers "
                          "(64-bit platforms)")
     per_thread = scratch.numel() // nthreads
     rc = lib.els_nested_tile(levels.data_ptr(), levels.shape[0], nc, float(lo), float(skip), float(slack), block,

@@ -215,6 +215,7 @@ typedef struct {           /* one level of a tile; every field 8 bytes (filled f
     const float *mu;       /* (D - 2,) */
     const float *extra;    /* (n, 2), row stride lde */
     int64_t lde;
+    const float *bias;     /* optional (n,): added to each node's logit (single-k dictionaries' log2 counts) */
 } els_level_t;
 
 #define MW 16              /* rows per micro-column: two 8-lane vectors */
@@ -283,6 +284,11 @@ logits_dense(const int NQ, const els_level_t *L, const float *K, int64_t ldK, in
                 s[q][0] += v8_ld(p);
                 s[q][1] += v8_ld(p + 8);
             }
+            if (L->bias) {
+                const v8f bj = v8_splat(L->bias[j + q]);
+                s[q][0] += bj;
+                s[q][1] += bj;
+            }
             float *o = Scur + ((j + q) * WB + ul) * MW;
             v8_st(o, s[q][0]);
             v8_st(o + 8, s[q][1]);
@@ -310,6 +316,11 @@ logits_sparse_chunk(const int NU, const els_level_t *L, int first, int64_t j, co
         const float *p = Sprev + ((int64_t)L->par[j] * WB + u - ub0) * MW;
         _Pragma("GCC unroll 8")
         for (int w = 0; w < 2 * NU; w++) s[w] += v8_ld(p + 8 * w);
+    }
+    if (L->bias) {
+        const v8f bj = v8_splat(L->bias[j]);
+        _Pragma("GCC unroll 8")
+        for (int w = 0; w < 2 * NU; w++) s[w] += bj;
     }
     float *o = Scur + (j * WB + u - ub0) * MW;
     _Pragma("GCC unroll 8")

@@ -56,9 +56,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._dictionary import _hash_dedup, _KeyEnumerator, circular_pad, patch_offsets, prefix_rows
+from ._dictionary import _hash_dedup, _KeyEnumerator, background_of, circular_pad, patch_offsets, prefix_rows
 from . import _native as native
-from ._engine import LOG2E, Float64Refinement, exact_logits, exp2_floor, refine_rows, skip_threshold
+from ._engine import (FUSED_SLACK_BITS, LOG2E, Float64Refinement, exact_logits, exp2_floor, refine_rows,
+                      skip_threshold)
 
 __all__ = ["NestedLevel", "NestedDictionary", "build_nested_dictionary", "nested_softmax_average",
            "nested_dictionary_bytes", "interior_tree_bytes", "onion_offsets", "palette_of", "NESTED_BYTES_PER_NODE"]
@@ -275,18 +276,12 @@ def interior_tree_bytes(n_images: int, C: int, H: int, W: int, ks: Sequence[int]
 
 def _shift_of(images: torch.Tensor) -> torch.Tensor:
     """(C,) the constant subtracted from keys and queries (any vector gives the same logits in
-    exact arithmetic): per channel the most common value where it covers at least half of the
-    pixels (a background: then most ring entries are exactly zero and the fused C step runs
-    those levels sparse, :mod:`._native`), else the mean (keeps float32 logits small)."""
-    C = images.shape[1]
-    flat = images.transpose(0, 1).reshape(C, -1)
-    out = flat.to(torch.float64).mean(1).to(images.dtype)
-    for c in range(C):
-        vals, counts = torch.unique(flat[c], return_counts=True)
-        top = int(counts.argmax())
-        if 2 * int(counts[top]) >= flat.shape[1]:
-            out[c] = vals[top]
-    return out
+    exact arithmetic): per channel the background value where one covers at least half of
+    the pixels (then most ring entries are exactly zero and the fused C step runs those
+    levels sparse, :mod:`._native`), else the mean (keeps float32 logits small)."""
+    mean = images.to(torch.float64).mean(dim=(0, 2, 3)).to(images.dtype)
+    bg = background_of(images)
+    return torch.where(bg.isnan(), mean, bg)
 
 
 def palette_of(images: torch.Tensor) -> Optional[torch.Tensor]:
@@ -433,10 +428,8 @@ def _weighted_sums(S: torch.Tensor, m_ref: torch.Tensor, vals: torch.Tensor, scr
     return torch.mm(vals, E)
 
 
-# fused tile step (native.nested_tile): the running max is raised only when a logit exceeds it
-# by more than this many bits; a worker's scratch (the previous and current level's logits of
-# its rows) is kept near this size, within a core's L2 cache
-FUSED_SLACK_BITS = 32.0
+# fused tile step (native.nested_tile; its running-max slack: _engine.FUSED_SLACK_BITS): a
+# worker's scratch (the previous and current level's logits of its rows) is kept near this size
 FUSED_SCRATCH_BYTES = 512 << 10
 
 
@@ -486,7 +479,7 @@ def _fused_row_block(nd: NestedDictionary, levels: list[NestedLevel], wanted: li
             fields += [0 if K is None else K.data_ptr(), 0 if K is None else K.stride(0), lv.offsets.numel() + 2,
                        j1 - j0, 0 if par is None else par.data_ptr(), qaT[i].data_ptr(), pad, own0 - j0, int(want),
                        nr[i], lv.vals.data_ptr() + j0 * item, lv.vals.stride(0), m[i].data_ptr(), acc[i].data_ptr(),
-                       pad, *coded]
+                       pad, *coded, 0]
             prev_j0 = j0
         if fields:
             native.nested_tile(torch.tensor(fields, dtype=torch.int64).view(-1, native.NESTED_LEVEL_FIELDS), C + 1,

@@ -164,7 +164,7 @@ def _tile_fields(levels):
         K, par, Q, vals, m, acc = lv["K"], lv.get("par"), lv["Q"], lv["vals"], lv["m"], lv["acc"]
         rows.append([K.data_ptr(), K.stride(0), K.shape[1], K.shape[0], 0 if par is None else par.data_ptr(),
                      Q.data_ptr(), Q.stride(0), lv["own0"], lv["want"], lv["rows"], vals.data_ptr(), vals.stride(0),
-                     m.data_ptr(), acc.data_ptr(), acc.stride(0)] + [0] * 6)
+                     m.data_ptr(), acc.data_ptr(), acc.stride(0)] + [0] * 6 + [0 if lv.get("bias") is None else lv["bias"].data_ptr()])
     return torch.tensor(rows, dtype=torch.int64)
 
 
@@ -267,3 +267,29 @@ def test_fused_nested_pass_matches_the_step_by_step_pass(mode, C, two_threads):
                 # within the two paths' rounding of each other (the step-by-step pass: up to 4e-5)
                 assert rel_err(on[k].nan_to_num(), off[k].nan_to_num()) < 6e-5, (tile_nodes, ks, k)
                 assert rel_err(on[k].nan_to_num().double(), want[k].nan_to_num()) < 2e-5, (tile_nodes, ks, k)
+
+
+@needs_cc
+@pytest.mark.parametrize("kind", ["ELS", "bbELS"])
+def test_background_images_fused_single_k_and_sweep(kind, two_threads):
+    # Half the pixels at -1 (a background): the shifts take it, most shifted key entries are
+    # exactly zero, and the fused C kernel runs sparse products; answers as the float64 engine.
+    from els_audit.machines._dictionary import background_of
+
+    g = torch.Generator().manual_seed(7)
+    imgs = (torch.randint(0, 6, (6, 1, 9, 10), generator=g).float() / 5) * 2 - 1
+    imgs[:, :, :, :5] = -1.0
+    x = torch.randn(2, 1, 9, 10, generator=g)
+    assert background_of(imgs).tolist() == [-1.0]
+    t = torch.tensor([0.5, 0.9])
+    m32, m64 = build_machine(kind, imgs), build_machine(kind, imgs.double())
+    sweep = m32.score_sweep(x, t, (3, 5, 7))
+    want = m64.score_sweep(x.double(), t.double(), (3, 5, 7))
+    for k in (3, 5, 7):
+        dic = m32._dictionary(k, None)
+        shifts = torch.cat([grp.mean for grp in dic.groups])
+        assert bool((shifts == -1.0).any())                        # in-image pixels: the background
+        if kind == "bbELS":
+            assert bool((shifts == 0.0).any())                     # zero padding keeps its mean, 0
+        assert rel_err(m32.score(x, t, k=k).double(), want[k]) < 2e-5, k
+        assert rel_err(sweep[k].double(), want[k]) < 2e-5, k
