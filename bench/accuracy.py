@@ -5,8 +5,9 @@
 
 The reference is the *baseline* (an independent implementation) run in float64.  Low noise
 is the hard case: logits reach |q.p| a / b^2 ~ 1e3 there, so float32 rounding of the logits
-(~1e-4 absolute) shows in the weights.  The engine subtracts the dictionary's mean patch
-from keys and queries first (exact), which keeps its logits smaller.
+(~1e-4 absolute) shows in the weights.  The engine subtracts a shift patch from keys and
+queries first (exact: the mean patch, with the background value at in-image pixels where
+the images have one), which keeps its logits smaller.
 """
 
 from __future__ import annotations

@@ -68,8 +68,9 @@ class PatchGroup:
     deduplication itself would not fit the memory budget) store nothing per key and
     enumerate every key, image by image.
 
-    query_pixels: (P,) long, flat pixel index y * W + x; mean: (K,) mean patch of the
-    group's full key multiset; total_keys: keys before deduplication.
+    query_pixels: (P,) long, flat pixel index y * W + x; mean: (K,) the group's shift patch
+    (the mean patch of its full key multiset, with the images' background value at in-image
+    pixels where they have one: :func:`_group_shift`); total_keys: keys before deduplication.
     """
 
     def __init__(self, enum: "_KeyEnumerator", query_pixels: torch.Tensor, mean: torch.Tensor,

@@ -8,7 +8,8 @@ References:
   (FlashAttention): tiled online log-sum-exp.
 
 The logit is computed as dot-product attention.  With ``q' = q - a*mu`` and
-``p' = p - mu`` for the group's mean patch mu (so ``q - a p = q' - a p'``):
+``p' = p - mu`` for the group's shift patch mu (so ``q - a p = q' - a p'`` for any mu; the
+mean patch, or the images' background at in-image pixels: :mod:`._dictionary`):
 
     -||q - a p||^2 / (2b^2) = -||q'||^2/(2b^2) + (a/b^2) q'.p' - (a^2/(2b^2)) ||p'||^2
 

@@ -178,7 +178,13 @@ int els_decode_rows(const uint8_t *codes, int64_t n, int64_t ring, int64_t ldc, 
  * reads it back three times (parent gather, GEMM accumulate, softmax); here a worker takes
  * a block of rows (WB micro-columns of 16 rows), walks the tile's levels keeping only the
  * previous level's logits of its rows (in its scratch, cache-resident), and computes the
- * logits of 4 nodes x 16 rows in registers, followed at once by their exp2 and sums.
+ * logits in registers (4 nodes x 16 rows), followed at once by their exp2 and sums.  A level
+ * whose key rows are mostly zero (under SPARSE_BELOW nonzero: images with a background,
+ * shifted by it) multiplies only the nonzero entries (1 node x 64 rows in registers).  Key
+ * rows come as floats or as byte codes decoded here.  The single-k engine (_engine.py) calls
+ * this with one level per key chunk, its log2 multiplicities as the level's bias.
+ * Each tile's sums are kept apart and added at its end (one float32 accumulator over the
+ * whole dictionary lost ~1e-5).
  *
  * Softmax: the running maximum is raised only when a logit exceeds it by more than `slack`
  * bits (sums then stay below 2**slack * nodes, far from float32 overflow), and the row's
@@ -449,6 +455,7 @@ int els_nested_tile(const els_level_t *lv, int64_t nlev, int64_t nc, float lo, f
             return 2;
         if (i > 0 && L->rows > lv[i - 1].rows) return 3;
         if (i > 0) {
+            if (L->par == NULL && L->n > 0) return 4;
             for (int64_t j = 0; j < L->n; j++)
                 if (L->par[j] < 0 || L->par[j] >= lv[i - 1].n) return 4;
         }

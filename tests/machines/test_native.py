@@ -293,3 +293,33 @@ def test_background_images_fused_single_k_and_sweep(kind, two_threads):
             assert bool((shifts == 0.0).any())                     # zero padding keeps its mean, 0
         assert rel_err(m32.score(x, t, k=k).double(), want[k]) < 2e-5, k
         assert rel_err(sweep[k].double(), want[k]) < 2e-5, k
+
+
+@needs_cc
+@pytest.mark.parametrize("kind", ["ELS", "bbELS"])
+def test_fused_single_k_matches_the_gemm_path(kind, monkeypatch, two_threads):
+    # Groups of >= 128 query rows per thread run the fused kernel (one level per key chunk,
+    # log2 multiplicities as its bias); smaller ones keep GEMM + softmax_sums_rows.
+    import els_audit.machines._engine as engine
+
+    g = torch.Generator().manual_seed(11)
+    imgs = (torch.randint(0, 4, (5, 1, 16, 17), generator=g).float() / 3) * 2 - 1
+    imgs[:, :, :, :9] = -1.0                                            # background: sparse rows
+    imgs[3] = imgs[0]                                                   # duplicates: counts > 1
+    x = torch.randn(2, 1, 16, 17, generator=g)
+    t = torch.tensor([0.5, 0.9])
+    m32, m64 = build_machine(kind, imgs), build_machine(kind, imgs.double())
+    calls = []
+    fused = engine._fused_group_means
+    monkeypatch.setattr(engine, "_fused_group_means", lambda *a: calls.append(1) or fused(*a))
+    for k in (3, 5):                                                    # bbELS interior: 420, 312 rows
+        on = m32.score(x, t, k=k)
+        assert calls, "the fused kernel did not run"
+        calls.clear()
+        monkeypatch.setattr(engine, "FUSED_MIN_ROWS", 10**9)
+        off = m32.score(x, t, k=k)
+        assert not calls
+        monkeypatch.setattr(engine, "FUSED_MIN_ROWS", 128)
+        want = m64.score(x.double(), t.double(), k=k)
+        assert rel_err(on, off) < 1e-5, k
+        assert rel_err(on.double(), want) < 1e-5, k
