@@ -234,13 +234,15 @@ def _fused_group_means(g, qa: torch.Tensor, R: int, C: int, lo: float, skip: flo
     acc = torch.zeros(C + 1, pad, dtype=qa.dtype)
     threads = torch.get_num_threads()
     block = 4
-    n = min(FUSED_CHUNK_KEYS, g.n_keys)
-    scratch = torch.empty(threads * (2 * n + native.MAX_CHANNELS + 1) * block * mw, dtype=qa.dtype)
-    csr = torch.empty(native.nested_tile_csr_floats(n, [D]), dtype=qa.dtype)
-    ones = torch.ones(1, n, dtype=qa.dtype)
+    n = 0                                    # keys the buffers hold (streaming chunks are whole images)
     for ch in g.chunks(FUSED_CHUNK_KEYS):
         kaug = ch.kaug if ch.kaug.stride(1) == 1 else ch.kaug.contiguous()                # (mc, K + 1)
         mc = kaug.shape[0]
+        if mc > n:
+            n = mc
+            scratch = torch.empty(threads * (2 * n + native.MAX_CHANNELS + 1) * block * mw, dtype=qa.dtype)
+            csr = torch.empty(native.nested_tile_csr_floats(n, [D]), dtype=qa.dtype)
+            ones = torch.ones(1, n, dtype=qa.dtype)
         vals = torch.cat([ch.centre.t(), ones[:, :mc]], 0)                                # (C + 1, mc)
         bias = None if ch.log_count is None else (ch.log_count * LOG2E).contiguous()      # base 2
         fields = [kaug.data_ptr(), kaug.stride(0), D, mc, 0, qT.data_ptr(), pad, 0, 1, R, vals.data_ptr(),

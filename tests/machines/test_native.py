@@ -323,3 +323,21 @@ def test_fused_single_k_matches_the_gemm_path(kind, monkeypatch, two_threads):
         want = m64.score(x.double(), t.double(), k=k)
         assert rel_err(on, off) < 1e-5, k
         assert rel_err(on.double(), want) < 1e-5, k
+
+
+@needs_cc
+def test_fused_single_k_streams_chunks_larger_than_its_default(two_threads):
+    # Without deduplication (a tight budget) a group streams whole images: 36 x 36 = 1,296 keys
+    # per chunk, more than FUSED_CHUNK_KEYS; the kernel's buffers follow the chunk.
+    import els_audit.machines._engine as engine
+
+    g = torch.Generator().manual_seed(12)
+    imgs = (torch.randint(0, 4, (3, 1, 36, 36), generator=g).float() / 3) * 2 - 1
+    imgs[:, :, :20] = -1.0
+    x = torch.randn(1, 1, 36, 36, generator=g)
+    t = torch.tensor([0.6])
+    m32 = build_machine("ELS", imgs, memory_budget=100_000)
+    dic = m32._dictionary(3, None)
+    assert not dic.groups[0].deduplicated and dic.groups[0].enum.npos > engine.FUSED_CHUNK_KEYS
+    want = build_machine("ELS", imgs.double()).score(x.double(), t.double(), k=3)
+    assert rel_err(m32.score(x, t, k=3).double(), want) < 1e-5
