@@ -213,10 +213,12 @@ class GroupedResult:
     entropy: Optional[torch.Tensor] = None
 
 
-# fused kernel (native.nested_tile): keys per call (its scratch holds their logits for a block
-# of rows); the running max is raised only when a logit exceeds it by more than this many bits
+# fused kernel (native.nested_tile): keys per call here; the running max is raised only when a
+# logit exceeds it by more than FUSED_SLACK_BITS; a worker's scratch (its rows' logits of the
+# previous and current level) is kept near FUSED_SCRATCH_BYTES, within a core's L2 cache
 FUSED_CHUNK_KEYS = 1024
 FUSED_SLACK_BITS = 32.0
+FUSED_SCRATCH_BYTES = 512 << 10
 FUSED_MIN_ROWS = 128          # per thread (two of the kernel's 64-row blocks)
 
 
@@ -233,22 +235,21 @@ def _fused_group_means(g, qa: torch.Tensor, R: int, C: int, lo: float, skip: flo
     m = torch.full((pad,), float("-inf"), dtype=qa.dtype)
     acc = torch.zeros(C + 1, pad, dtype=qa.dtype)
     threads = torch.get_num_threads()
-    block = 4
     n = 0                                    # keys the buffers hold (streaming chunks are whole images)
     for ch in g.chunks(FUSED_CHUNK_KEYS):
         kaug = ch.kaug if ch.kaug.stride(1) == 1 else ch.kaug.contiguous()                # (mc, K + 1)
         mc = kaug.shape[0]
         if mc > n:
             n = mc
-            scratch = torch.empty(threads * (2 * n + native.MAX_CHANNELS + 1) * block * mw, dtype=qa.dtype)
-            csr = torch.empty(native.nested_tile_csr_floats(n, [D]), dtype=qa.dtype)
+            block, scratch, csr = native.nested_tile_buffers(n, [D], R, threads, FUSED_SCRATCH_BYTES, qa.dtype)
             ones = torch.ones(1, n, dtype=qa.dtype)
         vals = torch.cat([ch.centre.t(), ones[:, :mc]], 0)                                # (C + 1, mc)
         bias = None if ch.log_count is None else (ch.log_count * LOG2E).contiguous()      # base 2
-        fields = [kaug.data_ptr(), kaug.stride(0), D, mc, 0, qT.data_ptr(), pad, 0, 1, R, vals.data_ptr(),
-                  vals.stride(0), m.data_ptr(), acc.data_ptr(), pad, 0, 0, 0, 0, 0, 0,
-                  0 if bias is None else bias.data_ptr()]
-        native.nested_tile(torch.tensor(fields, dtype=torch.int64)[None], C + 1, lo, skip, FUSED_SLACK_BITS, block,
+        fields = native.nested_level_fields(
+            K=kaug.data_ptr(), ldK=kaug.stride(0), D=D, n=mc, parent=0, Q=qT.data_ptr(), ldQ=pad, own0=0, want=True,
+            rows=R, vals=vals.data_ptr(), ldv=vals.stride(0), m=m.data_ptr(), acc=acc.data_ptr(), ldacc=pad,
+            bias=0 if bias is None else bias.data_ptr())
+        native.nested_tile(torch.tensor([fields], dtype=torch.int64), C + 1, lo, skip, FUSED_SLACK_BITS, block,
                            scratch, csr, threads)
     return (acc[:C, :R] / acc[C, :R]).t()
 

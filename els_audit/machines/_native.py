@@ -8,8 +8,9 @@ the single-k kernel (:mod:`._engine`) likewise for its (rows, keys) tiles; a thi
 decodes byte-coded tree rows.  ``els_nested_tile`` goes further for float32 passes without
 the float64 refinement: it runs a whole tile of the nested pass (every level's parent
 logits, ring GEMM and softmax sums) per block of query rows, keeping the logits in registers
-and a cache-sized scratch instead of writing (nodes, rows) tiles to memory.  The answers agree with the torch path to float32 rounding
-(its exp2 is a degree-7 polynomial, < 6e-8 relative; tests/machines/test_native.py).
+and a cache-sized scratch instead of writing (nodes, rows) tiles to memory.  The answers
+agree with the torch path to float32 rounding (its exp2 is a degree-7 polynomial, < 6e-8
+relative; tests/machines/test_native.py).
 
 How: the C source ships with the package.  On first use it is compiled with the system C
 compiler (``$CC`` or ``cc``) into the user cache (``$ELS_AUDIT_CACHE``, else
@@ -38,8 +39,9 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "status", "softmax_sums", "softmax_sums_rows", "decode_rows", "nested_tile", "nested_tile_csr_floats",
-           "NESTED_LEVEL_FIELDS", "NESTED_MICRO_ROWS", "ENV_SWITCH", "MAX_CHANNELS"]
+__all__ = ["available", "status", "softmax_sums", "softmax_sums_rows", "decode_rows", "nested_tile",
+           "nested_level_fields", "nested_tile_buffers", "NESTED_LEVEL_FIELDS", "NESTED_MICRO_ROWS", "ENV_SWITCH",
+           "MAX_CHANNELS"]
 
 ENV_SWITCH = "ELS_AUDIT_NATIVE"
 MAX_CHANNELS = 7                          # MAX_NC - 1 in the C source
@@ -211,10 +213,26 @@ def decode_rows(codes: torch.Tensor, palette: torch.Tensor, mu: torch.Tensor, ex
     return out
 
 
-def nested_tile_csr_floats(n_nodes: int, widths) -> int:
-    """Floats of the ``csr`` buffer :func:`nested_tile` needs for levels of at most ``n_nodes``
-    nodes and key rows of ``widths`` (D per level)."""
-    return sum(2 * n_nodes * d + (n_nodes * d + 1) // 2 + n_nodes for d in widths)
+def nested_level_fields(*, K: int, ldK: int, D: int, n: int, parent: int, Q: int, ldQ: int, own0: int, want: bool,
+                        rows: int, vals: int, ldv: int, m: int, acc: int, ldacc: int, codes: int = 0, ldc: int = 0,
+                        palette: int = 0, mu: int = 0, extra: int = 0, lde: int = 0, bias: int = 0) -> list[int]:
+    """One level's row of :func:`nested_tile`'s table, in the order of the C struct
+    ``els_level_t`` (which documents each field): addresses as integers, 0 for none."""
+    return [K, ldK, D, n, parent, Q, ldQ, own0, int(want), rows, vals, ldv, m, acc, ldacc, codes, ldc, palette, mu,
+            extra, lde, bias]
+
+
+def nested_tile_buffers(n_nodes: int, widths, rows: int, nthreads: int, scratch_bytes: int,
+                        dtype: torch.dtype = torch.float32) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(block, scratch, csr) for :func:`nested_tile` calls on levels of at most ``n_nodes`` nodes,
+    key rows of ``widths`` (D per level) and ``rows`` query rows: ``block`` micro-columns of 16
+    rows per work item, as many as keep a worker's scratch near ``scratch_bytes``."""
+    n = max(1, n_nodes)
+    mw = NESTED_MICRO_ROWS
+    block = max(1, min(-(-rows // mw), scratch_bytes // (2 * n * mw * 4)))
+    scratch = torch.empty(nthreads * (2 * n + MAX_CHANNELS + 1) * block * mw, dtype=dtype)
+    csr = torch.empty(sum(2 * n * d + (n * d + 1) // 2 + n for d in widths), dtype=dtype)
+    return block, scratch, csr
 
 
 def nested_tile(levels: torch.Tensor, nc: int, lo: float, skip: float, slack: float, block: int,
@@ -225,8 +243,8 @@ def nested_tile(levels: torch.Tensor, nc: int, lo: float, skip: float, slack: fl
     ``els_level_t`` (pointers as integers; the caller keeps the tensors they point to alive);
     block: micro-columns of 16 rows per work item; scratch: float32 with
     ``scratch_per_thread = scratch.numel() // nthreads`` >= 2 * (largest level's nodes) *
-    block * 16; csr: float32, at least :func:`nested_tile_csr_floats` (each level's key rows
-    as nonzero entries: levels with fewer than 60% nonzero run sparse).  Updates the levels'
+    block * 16; csr: float32 room for each level's key rows as nonzero entries (levels with
+    fewer than 60% nonzero run sparse).  :func:`nested_tile_buffers` sizes both.  Updates the levels'
     running maxima and sums in place.  Call only when :func:`available`.
     """
     lib = _get()

@@ -30,17 +30,26 @@
 #endif
 #define MAX_NC 8    /* centre channels + 1 */
 
+/* e**f for |f| <= ln(2) / 2 by Horner's rule on its Taylor series to degree 7; K(c) makes a
+ * constant of the type at hand (scalar, or vector in v8_exp2) */
+#define EXP_TAYLOR7(p, f, K)                                                               \
+    do {                                                                                  \
+        (p) = K(1.0f / 5040.0f);                                                          \
+        (p) = (p) * (f) + K(1.0f / 720.0f);                                               \
+        (p) = (p) * (f) + K(1.0f / 120.0f);                                               \
+        (p) = (p) * (f) + K(1.0f / 24.0f);                                                \
+        (p) = (p) * (f) + K(1.0f / 6.0f);                                                 \
+        (p) = (p) * (f) + K(0.5f);                                                        \
+        (p) = (p) * (f) + K(1.0f);                                                        \
+        (p) = (p) * (f) + K(1.0f);                                                        \
+    } while (0)
+#define SCALAR(c) (c)
+
 static inline float exp2_f32(float x) {
     float n = __builtin_rintf(x);
     float f = (x - n) * 0.693147180559945309f;   /* 2**(x-n) = e**f */
-    float p = 1.0f / 5040.0f;
-    p = p * f + 1.0f / 720.0f;
-    p = p * f + 1.0f / 120.0f;
-    p = p * f + 1.0f / 24.0f;
-    p = p * f + 1.0f / 6.0f;
-    p = p * f + 0.5f;
-    p = p * f + 1.0f;
-    p = p * f + 1.0f;
+    float p;
+    EXP_TAYLOR7(p, f, SCALAR);
     int32_t bits = ((int32_t)n + 127) << 23;     /* 2**n, n in [-126, 127] */
     float s;
     memcpy(&s, &bits, sizeof s);
@@ -247,14 +256,8 @@ static inline v8f v8_exp2(v8f x) {
     const v8f magic = v8_splat(12582912.0f);
     v8f n = (x + magic) - magic;
     v8f f = (x - n) * v8_splat(0.693147180559945309f);
-    v8f p = v8_splat(1.0f / 5040.0f);
-    p = p * f + v8_splat(1.0f / 720.0f);
-    p = p * f + v8_splat(1.0f / 120.0f);
-    p = p * f + v8_splat(1.0f / 24.0f);
-    p = p * f + v8_splat(1.0f / 6.0f);
-    p = p * f + v8_splat(0.5f);
-    p = p * f + v8_splat(1.0f);
-    p = p * f + v8_splat(1.0f);
+    v8f p;
+    EXP_TAYLOR7(p, f, v8_splat);
     v8i e = (__builtin_convertvector(n, v8i) + 127) << 23;
     return p * (v8f)e;
 }

@@ -58,8 +58,8 @@ import torch.nn.functional as F
 
 from ._dictionary import _hash_dedup, _KeyEnumerator, background_of, circular_pad, patch_offsets, prefix_rows
 from . import _native as native
-from ._engine import (FUSED_SLACK_BITS, LOG2E, Float64Refinement, exact_logits, exp2_floor, refine_rows,
-                      skip_threshold)
+from ._engine import (FUSED_SCRATCH_BYTES, FUSED_SLACK_BITS, LOG2E, Float64Refinement, exact_logits, exp2_floor,
+                      refine_rows, skip_threshold)
 
 __all__ = ["NestedLevel", "NestedDictionary", "build_nested_dictionary", "nested_softmax_average",
            "nested_dictionary_bytes", "interior_tree_bytes", "onion_offsets", "palette_of", "NESTED_BYTES_PER_NODE"]
@@ -428,34 +428,33 @@ def _weighted_sums(S: torch.Tensor, m_ref: torch.Tensor, vals: torch.Tensor, scr
     return torch.mm(vals, E)
 
 
-# fused tile step (native.nested_tile; its running-max slack: _engine.FUSED_SLACK_BITS): a
-# worker's scratch (the previous and current level's logits of its rows) is kept near this size
-FUSED_SCRATCH_BYTES = 512 << 10
+def _query_columns(Q: torch.Tensor, cols: slice, coef_lin: torch.Tensor, coef_sq: torch.Tensor, n: int,
+                   width: Optional[int] = None) -> torch.Tensor:
+    """(ring + 2, width or n) the engine's query columns ``[q' a/b^2 log2e, coef_sq, 1]`` of the
+    first ``n`` rows of ``Q`` at a level's ring ``cols`` (zero beyond n up to ``width``)."""
+    q = torch.zeros(cols.stop - cols.start + 2, n if width is None else width, dtype=Q.dtype)
+    q[:-2, :n] = (Q[:n, cols] * coef_lin[:n, None]).t()
+    q[-2, :n] = coef_sq[:n]
+    q[-1, :n] = 1
+    return q
 
 
 def _fused_row_block(nd: NestedDictionary, levels: list[NestedLevel], wanted: list[bool], Q: torch.Tensor,
                      coef_lin: torch.Tensor, coef_sq: torch.Tensor, nr: list[int], lo: float, skip: float,
-                     counts: dict) -> torch.Tensor:
+                     nmax: int, counts: dict) -> torch.Tensor:
     """Softmax sums (L, C+1, rows padded to 16) of one block of query rows over the whole tree,
     one fused C call per tile (``els_nested_tile``); float32, the rows of level i are the
-    first ``nr[i]`` of ``Q`` (R, C k_max^2)."""
+    first ``nr[i]`` of ``Q`` (R, C k_max^2); ``nmax``: the most nodes of a level in a tile."""
     L = len(levels)
     C = nd.mu.numel()
     mw = native.NESTED_MICRO_ROWS
     pad = -(-nr[0] // mw) * mw
-    ones = torch.ones(nr[0], 1, dtype=Q.dtype)
-    qaT = []
-    for lv, n in zip(levels, nr):
-        q = torch.zeros(lv.offsets.numel() + 2, pad, dtype=Q.dtype)
-        q[:, :n] = torch.cat([Q[:n, lv.cols] * coef_lin[:n, None], coef_sq[:n, None], ones[:n]], 1).t()
-        qaT.append(q)
+    qaT = [_query_columns(Q, lv.cols, coef_lin, coef_sq, n, pad) for lv, n in zip(levels, nr)]
     m = torch.full((L, pad), float("-inf"), dtype=Q.dtype)
     acc = torch.zeros(L, C + 1, pad, dtype=Q.dtype)
-    nmax = max(max(t[i][1] - t[i][0] for i in range(L)) for t in nd.tiles)
-    block = max(1, min(-(-pad // mw), FUSED_SCRATCH_BYTES // (2 * max(1, nmax) * mw * 4)))
     threads = torch.get_num_threads()
-    scratch = torch.empty(threads * (2 * max(1, nmax) + native.MAX_CHANNELS + 1) * block * mw, dtype=Q.dtype)
-    csr = torch.empty(native.nested_tile_csr_floats(nmax, [lv.offsets.numel() + 2 for lv in levels]), dtype=Q.dtype)
+    block, scratch, csr = native.nested_tile_buffers(nmax, [lv.offsets.numel() + 2 for lv in levels], pad, threads,
+                                                     FUSED_SCRATCH_BYTES, Q.dtype)
     item = Q.element_size()
     for tile in nd.tiles:
         fields, alive, prev_j0 = [], [], 0
@@ -466,24 +465,27 @@ def _fused_row_block(nd: NestedDictionary, levels: list[NestedLevel], wanted: li
             par = lv.parent[j0:j1] - prev_j0 if i else None
             if lv.palette is not None and j1 <= lv.n_materialized:
                 # kept byte-coded rows: the C step decodes them (the same bits as keys())
-                K, coded = None, [lv.kcodes.data_ptr() + j0 * lv.kcodes.stride(0), lv.kcodes.stride(0),
-                                  lv.palette.data_ptr(), lv.mu_ring.data_ptr(),
-                                  lv.kextra.data_ptr() + j0 * lv.kextra.stride(0) * item, lv.kextra.stride(0)]
+                K, rows = None, dict(codes=lv.kcodes.data_ptr() + j0 * lv.kcodes.stride(0), ldc=lv.kcodes.stride(0),
+                                     palette=lv.palette.data_ptr(), mu=lv.mu_ring.data_ptr(),
+                                     extra=lv.kextra.data_ptr() + j0 * lv.kextra.stride(0) * item,
+                                     lde=lv.kextra.stride(0), K=0, ldK=0)
             else:
-                K, coded = lv.keys(nd.padded_flat, j0, j1), [0] * 6
+                K = lv.keys(nd.padded_flat, j0, j1)
                 if K.stride(1) != 1:
                     K = K.contiguous()
+                rows = dict(K=K.data_ptr(), ldK=K.stride(0))
             alive += [K, par]
             want = wanted[i] and own0 < j1
             counts["done"] += int(want)
-            fields += [0 if K is None else K.data_ptr(), 0 if K is None else K.stride(0), lv.offsets.numel() + 2,
-                       j1 - j0, 0 if par is None else par.data_ptr(), qaT[i].data_ptr(), pad, own0 - j0, int(want),
-                       nr[i], lv.vals.data_ptr() + j0 * item, lv.vals.stride(0), m[i].data_ptr(), acc[i].data_ptr(),
-                       pad, *coded, 0]
+            fields.append(native.nested_level_fields(
+                **rows, D=lv.offsets.numel() + 2, n=j1 - j0, parent=0 if par is None else par.data_ptr(),
+                Q=qaT[i].data_ptr(), ldQ=pad, own0=own0 - j0, want=want, rows=nr[i],
+                vals=lv.vals.data_ptr() + j0 * item, ldv=lv.vals.stride(0), m=m[i].data_ptr(), acc=acc[i].data_ptr(),
+                ldacc=pad))
             prev_j0 = j0
         if fields:
-            native.nested_tile(torch.tensor(fields, dtype=torch.int64).view(-1, native.NESTED_LEVEL_FIELDS), C + 1,
-                               lo, skip, FUSED_SLACK_BITS, block, scratch, csr, threads)
+            native.nested_tile(torch.tensor(fields, dtype=torch.int64), C + 1, lo, skip, FUSED_SLACK_BITS, block,
+                               scratch, csr, threads)
     return acc
 
 
@@ -555,6 +557,7 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
     use_native = dtype == torch.float32 and C <= native.MAX_CHANNELS and native.available()
     # float32 without the float64 refinement: the whole tile step fused in C (els_nested_tile)
     fused = use_native and refine_all is None and fuse
+    nmax = max(j1 - j0 for t in nd.tiles for j0, j1, _ in t[:L]) if fused else 0
     for r0 in range(0, R, row_block):
         r1 = min(R, r0 + row_block)
         Rb = r1 - r0
@@ -562,13 +565,12 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
         Lb = sum(1 for n in nr if n)                                                       # levels with rows
         if fused:
             acc = _fused_row_block(nd, levels[:Lb], wanted, Q[r0:r1], coef_lin[r0:r1], coef_sq[r0:r1], nr,
-                                   underflow, skip_below, counts)
+                                   underflow, skip_below, nmax, counts)
             for i in range(Lb):
                 means[i, :, r0:r0 + nr[i]] = acc[i, :C, : nr[i]] / acc[i, C, : nr[i]]
             continue
-        ones = torch.ones(Rb, 1, dtype=dtype)
-        qaT = [torch.cat([Q[r0:r0 + n, lv.cols] * coef_lin[r0:r0 + n, None], coef_sq[r0:r0 + n, None], ones[:n]],
-                         1).t().contiguous() for lv, n in zip(levels[:Lb], nr)]          # (ring+2, rows)
+        qaT = [_query_columns(Q[r0:r1], lv.cols, coef_lin[r0:r1], coef_sq[r0:r1], n)
+               for lv, n in zip(levels[:Lb], nr)]                                        # (ring+2, rows)
         m = [torch.full((n,), float("-inf"), dtype=dtype) for n in nr[:Lb]]
         acc = [torch.zeros(C + 1, n, dtype=dtype) for n in nr[:Lb]]
         # per level: was the last tile negligible?  (then check the next one's max first)

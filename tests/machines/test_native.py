@@ -158,13 +158,14 @@ def test_decode_rows_refuses_a_short_palette():
 
 
 def _tile_fields(levels):
-    """An int64 (levels, 15) table for native.nested_tile from dicts of tensors."""
+    """An int64 (levels, fields) table for native.nested_tile from dicts of tensors."""
     rows = []
     for lv in levels:
         K, par, Q, vals, m, acc = lv["K"], lv.get("par"), lv["Q"], lv["vals"], lv["m"], lv["acc"]
-        rows.append([K.data_ptr(), K.stride(0), K.shape[1], K.shape[0], 0 if par is None else par.data_ptr(),
-                     Q.data_ptr(), Q.stride(0), lv["own0"], lv["want"], lv["rows"], vals.data_ptr(), vals.stride(0),
-                     m.data_ptr(), acc.data_ptr(), acc.stride(0)] + [0] * 6 + [0 if lv.get("bias") is None else lv["bias"].data_ptr()])
+        rows.append(_native.nested_level_fields(
+            K=K.data_ptr(), ldK=K.stride(0), D=K.shape[1], n=K.shape[0], parent=0 if par is None else par.data_ptr(),
+            Q=Q.data_ptr(), ldQ=Q.stride(0), own0=lv["own0"], want=lv["want"], rows=lv["rows"], vals=vals.data_ptr(),
+            ldv=vals.stride(0), m=m.data_ptr(), acc=acc.data_ptr(), ldacc=acc.stride(0)))
     return torch.tensor(rows, dtype=torch.int64)
 
 
