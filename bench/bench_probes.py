@@ -34,7 +34,7 @@ from els_audit.equivariance import equivariance_measured, equivariance_structure
 from els_audit.erf import effective_receptive_field
 from els_audit.receptive_field import receptive_field
 from els_audit.trace import trace_model
-from els_audit.zoo import AttentionUNet, PaperResNet, PaperUNet
+from els_audit.models.zoo import AttentionUNet, PaperResNet, PaperUNet
 
 
 def best_of(fn, repeat):

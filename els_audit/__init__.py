@@ -1,7 +1,7 @@
 """els-audit: understand what an image diffusion model will really generate.
 
 The public surface, one stage per module (see README.md):
-schedules and sampler -> data -> models in (loading, adapter, zoo) -> probes (trace,
+schedules and sampler -> data -> models in (:mod:`.models`: loading, sidecar, adapter, zoo) -> probes (trace,
 receptive field, ERF, equivariance) -> machines -> calibration -> prediction -> novelty.
 """
 
@@ -11,8 +11,7 @@ from .equivariance import (MeasuredEquivarianceResult, StructuralEquivarianceRes
                            equivariance_structure)
 from .erf import ERFResult, effective_receptive_field
 from .graph import to_networkx
-from .loading import LOADERS, LoadedModel, ModelLoadError, load_model
-from .adapter import Denoiser, make_denoiser
+from .models import LOADERS, Denoiser, LoadedModel, ModelLoadError, list_zoo_models, load_model, make_denoiser, zoo_model_path
 from .machines import ScoreDiagnostics, ScoreMachine, build_machine, scale_schedule_eps
 from .metrics import pearson_r, r_squared
 from .novelty import NoveltyResult, assess_novelty
@@ -22,7 +21,6 @@ from .receptive_field import ReceptiveFieldResult, probe_receptive_field, recept
 from .sampler import SampleResult, ddim_sample, initial_noise, time_grid
 from .schedules import SCHEDULES, NoiseSchedule, get_schedule
 from .trace import TraceError, TraceResult, trace_model
-from .zoo import list_zoo_models, zoo_model_path
 
 __version__ = "0.1.0"
 

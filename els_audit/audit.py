@@ -11,7 +11,7 @@ References:
 
 Stages (each a function of the library, called in order):
 
-1. load (:func:`els_audit.loading.load_model` + :func:`els_audit.adapter.make_denoiser`),
+1. load (:func:`els_audit.models.load_model` + :func:`els_audit.models.make_denoiser`),
    data (:func:`els_audit.data.load_dataset`);
 2. probes: trace, theoretical receptive field, structural equivariance verdict,
    effective receptive field per step (its predicted patch per step), measured
@@ -114,9 +114,9 @@ class AuditConfig:
         data_limit: the machines' dictionary is a seeded, class-balanced subset of this many
             images (``None`` = all).  The copy test always searches the whole data set.
         data_seed: seed of that subset.
-        trust_model, arch: passed to :func:`els_audit.loading.load_model`.
+        trust_model, arch: passed to :func:`els_audit.models.load_model`.
         schedule, time_input, prediction, call_style, num_train_steps, data_range: adapter
-            overrides (``None`` = resolve; see :mod:`els_audit.adapter`).
+            overrides (``None`` = resolve; see :mod:`els_audit.models.adapter`).
         steps: T of the DDIM grid shared by network and machines.
         seeds: number of evaluation seeds (seeds ``seed_offset .. seed_offset+seeds-1``).
         calibration_seeds: calibration seeds, disjoint from the evaluation ones
@@ -591,10 +591,9 @@ def run_audit(config: AuditConfig, *, progress: Optional[ProgressFn] = None) -> 
         ValueError (:class:`AuditError`, ``ModelLoadError``, ``DataSpecError``,
         ``RuleError``): the audit cannot run with this input; the message is one line.
     """
-    from .adapter import make_denoiser
     from .equivariance import equivariance_measured, equivariance_structure
     from .erf import effective_receptive_field
-    from .loading import load_model
+    from .models import load_model, make_denoiser
     from .receptive_field import receptive_field
     from .trace import trace_model
 

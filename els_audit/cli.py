@@ -19,6 +19,8 @@ from typing import Optional
 
 import click
 
+from .models.settings import CALL_STYLES, PREDICTIONS, TIME_INPUTS
+
 __all__ = ["main", "EXIT_OK", "EXIT_CHECK_FAILED", "EXIT_CANNOT_RUN"]
 
 EXIT_OK = 0
@@ -60,11 +62,11 @@ class _Command(click.Command):
               help="Allow model formats that run code when loaded (pickles, TorchScript).")
 @click.option("--arch", metavar="MODULE:CALLABLE", default=None, help="Architecture for weights-only files.")
 @click.option("--schedule", default=None, help="Noise schedule name (cosine-legacy, cosine, linear, ...).")
-@click.option("--time", "--time-input", "time_input", type=click.Choice(["unit", "index", "sigma"]), default=None,
+@click.option("--time", "--time-input", "time_input", type=click.Choice(TIME_INPUTS), default=None,
               help="What time value the model takes.")
-@click.option("--predicts", "--prediction", "prediction", type=click.Choice(["eps", "x0", "v", "score"]),
+@click.option("--predicts", "--prediction", "prediction", type=click.Choice(PREDICTIONS),
               default=None, help="What the model predicts.")
-@click.option("--call-style", type=click.Choice(["x-t", "t-x", "diffusers"]), default=None,
+@click.option("--call-style", type=click.Choice(CALL_STYLES), default=None,
               help="How the model is called: model(x, t), model(t, x) or a diffusers UNet.")
 @click.option("--num-train-steps", type=int, default=None, help="Training steps T (for --time index).")
 @click.option("--data-range", default=None, metavar="LO,HI",

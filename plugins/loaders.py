@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from els_audit.loading import (
+from els_audit.models.loading import (
     ArchSpec,
     LoaderOutput,
     LoadRequest,

@@ -9,7 +9,7 @@ import pytest
 
 from els_audit.audit import (AuditConfig, AuditError, choose_machine, json_safe, model_name, parse_scales, run_audit,
                              write_outputs)
-from els_audit.zoo.catalog import zoo_model_path
+from els_audit.models.zoo.catalog import zoo_model_path
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -249,7 +249,7 @@ def test_conditional_uses_per_label_dictionaries(tmp_path):
     # a zoo ResNet that takes (and ignores) a label: the audit must still keep every seed's
     # machine inside its own class, which the mosaic's source images show
     from els_audit.data import balanced_subset_indices, load_dataset
-    from els_audit.zoo.architectures import PaperResNet
+    from els_audit.models.zoo.architectures import PaperResNet
 
     class TakesLabel(PaperResNet):
         def forward(self, x, t, label=None):

@@ -119,7 +119,7 @@ def test_stride_then_transposed_conv_edges():
 
 
 def test_paper_resnet_and_unet_against_brute_force_band():
-    from els_audit.zoo import PaperResNet, PaperUNet
+    from els_audit.models.zoo import PaperResNet, PaperUNet
 
     # Brute force: the same weights with zeros vs circular padding differ exactly where
     # the boundary condition reaches the output.  The influence decays fast with depth

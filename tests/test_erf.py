@@ -166,7 +166,7 @@ def test_data_and_labels_are_used():
 
 
 def test_paper_unet_erf_runs_and_is_json_safe():
-    from els_audit.zoo import PaperUNet
+    from els_audit.models.zoo import PaperUNet
 
     torch.manual_seed(0)
     m = PaperUNet(base=4, levels=1, time_dim=8).eval()

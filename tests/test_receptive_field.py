@@ -312,7 +312,7 @@ def test_even_kernel_same_padding_is_asymmetric():
 
 # -- real models -----------------------------------------------------------------------------
 def test_paper_resnet_field_17():
-    from els_audit.zoo import PaperResNet
+    from els_audit.models.zoo import PaperResNet
 
     # conv3 up + 6 residual conv3 + conv3 down: 1 + 2 * 8 = 17 (theory.md section 3)
     tr, rf = _field(PaperResNet(width=4, time_dim=8), (1, 24, 24))
@@ -322,7 +322,7 @@ def test_paper_resnet_field_17():
 
 
 def test_paper_unet_matches_brute_force_phases():
-    from els_audit.zoo import PaperUNet
+    from els_audit.models.zoo import PaperUNet
 
     # Ground truth by brute force: the gradient support of output pixels in all 4 phases
     # of the period-4 pattern on a 56 px image (reach 24 < 27: away from the borders).
@@ -334,7 +334,7 @@ def test_paper_unet_matches_brute_force_phases():
 
 
 def test_attention_unet_global_kinds():
-    from els_audit.zoo import AttentionUNet
+    from els_audit.models.zoo import AttentionUNet
 
     _, rf = _field(AttentionUNet(base=4, channel_mults=(1, 2), time_dim=8), (1, 8, 8))
     assert rf.is_global and not rf.partial

@@ -11,7 +11,7 @@ import pytest
 
 from els_audit.audit import AuditConfig, run_audit, write_outputs
 from els_audit.report import render_html
-from els_audit.zoo.catalog import zoo_model_path
+from els_audit.models.zoo.catalog import zoo_model_path
 
 def _tags(page):
     """(tag, attrs) of every start tag, parsed as a browser would (text is not a tag)."""

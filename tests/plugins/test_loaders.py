@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from els_audit.loading import LOADERS, ModelLoadError, load_model, sniff_format
+from els_audit.models.loading import LOADERS, ModelLoadError, load_model, sniff_format
 
 
 class ToyXT(nn.Module):

@@ -42,15 +42,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .loading import (
-    PREDICTIONS,
-    TIME_INPUTS,
-    LoadedModel,
-    ModelLoadError,
-    flag,
-    validate_setting,
-)
-from .schedules import DiscreteSchedule, NoiseSchedule, get_schedule
+from ..schedules import DiscreteSchedule, NoiseSchedule, get_schedule
+from .loading import LoadedModel
+from .settings import PREDICTIONS, TIME_INPUTS, ModelLoadError, flag, validate_setting
 
 __all__ = [
     "Denoiser",

@@ -17,16 +17,16 @@ Trust rules (what may run code on the user's machine):
   1. ``arch=`` (CLI ``--arch module:callable``, or a callable from Python): the user's
      say-so; a ``path/to/file.py:callable`` is accepted here.
   2. a sidecar ``MODEL.els.toml`` lying next to the model file (see
-     :mod:`els_audit.sidecar`).  A sidecar counts as the user's say-so because it is only
+     :mod:`els_audit.models.sidecar`).  A sidecar counts as the user's say-so because it is only
      ever looked for beside the model, never elsewhere.  It may name an architecture in
-     :mod:`els_audit.zoo` or an importable ``package.module:callable`` (code already
+     :mod:`els_audit.models.zoo` or an importable ``package.module:callable`` (code already
      installed on the user's Python path); a sidecar naming a ``.py`` file is refused
      without ``trust_model=True``, since such a file can arrive in the same download as
      the weights.
   3. a zoo config ``config.json`` (``"format": "els-audit-zoo"``) next to the weights,
-     which may only name an architecture in :mod:`els_audit.zoo` (package code, trusted).
+     which may only name an architecture in :mod:`els_audit.models.zoo` (package code, trusted).
 
-Spec strings ``zoo:NAME`` load the bundled model ``NAME`` (see :mod:`els_audit.zoo`).
+Spec strings ``zoo:NAME`` load the bundled model ``NAME`` (see :mod:`els_audit.models.zoo`).
 """
 
 from __future__ import annotations
@@ -43,8 +43,12 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from .hashing import file_sha256
-from .registry import PluginError, Registry
+from ..hashing import file_sha256
+from ..registry import PluginError, Registry
+from .settings import SETTING_NAMES, ModelLoadError, flag, validate_setting
+from .sidecar import find_sidecar, read_sidecar
+from .zoo.architectures import ARCHITECTURES
+from .zoo.catalog import ZOO_CONFIG_FORMAT, zoo_model_path
 
 __all__ = [
     "ModelLoadError",
@@ -60,85 +64,9 @@ __all__ = [
     "build_from_state_dict",
     "file_sha256",
     "describe_dtype",
-    "SETTING_NAMES",
-    "CALL_STYLES",
-    "TIME_INPUTS",
-    "PREDICTIONS",
-    "validate_setting",
-    "ZOO_CONFIG_FORMAT",
 ]
 
 PathLike = Union[str, Path]
-
-#: value of the ``format`` key of a zoo config ``config.json``.
-ZOO_CONFIG_FORMAT = "els-audit-zoo"
-
-CALL_STYLES = ("x-t", "t-x", "diffusers")
-TIME_INPUTS = ("unit", "index", "sigma")
-PREDICTIONS = ("eps", "x0", "v", "score")
-#: settings the adapter resolves (CLI flag = ``--`` + name with ``_`` -> ``-``).
-SETTING_NAMES = ("call_style", "time_input", "prediction", "schedule", "num_train_steps", "data_range")
-
-
-class ModelLoadError(ValueError):
-    """A model could not be loaded or adapted; the message is one line naming the file,
-    the problem and the flag that may fix it."""
-
-    def __init__(self, path: Any, problem: str, fix: Optional[str] = None):
-        self.path = str(path)
-        self.problem = problem
-        self.fix = fix
-        msg = f"{self.path}: {problem}" + (f"; {fix}" if fix else "")
-        super().__init__(" ".join(msg.split()))  # one line, always
-
-
-def flag(name: str) -> str:
-    """CLI flag spelling of a setting name."""
-    return "--" + name.replace("_", "-")
-
-
-def validate_setting(name: str, value: Any, where: str) -> Any:
-    """Check and normalise one adapter setting; ``where`` names its origin for messages.
-
-    Raises:
-        ModelLoadError: the value is not allowed.
-    """
-    if value is None:
-        return None
-    if name == "call_style":
-        if callable(value) or value in CALL_STYLES:
-            return value
-        raise ModelLoadError(where, f"call_style {value!r} is not one of {', '.join(CALL_STYLES)}", f"fix {flag(name)}")
-    if name == "time_input":
-        if value in TIME_INPUTS:
-            return value
-        raise ModelLoadError(where, f"time_input {value!r} is not one of {', '.join(TIME_INPUTS)}", f"fix {flag(name)}")
-    if name == "prediction":
-        aliases = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
-        value = aliases.get(value, value)
-        if value in PREDICTIONS:
-            return value
-        raise ModelLoadError(where, f"prediction {value!r} is not one of {', '.join(PREDICTIONS)}", f"fix {flag(name)}")
-    if name == "schedule":
-        if isinstance(value, str) or hasattr(value, "alpha_sigma"):
-            return value
-        raise ModelLoadError(where, f"schedule must be a schedule name, got {value!r}", f"fix {flag(name)}")
-    if name == "num_train_steps":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ModelLoadError(where, f"num_train_steps must be a positive integer, got {value!r}", f"fix {flag(name)}")
-        return value
-    if name == "data_range":
-        if isinstance(value, str):
-            value = value.split(",")
-        try:
-            lo, hi = (float(v) for v in value)
-        except (TypeError, ValueError):
-            raise ModelLoadError(where, f"data_range must be two numbers LO,HI, got {value!r}", f"fix {flag(name)}") from None
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise ModelLoadError(where, f"data_range needs finite LO < HI, got {lo},{hi}", f"fix {flag(name)}")
-        return (lo, hi)
-    raise ModelLoadError(where, f"unknown setting {name!r}; known: {', '.join(SETTING_NAMES)}")
-
 
 # ---------------------------------------------------------------------------- hashing / dtype
 def describe_dtype(module: Any) -> str:
@@ -177,12 +105,6 @@ class ArchSpec:
         return {"name": self.name, "source": self.source, "kwargs": dict(self.kwargs)}
 
 
-def _zoo_architectures() -> dict:
-    from .zoo.architectures import ARCHITECTURES
-
-    return ARCHITECTURES
-
-
 def resolve_arch(
     spec: Union[str, Callable[..., Any]],
     *,
@@ -195,7 +117,7 @@ def resolve_arch(
 
     Args:
         spec: ``"pkg.module:callable"``, ``"path/to/file.py:callable"`` (only when
-            ``allow_files``), a bare class name of :mod:`els_audit.zoo` (``"PaperResNet"``),
+            ``allow_files``), a bare class name of :mod:`els_audit.models.zoo` (``"PaperResNet"``),
             or a Python callable.
         source: who named it, for the record.
         kwargs: keyword arguments for the callable.
@@ -212,9 +134,9 @@ def resolve_arch(
     if not isinstance(spec, str) or not spec.strip():
         raise ModelLoadError(where, f"architecture must be 'module:callable', got {spec!r}", "fix --arch")
     spec = spec.strip()
-    zoo = _zoo_architectures()
+    zoo = ARCHITECTURES
     if spec in zoo:
-        return ArchSpec(zoo[spec], f"els_audit.zoo:{spec}", source, kwargs)
+        return ArchSpec(zoo[spec], f"els_audit.models.zoo:{spec}", source, kwargs)
     mod_name, sep, attr = spec.rpartition(":")
     if not sep or not mod_name or not attr:
         raise ModelLoadError(where, f"architecture {spec!r} is not of the form module:callable", "fix --arch")
@@ -539,8 +461,6 @@ def load_model(
     """
     spec = str(path)
     if spec.startswith("zoo:"):
-        from .zoo.catalog import zoo_model_path
-
         p = zoo_model_path(spec[4:])
     else:
         p = Path(path).expanduser()
@@ -559,8 +479,6 @@ def load_model(
     # 1. sidecar next to the model
     side = None
     if use_sidecar:
-        from .sidecar import find_sidecar, read_sidecar
-
         sp = find_sidecar(p)
         if sp is not None:
             side = read_sidecar(sp)
@@ -587,9 +505,9 @@ def load_model(
         elif zoo_cfg is not None:
             cfg_path, cfg = zoo_cfg
             name = cfg.get("arch")
-            if name not in _zoo_architectures():
+            if name not in ARCHITECTURES:
                 raise ModelLoadError(
-                    cfg_path, f"zoo config names architecture {name!r}, which is not part of els_audit.zoo", "pass --arch module:callable"
+                    cfg_path, f"zoo config names architecture {name!r}, which is not part of els_audit.models.zoo", "pass --arch module:callable"
                 )
             kw = {**dict(cfg.get("arch_kwargs", {})), **kw}
             arch_spec = resolve_arch(name, source="zoo config", kwargs=kw)

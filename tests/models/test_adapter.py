@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from els_audit.adapter import Denoiser, detect_call_style, make_denoiser
-from els_audit.loading import ModelLoadError, load_model
+from els_audit.models.adapter import Denoiser, detect_call_style, make_denoiser
+from els_audit.models.loading import ModelLoadError, load_model
 from els_audit.schedules import get_schedule
 
 # cosine-legacy at t = 0.5: angle = 0.5/1.008 * pi/2 = 0.7791648 rad,

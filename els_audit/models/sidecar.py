@@ -1,7 +1,7 @@
 """Sidecar files: ``MODEL.els.toml`` next to a model says what detection cannot.
 
 A sidecar is looked for ONLY next to the model (never in the working directory or a
-config folder), so its contents count as the user's say-so (see :mod:`els_audit.loading`
+config folder), so its contents count as the user's say-so (see :mod:`els_audit.models.loading`
 for what an ``arch`` entry may name).  Names tried, first found wins:
 
 - for a file ``dir/NAME.EXT``: ``dir/NAME.els.toml``, then ``dir/NAME.EXT.els.toml``;
@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .loading import SETTING_NAMES, ModelLoadError, file_sha256, validate_setting
+from ..hashing import file_sha256
+from .settings import SETTING_NAMES, ModelLoadError, validate_setting
 
 __all__ = ["Sidecar", "find_sidecar", "read_sidecar", "SIDECAR_KEYS"]
 

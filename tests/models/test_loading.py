@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from els_audit.loading import LOADERS, ModelLoader, ModelLoadError, load_model, sniff_format
-from els_audit.zoo import PaperResNet
+from els_audit.models.loading import LOADERS, ModelLoader, ModelLoadError, load_model, sniff_format
+from els_audit.models.zoo import PaperResNet
 
 ARCH_SRC = textwrap.dedent(
     """
@@ -75,7 +75,7 @@ def test_arch_kwargs_and_zoo_class_name(tmp_path):
     m = PaperResNet(width=8, n_layers=2)
     p = _save_st(m, tmp_path / "r.safetensors")
     loaded = load_model(p, arch="PaperResNet", arch_kwargs={"width": 8, "n_layers": 2})
-    assert loaded.arch.name == "els_audit.zoo:PaperResNet"
+    assert loaded.arch.name == "els_audit.models.zoo:PaperResNet"
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.2, 0.8])
     with torch.no_grad():
         assert torch.equal(loaded.module(x, t), m.eval()(x, t))
@@ -155,7 +155,7 @@ def test_zoo_config_may_only_name_zoo_architectures(tmp_path):
     cfg.write_text(json.dumps({"format": "els-audit-zoo", "arch": "os:system"}))
     with pytest.raises(ModelLoadError) as ei:
         load_model(p)
-    _err(ei, cfg, "not part of els_audit.zoo", "--arch")
+    _err(ei, cfg, "not part of els_audit.models.zoo", "--arch")
 
 
 # --------------------------------------------------------------------------- state dict extraction

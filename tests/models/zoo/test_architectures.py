@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.fx as fx
 
-from els_audit.zoo import AttentionUNet, PaperResNet, PaperUNet, count_parameters
+from els_audit.models.zoo import AttentionUNet, PaperResNet, PaperUNet, count_parameters
 
 CASES = [
     (PaperResNet, {}),

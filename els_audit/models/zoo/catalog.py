@@ -3,7 +3,7 @@
 Every bundled model lives in ``els_audit/zoo/weights/NAME/``:
 
 - ``model.safetensors``: the weights (EMA), stored as float16 (see the NB below);
-- ``config.json``: ``{"format": "els-audit-zoo", "arch": <class in els_audit.zoo>,
+- ``config.json``: ``{"format": "els-audit-zoo", "arch": <class in els_audit.models.zoo>,
   "arch_kwargs": ..., "schedule", "time_input", "prediction", "call_style",
   "num_train_steps", "data_range", "data", training record...}``;
 - ``loss.json`` / ``loss.png``: the training loss per epoch;
@@ -23,17 +23,20 @@ from typing import Any, Mapping
 
 import torch.nn as nn
 
-from ..loading import ModelLoadError
+from ..settings import ModelLoadError
 from .architectures import ARCHITECTURES
 
-__all__ = ["ZooEntry", "ZOO", "WEIGHTS_DIR", "list_zoo_models", "zoo_model_path", "zoo_config", "build_zoo_architecture"]
+__all__ = ["ZOO_CONFIG_FORMAT", "ZooEntry", "ZOO", "WEIGHTS_DIR", "list_zoo_models", "zoo_model_path", "zoo_config", "build_zoo_architecture"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+#: value of the ``format`` key of a zoo config ``config.json``.
+ZOO_CONFIG_FORMAT = "els-audit-zoo"
 
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """One zoo model: architecture class name (in :mod:`els_audit.zoo`), its kwargs, a blurb."""
+    """One zoo model: architecture class name (in :mod:`els_audit.models.zoo`), its kwargs, a blurb."""
 
     name: str
     arch: str
@@ -92,7 +95,7 @@ def zoo_model_path(name: str) -> Path:
     p = WEIGHTS_DIR / name / "model.safetensors"
     if not p.is_file():
         raise ModelLoadError(
-            p, f"zoo model {name!r} has no weights in this install", f"train them with: python -m els_audit.zoo.train {name}"
+            p, f"zoo model {name!r} has no weights in this install", f"train them with: python -m els_audit.models.zoo.train {name}"
         )
     return p
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m els_audit.zoo.train NAME [--epochs E] [--device cpu|cuda] [--out DIR]
+    python -m els_audit.models.zoo.train NAME [--epochs E] [--device cpu|cuda] [--out DIR]
                                        [--max-minutes M] [--set KEY=VALUE ...]
 
 References: Kamb & Ganguli, ICML 2025 (theory.md section 1): eps-prediction with the
@@ -34,11 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..loading import ZOO_CONFIG_FORMAT, file_sha256
-from ..sampler import ddim_sample, initial_noise
-from ..schedules import get_schedule
+from ...hashing import file_sha256
+from ...sampler import ddim_sample, initial_noise
+from ...schedules import get_schedule
 from .architectures import ARCHITECTURES, count_parameters
-from .catalog import WEIGHTS_DIR, ZOO
+from .catalog import WEIGHTS_DIR, ZOO, ZOO_CONFIG_FORMAT
 
 __all__ = ["TrainConfig", "TrainResult", "train_zoo_model", "write_zoo_model", "sample_grid", "main"]
 
@@ -96,7 +96,7 @@ class TrainResult:
 
 
 def _load_images(spec: str) -> tuple[torch.Tensor, Optional[str]]:
-    from ..data import load_dataset
+    from ...data import load_dataset
 
     ds = load_dataset(spec)
     return ds.images, ds.sha256                                                 # (N, 1, 32, 32)
@@ -348,7 +348,7 @@ def _parse_set(items: Sequence[str]) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line entry point (see the module docstring)."""
-    ap = argparse.ArgumentParser(prog="python -m els_audit.zoo.train", description="Train a zoo model on mnist5k.")
+    ap = argparse.ArgumentParser(prog="python -m els_audit.models.zoo.train", description="Train a zoo model on mnist5k.")
     ap.add_argument("name", choices=sorted(ZOO))
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--device", default="cpu")

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from els_audit.adapter import make_denoiser
-from els_audit.loading import ModelLoadError, file_sha256, load_model
-from els_audit.zoo import count_parameters
-from els_audit.zoo.catalog import WEIGHTS_DIR, build_zoo_architecture, list_zoo_models, zoo_config, zoo_model_path
-from els_audit.zoo.train import TrainConfig, main, train_zoo_model, write_zoo_model
+from els_audit.models.adapter import make_denoiser
+from els_audit.models.loading import ModelLoadError, file_sha256, load_model
+from els_audit.models.zoo import count_parameters
+from els_audit.models.zoo.catalog import WEIGHTS_DIR, build_zoo_architecture, list_zoo_models, zoo_config, zoo_model_path
+from els_audit.models.zoo.train import TrainConfig, main, train_zoo_model, write_zoo_model
 
 NAMES = ["resnet-circular", "resnet-zeros", "unet-attention", "unet-zeros"]
 
@@ -27,8 +27,8 @@ def test_catalogue_and_sizes():
 
 
 def test_missing_weights_say_how_to_train_them(tmp_path, monkeypatch):
-    monkeypatch.setattr("els_audit.zoo.catalog.WEIGHTS_DIR", tmp_path)
-    with pytest.raises(ModelLoadError, match="python -m els_audit.zoo.train unet-zeros"):
+    monkeypatch.setattr("els_audit.models.zoo.catalog.WEIGHTS_DIR", tmp_path)
+    with pytest.raises(ModelLoadError, match="python -m els_audit.models.zoo.train unet-zeros"):
         load_model("zoo:unet-zeros")
 
 
@@ -94,7 +94,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("els_audit.zoo.train.sample_grid", boom)
+    monkeypatch.setattr("els_audit.models.zoo.train.sample_grid", boom)
     with pytest.raises(RuntimeError):
         write_zoo_model(cfg, res, tmp_path / "m", log=lambda *a: None)
     assert list(tmp_path.iterdir()) == []

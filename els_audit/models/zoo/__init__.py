@@ -1,9 +1,9 @@
 """The bundled model zoo: small denoisers trained here on mnist5k, shipped with the package.
 
-Architectures live in :mod:`els_audit.zoo.architectures` (package code, hence trusted);
-the training script is :mod:`els_audit.zoo.train`; the catalogue of bundled models
+Architectures live in :mod:`els_audit.models.zoo.architectures` (package code, hence trusted);
+the training script is :mod:`els_audit.models.zoo.train`; the catalogue of bundled models
 (``resnet-zeros``, ``resnet-circular``, ``unet-zeros``, ``unet-attention``) and their paths
-is :mod:`els_audit.zoo.catalog`.  Load one with ``load_model("zoo:resnet-zeros")``.
+is :mod:`els_audit.models.zoo.catalog`.  Load one with ``load_model("zoo:resnet-zeros")``.
 """
 
 from .architectures import (
