@@ -29,12 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +40,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .atomic import Staging
 from .calibrate import CalibrationResult, calibrate_scales, candidates_near, default_candidates
 from .checks import Check, Rule, builtin_checks, evaluate_rules, exit_code, parse_rule
 from .data import Dataset, balanced_subset_indices, load_dataset
@@ -51,6 +48,7 @@ from .machines import build_machine
 from .novelty import DEFAULT_THRESHOLD, NoveltyResult, assess_novelty
 from .predict import PredictionResult, predict_samples
 from .published import PublishedMatch, closest_published
+from .serialize import dumps, json_safe
 
 __all__ = [
     "AuditConfig",
@@ -64,7 +62,6 @@ __all__ = [
     "check_output_dir",
     "summary_schema",
     "REPORT_FILES",
-    "json_safe",
     "model_name",
     "FULL_FIDELITY",
     "MACHINE_CHOICES",
@@ -464,30 +461,6 @@ class AuditResult:
 # ---------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------
-def json_safe(x: Any) -> Any:
-    """A copy of ``x`` that ``json.dumps(..., allow_nan=False)`` accepts: numpy scalars and
-    arrays become Python numbers and lists, tuples become lists, NaN/inf become ``None``,
-    keys become strings."""
-    if isinstance(x, dict):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return json_safe(x.tolist())
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        v = float(x)
-        return v if math.isfinite(v) else None
-    if x is None or isinstance(x, str):
-        return x
-    if isinstance(x, Path):
-        return str(x)
-    return str(x)
-
-
 def versions() -> dict:
     """Versions of the software the audit ran on."""
     out = {"els_audit": __version__, "python": platform.python_version(), "torch": torch.__version__,
@@ -812,12 +785,6 @@ def run_audit(config: AuditConfig, *, progress: Optional[ProgressFn] = None) -> 
 # ---------------------------------------------------------------------------------------
 # outputs
 # ---------------------------------------------------------------------------------------
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def summary_schema() -> dict:
     """The JSON Schema of summary.json (``els_audit/summary_schema.json``, shipped with the package)."""
     from importlib.resources import files
@@ -863,33 +830,17 @@ def write_outputs(result: AuditResult, out_dir: Union[str, Path], *, html: bool 
         the report folder.
     """
     out = check_output_dir(out_dir)
-    parent = out.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise AuditError(f"cannot create the output folder {parent} ({exc.strerror or exc}); "
+        raise AuditError(f"cannot create the output folder {out.parent} ({exc.strerror or exc}); "
                          f"choose another --out") from None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    old = None
-    try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a report folder is an ordinary folder
-        summary = result.to_dict()
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    with Staging() as st:
+        tmp = st.folder(out)
+        (tmp / "summary.json").write_text(dumps(result.to_dict()))
         np.savez_compressed(tmp / "arrays.npz", **result.arrays())
         if html:
             from .report import render_html
 
             (tmp / "index.html").write_text(render_html(result), encoding="utf-8")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / out.name).exists() and not out.exists():
-            os.replace(old / out.name, out)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return out

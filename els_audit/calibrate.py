@@ -34,7 +34,6 @@ Criteria:
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -46,6 +45,7 @@ from .machines import ScoreMachine
 from .metrics import cosine_similarity_batch, mse_batch
 from .sampler import EpsFn, ddim_sample, initial_noise, time_grid
 from .schedules import NoiseSchedule, get_schedule
+from .serialize import json_float
 
 __all__ = [
     "CalibrationResult",
@@ -62,11 +62,6 @@ ProgressFn = Callable[[str, int, int], None]
 # ---------------------------------------------------------------------------------------
 # helpers shared with predict.py
 # ---------------------------------------------------------------------------------------
-def _json_float(v) -> Optional[float]:
-    v = float(v)
-    return v if math.isfinite(v) else None
-
-
 def _check_seeds(seeds) -> tuple[int, ...]:
     try:
         out = tuple(int(s) for s in seeds)
@@ -256,7 +251,7 @@ class CalibrationResult:
             "scales": list(self.scales),
             "agreement": [float(a) for a in self.agreement],
             "candidates": list(self.candidates),
-            "values": [[_json_float(v) for v in row] for row in self.values],
+            "values": [[json_float(v) for v in row] for row in self.values],
             "per_seed_best": [[int(v) for v in row] for row in self.per_seed_best],
             "seeds": list(self.seeds),
             "labels": None if self.labels is None else list(self.labels),

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from .serialize import json_safe
+
 __all__ = [
     "Check",
     "Rule",
@@ -102,11 +104,8 @@ class Check:
             raise ValueError(f"check status must be one of {STATUSES}; got {self.status!r}")
 
     def to_dict(self) -> dict:
-        v = self.value
-        if isinstance(v, float) and not math.isfinite(v):
-            v = None
-        return {"name": self.name, "status": self.status, "value": v, "threshold": self.threshold,
-                "message": self.message, "source": self.source}
+        return json_safe({"name": self.name, "status": self.status, "value": self.value,
+                          "threshold": self.threshold, "message": self.message, "source": self.source})
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ traceback unless ``--debug``; nothing half-written is left behind).
 
 from __future__ import annotations
 
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -125,6 +124,8 @@ def main(ctx: click.Context, model: str, data: Optional[str], data_limit: int, t
     """
     from .audit import AuditConfig, check_output_dir, model_name, parse_scales, run_audit, write_outputs
     from .checks import load_rules
+    from .atomic import write_file_atomic
+    from .serialize import dumps
 
     def progress(line: str) -> None:
         if not quiet:
@@ -147,11 +148,11 @@ def main(ctx: click.Context, model: str, data: Optional[str], data_limit: int, t
         result = run_audit(cfg, progress=progress)
         folder = write_outputs(result, out_dir, html=not no_report)
         if json_out is not None:
-            text = json.dumps(result.to_dict(), indent=2, allow_nan=False)
+            text = dumps(result.to_dict())
             if json_out == "-":
-                click.echo(text)
+                click.echo(text, nl=False)
             else:
-                _write_atomic(Path(json_out), text + "\n")
+                write_file_atomic(Path(json_out).expanduser(), text)
     except KeyboardInterrupt:
         click.echo("els-audit: interrupted; nothing was written", err=True)
         return EXIT_CANNOT_RUN
@@ -174,25 +175,6 @@ def main(ctx: click.Context, model: str, data: Optional[str], data_limit: int, t
     if fails and quiet:
         click.echo("els-audit: failed: " + ", ".join(c.name for c in fails), err=True)
     return result.exit_code
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    path = path.expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":  # python -m els_audit.cli

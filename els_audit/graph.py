@@ -16,23 +16,18 @@ operand (not only a shape source).
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Union
 
 import networkx as nx
 import torch.fx as fx
 
+from .serialize import json_safe
 from .trace import META_IMAGE, META_ON_PATH, META_OP, META_SHAPE, TraceResult
 
 __all__ = ["to_networkx", "NODE_ATTRS"]
 
 #: Structural attributes copied from ``OpInfo.params`` when present.
 NODE_ATTRS = ("kernel", "stride", "dilation", "padding", "padding_mode", "groups")
-
-
-def _jsonish(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return [_jsonish(x) for x in v]
-    return v
 
 
 def to_networkx(trace: Union[TraceResult, fx.GraphModule]) -> nx.DiGraph:
@@ -54,13 +49,13 @@ def to_networkx(trace: Union[TraceResult, fx.GraphModule]) -> nx.DiGraph:
             "kind": op.kind if op is not None else None,
             "target": op.target if op is not None else str(node.target),
             "module_path": op.module_path if op is not None else "",
-            "in_shapes": [_jsonish(a.meta.get(META_SHAPE)) for a in node.all_input_nodes],
-            "out_shape": _jsonish(node.meta.get(META_SHAPE)),
+            "in_shapes": [json_safe(a.meta.get(META_SHAPE)) for a in node.all_input_nodes],
+            "out_shape": json_safe(node.meta.get(META_SHAPE)),
             "image_dependent": bool(node.meta.get(META_IMAGE, False)),
             "on_path": bool(node.meta.get(META_ON_PATH, False)),
         }
         for k in NODE_ATTRS:
-            attrs[k] = _jsonish(params.get(k))
+            attrs[k] = json_safe(params.get(k))
         rf = node.meta.get("els_rf")
         if rf is not None:
             attrs.update(rf.summary())

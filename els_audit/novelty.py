@@ -31,7 +31,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .calibrate import _json_float
+from .serialize import json_float
 
 __all__ = [
     "nearest_neighbours",
@@ -176,13 +176,13 @@ class MemorizationResult:
             "threshold": self.threshold,
             "n_train": self.n_train,
             "memorized_fraction": self.memorized_fraction,
-            "median_ratio": _json_float(np.median(self.ratio)),
-            "median_nearest_distance": _json_float(np.median(self.nearest_distance)),
+            "median_ratio": json_float(np.median(self.ratio)),
+            "median_nearest_distance": json_float(np.median(self.nearest_distance)),
             "baseline": {
                 "n_queries": int(self.baseline_index.size),
                 "memorized_fraction": self.baseline_memorized_fraction,
-                "median_ratio": _json_float(np.median(self.baseline_ratio)),
-                "median_nearest_distance": _json_float(np.median(self.baseline_nearest_distance)),
+                "median_ratio": json_float(np.median(self.baseline_ratio)),
+                "median_nearest_distance": json_float(np.median(self.baseline_nearest_distance)),
             },
             "samples": [{"nearest_index": int(self.nearest_index[i]),
                          "nearest_distance": float(self.nearest_distance[i]),
@@ -291,10 +291,10 @@ class MosaicResult:
     def to_dict(self) -> dict:
         return {
             "periodic": self.periodic,
-            "median_n_sources": _json_float(np.median(self.n_sources)),
-            "median_seam_fraction": _json_float(np.median(self.seam_fraction)),
+            "median_n_sources": json_float(np.median(self.n_sources)),
+            "median_seam_fraction": json_float(np.median(self.seam_fraction)),
             "samples": [{"n_sources": int(self.n_sources[i]), "dominant_source": int(self.dominant_source[i]),
-                         "dominant_fraction": _json_float(self.dominant_fraction[i]),
+                         "dominant_fraction": json_float(self.dominant_fraction[i]),
                          "seam_count": int(self.seam_count[i]), "seam_fraction": float(self.seam_fraction[i]),
                          "ambiguous_fraction": float(self.ambiguous_fraction[i])}
                         for i in range(self.n_sources.size)],
@@ -428,7 +428,7 @@ class LocalityNoveltyResult:
 
     def to_dict(self) -> dict:
         return {"explained_tol": self.explained_tol, "unexplained_tol": self.unexplained_tol,
-                "median_novel_fraction": _json_float(np.median(self.novel_fraction)),
+                "median_novel_fraction": json_float(np.median(self.novel_fraction)),
                 "novel_fraction": [float(v) for v in self.novel_fraction]}
 
 

@@ -28,12 +28,13 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .calibrate import (ProgressFn, _check_k, _check_seeds, _check_steps, _checked_eps, _json_float,
+from .calibrate import (ProgressFn, _check_k, _check_seeds, _check_steps, _checked_eps,
                         _resolve_labels, _resolve_schedule)
 from .machines import ScoreMachine, scale_schedule_eps
 from .metrics import pearson_r_batch, r_squared_batch
 from .sampler import EpsFn, ddim_sample, initial_noise
 from .schedules import NoiseSchedule
+from .serialize import json_float
 
 __all__ = ["SeedPrediction", "PredictionResult", "predict_samples", "DIAGNOSTIC_FIELDS"]
 
@@ -54,8 +55,8 @@ class SeedPrediction:
     beats_is: Optional[bool]
 
     def to_dict(self) -> dict:
-        return {"seed": self.seed, "label": self.label, "r": _json_float(self.r), "r2": _json_float(self.r2),
-                "is_r": _json_float(self.is_r), "is_r2": _json_float(self.is_r2), "beats_is": self.beats_is}
+        return {"seed": self.seed, "label": self.label, "r": json_float(self.r), "r2": json_float(self.r2),
+                "is_r": json_float(self.is_r), "is_r2": json_float(self.is_r2), "beats_is": self.beats_is}
 
 
 def _nanmedian(v: np.ndarray) -> float:
@@ -132,11 +133,11 @@ class PredictionResult:
             "machine": dict(self.machine),
             "is_machine": dict(self.is_machine),
             "n_seeds": len(self.seeds),
-            "median_r": _json_float(self.median_r),
-            "median_r2": _json_float(self.median_r2),
-            "is_median_r": _json_float(self.is_median_r),
-            "is_median_r2": _json_float(self.is_median_r2),
-            "win_rate": _json_float(self.win_rate),
+            "median_r": json_float(self.median_r),
+            "median_r2": json_float(self.median_r2),
+            "is_median_r": json_float(self.is_median_r),
+            "is_median_r2": json_float(self.is_median_r2),
+            "win_rate": json_float(self.win_rate),
             "seeds": [p.to_dict() for p in self.per_seed],
         }
 

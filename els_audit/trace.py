@@ -31,7 +31,6 @@ twice is refused.
 from __future__ import annotations
 
 import inspect
-import math
 import operator
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -43,6 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
+
+from .serialize import json_safe
 
 __all__ = [
     "TraceResult",
@@ -123,19 +124,11 @@ def target_name(target: Any) -> str:
     return f"{mod}.{name}" if mod else name
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, (bool, int, str)) or x is None:
-        return x
-    if isinstance(x, float):
-        return x if math.isfinite(x) else str(x)
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, Mapping):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, torch.dtype):
+def _json_default(x: Any) -> Any:
+    """How an op parameter that is no plain value is written: a dtype by name, a graph node
+    by its name, anything else by its repr."""
+    if isinstance(x, (torch.dtype, fx.Node)):
         return str(x)
-    if isinstance(x, fx.Node):
-        return x.name
     return repr(x)
 
 
@@ -168,7 +161,7 @@ class OpInfo:
             "kind": self.kind,
             "target": self.target,
             "module_path": self.module_path,
-            "params": _json_safe(dict(self.params)),
+            "params": json_safe(dict(self.params), _json_default),
             "operands": list(self.operands),
             "note": self.note,
         }

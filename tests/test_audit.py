@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from els_audit.audit import (AuditConfig, AuditError, choose_machine, json_safe, model_name, parse_scales, run_audit,
+from els_audit.audit import (AuditConfig, AuditError, choose_machine, model_name, parse_scales, run_audit,
                              write_outputs)
 from els_audit.models.zoo.catalog import zoo_model_path
 
@@ -186,12 +186,6 @@ def test_no_data_named_is_a_clear_error(tmp_path):
 def test_unknown_label_is_a_clear_error():
     with pytest.raises(AuditError, match="no training image has that label"):
         run_audit(AuditConfig(model="zoo:resnet-zeros", data="mnist5k:size=32:limit=20", label=11, steps=2, seeds=1))
-
-
-def test_json_safe():
-    got = json_safe({"a": np.float32(1.5), "b": (np.int64(2), float("nan")), 3: np.array([1, 2]), "c": np.bool_(True)})
-    assert got == {"a": 1.5, "b": [2, None], "3": [1, 2], "c": True}
-    json.dumps(got, allow_nan=False)
 
 
 def test_write_outputs_atomic(runs, tmp_path, monkeypatch):

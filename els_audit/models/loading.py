@@ -34,7 +34,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType

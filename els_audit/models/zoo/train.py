@@ -21,10 +21,7 @@ import argparse
 import copy
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...atomic import Staging
 from ...hashing import file_sha256
 from ...sampler import ddim_sample, initial_noise
 from ...schedules import get_schedule
@@ -278,9 +276,8 @@ def write_zoo_model(cfg: TrainConfig, res: TrainResult, out: Path, *, log=print)
     from safetensors.torch import save_file
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with Staging() as st:
+        tmp = st.folder(out, mode=0o755)  # the folder ships as package data
         state = {k: v.detach().to(torch.float16).contiguous() for k, v in res.module.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": ZOO_CONFIG_FORMAT, "name": cfg.name})
         samples = sample_grid(res.module, cfg.sample_seeds, cfg.sample_steps, device=cfg.device)
@@ -320,15 +317,8 @@ def write_zoo_model(cfg: TrainConfig, res: TrainResult, out: Path, *, log=print)
             "samples": {"steps": cfg.sample_steps, "seeds": list(cfg.sample_seeds), "sampler": "els_audit.sampler.ddim_sample"},
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes 0700; the folder ships as package data
         for f in tmp.iterdir():
             f.chmod(0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"[{cfg.name}] wrote {out} (eps mse at t=0.5: {res.eps_mse_t05:.4f} vs {res.zero_mse_t05:.4f} for zero)")
     return out
 
