@@ -24,14 +24,9 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from els_audit.models.loading import (
-    ArchSpec,
-    LoaderOutput,
-    LoadRequest,
-    ModelLoader,
-    ModelLoadError,
-    build_from_state_dict,
-)
+from els_audit.models.formats import ArchSpec, LoaderOutput, LoadRequest, ModelLoader
+from els_audit.models.loading import build_from_state_dict
+from els_audit.models.settings import ModelLoadError
 
 __all__ = [
     "DiffusersDirLoader",

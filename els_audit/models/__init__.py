@@ -8,7 +8,8 @@
 """
 
 from .adapter import Denoiser, SanityReport, make_denoiser, sanity_check
-from .loading import LOADERS, ArchSpec, LoadedModel, ModelLoader, load_model, sniff_format
+from .formats import LOADERS, ArchSpec, ModelLoader, sniff_format
+from .loading import LoadedModel, load_model
 from .settings import CALL_STYLES, PREDICTIONS, SETTING_NAMES, TIME_INPUTS, ModelLoadError
 from .zoo import list_zoo_models, zoo_model_path
 
