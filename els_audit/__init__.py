@@ -5,6 +5,16 @@ schedules and sampler -> data -> models in (:mod:`.models`: loading, sidecar, ad
 receptive field, ERF, equivariance) -> machines -> calibration -> prediction -> novelty.
 """
 
+import sys as _sys
+
+from ._safe_path import drop_implicit_cwd as _drop_implicit_cwd
+
+if _sys.argv[:1] == ["-m"]:
+    # ``python -m els_audit`` (argv[0] is "-m" while Python imports this package): the current
+    # folder, which Python put first on sys.path, may be a model's download folder; drop it
+    # before torch and the rest are imported (README, "Security model")
+    _drop_implicit_cwd()
+
 from .calibrate import CalibrationResult, calibrate_scales
 from .data import DATASETS, Dataset, DataSpecError, load_dataset
 from .equivariance import (MeasuredEquivarianceResult, StructuralEquivarianceResult, equivariance_measured,

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ __all__ = [
     "run_audit",
     "choose_machine",
     "parse_scales",
+    "parse_arch_kwargs",
     "write_outputs",
     "check_output_dir",
     "summary_schema",
@@ -111,7 +112,8 @@ class AuditConfig:
         data_limit: the machines' dictionary is a seeded, class-balanced subset of this many
             images (``None`` = all).  The copy test always searches the whole data set.
         data_seed: seed of that subset.
-        trust_model, arch: passed to :func:`els_audit.models.load_model`.
+        trust_model, arch, arch_kwargs, format, state_dict_key: passed to
+            :func:`els_audit.models.load_model`.
         schedule, time_input, prediction, call_style, num_train_steps, data_range: adapter
             overrides (``None`` = resolve; see :mod:`els_audit.models.adapter`).
         steps: T of the DDIM grid shared by network and machines.
@@ -143,6 +145,9 @@ class AuditConfig:
     data_seed: int = 0
     trust_model: bool = False
     arch: Optional[str] = None
+    arch_kwargs: Optional[Mapping[str, Any]] = None
+    format: Optional[str] = None
+    state_dict_key: Optional[str] = None
     schedule: Optional[str] = None
     time_input: Optional[str] = None
     prediction: Optional[str] = None
@@ -223,9 +228,28 @@ class AuditConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        d["arch_kwargs"] = None if self.arch_kwargs is None else dict(self.arch_kwargs)
         d["scales"] = self.scales if isinstance(self.scales, str) else list(self.scales)
         d["fail_on"] = list(self.fail_on)
         return d
+
+
+def parse_arch_kwargs(text: Optional[str]) -> Optional[dict]:
+    """``--arch-kwargs '{"width": 64}'`` -> a dict (``None`` stays ``None``).
+
+    Raises:
+        AuditError: not a JSON object.
+    """
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise AuditError(f"--arch-kwargs is not valid JSON ({exc}); write a JSON object like "
+                         f"'{{\"width\": 64}}'") from None
+    if not isinstance(value, dict):
+        raise AuditError(f"--arch-kwargs must be a JSON object like '{{\"width\": 64}}'; got {type(value).__name__}")
+    return value
 
 
 def parse_scales(text: str) -> Union[str, tuple[int, ...]]:
@@ -477,18 +501,12 @@ def versions() -> dict:
 
 
 def _data_spec(cfg: AuditConfig, loaded) -> tuple[str, str]:
-    """The data spec and where it came from (the argument, else the model's zoo config)."""
-    if cfg.data:
+    """The data spec and where it came from (the argument, else the model's zoo config; an
+    empty ``--data`` counts as none given, and the checks warn about it)."""
+    if cfg.data and cfg.data.strip():
         return cfg.data, "argument"
-    for path, _ in loaded.files:
-        p = Path(path)
-        if p.name == "config.json":
-            try:
-                spec = json.loads(p.read_text()).get("data")
-            except (OSError, ValueError):
-                spec = None
-            if isinstance(spec, str) and spec:
-                return spec, f"zoo config {p}"
+    if loaded.data_hint:
+        return loaded.data_hint, loaded.data_hint_source
     raise AuditError(f"{cfg.model}: no training data named; pass --data SPEC (e.g. --data mnist5k:size=32 or "
                      f"--data path/to/train.npz): the ELS machine needs the training images or a sample of them")
 
@@ -579,7 +597,8 @@ def run_audit(config: AuditConfig, *, progress: Optional[ProgressFn] = None) -> 
     notes: list[str] = []
 
     # 1. load ------------------------------------------------------------------------------
-    loaded = clock.stage("load model", load_model, cfg.model, arch=cfg.arch, trust_model=cfg.trust_model,
+    loaded = clock.stage("load model", load_model, cfg.model, arch=cfg.arch, arch_kwargs=cfg.arch_kwargs,
+                         format=cfg.format, state_dict_key=cfg.state_dict_key, trust_model=cfg.trust_model,
                          schedule=cfg.schedule, time_input=cfg.time_input, prediction=cfg.prediction,
                          call_style=cfg.call_style, num_train_steps=cfg.num_train_steps, data_range=cfg.data_range)
     spec, spec_source = _data_spec(cfg, loaded)

@@ -58,8 +58,19 @@ class _Command(click.Command):
 @click.option("--data-limit", type=int, default=300, show_default=True,
               help="Machines use a seeded class-balanced subset of this many images (0 = all; cost grows linearly).")
 @click.option("--trust-model", is_flag=True,
-              help="Allow model formats that run code when loaded (pickles, TorchScript).")
-@click.option("--arch", metavar="MODULE:CALLABLE", default=None, help="Architecture for weights-only files.")
+              help="Allow what can run code from the model's files: pickles, TorchScript, .pt2, and code a "
+                   "sidecar or config names that is not a registered architecture.")
+@click.option("--arch", metavar="MODULE:CLASS", default=None,
+              help="Architecture for weights-only files: pkg.module:Class, path/to/file.py:Class (or a function "
+                   "there that returns the model), or a registered architecture name.")
+@click.option("--arch-kwargs", metavar="JSON", default=None,
+              help="Keyword arguments for --arch as a JSON object, e.g. '{\"width\": 64}'.")
+@click.option("--format", "format_", metavar="NAME", default=None,
+              help="Force a model loader instead of detecting the format (safetensors, state-dict, diffusers, "
+                   "pickled-module, torchscript, torch-export, or an installed plugin's).")
+@click.option("--state-dict-key", metavar="NAME", default=None,
+              help="Entry of a training checkpoint dict that holds the weights (default: the one that fits "
+                   "the architecture, EMA weights first).")
 @click.option("--schedule", default=None, help="Noise schedule name (cosine-legacy, cosine, linear, ...).")
 @click.option("--time", "--time-input", "time_input", type=click.Choice(TIME_INPUTS), default=None,
               help="What time value the model takes.")
@@ -106,7 +117,7 @@ class _Command(click.Command):
 @click.option("--debug", is_flag=True, help="Show the traceback when the audit cannot run.")
 @click.pass_context
 def main(ctx: click.Context, model: str, data: Optional[str], data_limit: int, trust_model: bool, arch: Optional[str],
-         schedule: Optional[str], time_input: Optional[str], prediction: Optional[str], call_style: Optional[str],
+         arch_kwargs: Optional[str], format_: Optional[str], state_dict_key: Optional[str], schedule: Optional[str], time_input: Optional[str], prediction: Optional[str], call_style: Optional[str],
          num_train_steps: Optional[int], data_range: Optional[str], steps: int, seeds: int,
          calibration_seeds: int, seed_offset: int, conditional: bool, label: Optional[int], machine: str,
          dictionary: str, scales: str, criterion: str, compare_criteria: bool, spread: int,
@@ -122,7 +133,8 @@ def main(ctx: click.Context, model: str, data: Optional[str], data_limit: int, t
     Exit codes: 0 checks pass (warnings allowed), 1 a --fail-on rule failed, 2 the audit
     could not run.
     """
-    from .audit import AuditConfig, check_output_dir, model_name, parse_scales, run_audit, write_outputs
+    from .audit import (AuditConfig, check_output_dir, model_name, parse_arch_kwargs, parse_scales, run_audit,
+                        write_outputs)
     from .checks import load_rules
     from .atomic import write_file_atomic
     from .serialize import dumps
@@ -137,7 +149,8 @@ def main(ctx: click.Context, model: str, data: Optional[str], data_limit: int, t
             rules += [r.text for r in load_rules(rules_file)]
         cfg = AuditConfig(
             model=model, data=data, data_limit=None if data_limit == 0 else data_limit, trust_model=trust_model,
-            arch=arch, schedule=schedule, time_input=time_input, prediction=prediction, call_style=call_style,
+            arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), format=format_, state_dict_key=state_dict_key,
+            schedule=schedule, time_input=time_input, prediction=prediction, call_style=call_style,
             num_train_steps=num_train_steps, data_range=data_range, steps=steps, seeds=seeds,
             calibration_seeds=calibration_seeds, seed_offset=seed_offset, conditional=conditional, label=label,
             machine=machine, dictionary=dictionary, scales=parse_scales(scales), criterion=criterion,
@@ -166,6 +179,13 @@ def main(ctx: click.Context, model: str, data: Optional[str], data_limit: int, t
             traceback.print_exc(file=sys.stderr)
         click.echo(f"els-audit: error: internal error ({type(exc).__name__}: {_one_line(exc)[:300]}); "
                    f"rerun with --debug for the traceback and report it", err=True)
+        return EXIT_CANNOT_RUN
+    except BaseException as exc:  # noqa: BLE001 - SystemExit & co. from the model's own code
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        click.echo(f"els-audit: error: the audit was stopped by {type(exc).__name__}"
+                   f"{'' if not exc.args else f'({_one_line(exc.args[0])[:100]!r})'} raised in the model's or "
+                   f"another library's code; nothing was written", err=True)
         return EXIT_CANNOT_RUN
     fails = [c for c in result.checks if c.status == "fail"]
     warns = [c for c in result.checks if c.status == "warn"]

@@ -12,7 +12,7 @@ tests and notebooks.  Registering a name twice is refused.
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
 
 __all__ = ["Registry", "PluginError"]
 
@@ -29,11 +29,15 @@ class Registry(Generic[T]):
     Args:
         group: entry-point group, e.g. ``"els_audit.schedules"``.
         what: human noun used in error messages, e.g. ``"noise schedule"``.
+        check: ``check(name, obj)`` raises :class:`PluginError` when ``obj`` is not what the
+            group expects (e.g. not a subclass of the family's base class); run on every
+            plugin as it is registered or loaded.
     """
 
-    def __init__(self, group: str, what: str):
+    def __init__(self, group: str, what: str, check: Optional[Callable[[str, Any], None]] = None):
         self.group = group
         self.what = what
+        self._check = check
         self._items: dict[str, T] = {}
         self._origin: dict[str, str] = {}
         self._loaded = False
@@ -53,6 +57,8 @@ class Registry(Generic[T]):
             raise PluginError(
                 f"{self.what} {name!r} is registered twice: by {self._origin[name]} and by {origin}"
             )
+        if self._check is not None:
+            self._check(name, obj)
         self._items[name] = obj
         self._origin[name] = origin
 

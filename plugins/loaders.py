@@ -20,13 +20,15 @@ import struct
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import torch
 
+from els_audit.models.capture import capture_library_output
 from els_audit.models.formats import ArchSpec, LoaderOutput, LoadRequest, ModelLoader
-from els_audit.models.loading import build_from_state_dict
 from els_audit.models.settings import ModelLoadError
+from els_audit.models.trust import call_architecture, resolve_architecture
+from els_audit.models.weights import build_from_state_dict, checkpoint_entry, is_tensor_dict, load_into
 
 __all__ = [
     "DiffusersDirLoader",
@@ -77,13 +79,9 @@ def _unsafe_globals(path: Path) -> list[str]:
     return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
 
 
-def _is_tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    )
-
-
-def _corrupt(path: Path, what: str, exc: BaseException) -> ModelLoadError:
+def _corrupt(path: Path, what: str, exc: Union[BaseException, str]) -> ModelLoadError:
+    """The one-line error for a file its reader could not parse; ``exc`` is the reader's
+    exception, or the line it logged about the cause."""
     detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
     return ModelLoadError(path, f"truncated or corrupt {what} ({detail})", "re-download or re-export the file")
 
@@ -123,7 +121,8 @@ class SafetensorsLoader(ModelLoader):
             state = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise _corrupt(path, "safetensors file", exc) from None
-        return LoaderOutput(module=build_from_state_dict(state, arch, path), weights_file=path)
+        module, notes = build_from_state_dict(state, arch, path)
+        return LoaderOutput(module=module, weights_file=path, notes=notes)
 
     def save(self, module: Any, path, *, example_inputs=None) -> Path:
         from safetensors.torch import save_file
@@ -163,40 +162,23 @@ class StateDictLoader(ModelLoader):
                 path,
                 "the file holds Python objects other than tensors (a whole pickled module or custom classes), "
                 f"which weights-only loading refuses ({str(exc).splitlines()[0][:120]})",
-                "pass --trust-model --format pickled-module if you trust it, or re-save model.state_dict()",
+                ("pass --format pickled-module to unpickle it as a whole module" if request.trust_model else
+                 "pass --trust-model --format pickled-module if you trust it") + ", or re-save model.state_dict()",
             ) from None
         except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
             raise _corrupt(path, "torch.save archive", exc) from None
-        notes = []
-        if _is_tensor_dict(obj):
-            state = obj
-        elif isinstance(obj, Mapping):
-            key = request.state_dict_key
-            if key is not None:
-                if key not in obj or not _is_tensor_dict(obj[key]):
-                    raise ModelLoadError(
-                        path, f"checkpoint entry {key!r} is missing or not a dict of tensors (entries: {', '.join(map(str, obj))})",
-                        "fix --state-dict-key",
-                    )
-                state = obj[key]
-            else:
-                cands = [k for k, v in obj.items() if _is_tensor_dict(v)]
-                if len(cands) != 1:
-                    raise ModelLoadError(
-                        path,
-                        f"checkpoint dict with entries {', '.join(map(str, obj))}: "
-                        + ("none holds a dict of tensors" if not cands else f"several hold weights ({', '.join(cands)})"),
-                        "pass --state-dict-key NAME",
-                    )
-                state = obj[cands[0]]
-                notes.append(f"weights taken from checkpoint entry {cands[0]!r}")
-        else:
+        if is_tensor_dict(obj):
+            if request.state_dict_key is not None:
+                raise ModelLoadError(path, f"--state-dict-key {request.state_dict_key!r} was given, but the file is a "
+                                           f"plain state dict, not a checkpoint with entries", "drop --state-dict-key")
+            module, notes = build_from_state_dict(obj, arch, path)
+            return LoaderOutput(module=module, weights_file=path, notes=notes)
+        if not isinstance(obj, Mapping):
             raise ModelLoadError(path, f"holds a {type(obj).__name__}, not a state dict", "pass --format to choose another loader")
-        if all(k.startswith("module.") for k in state):
-            state = {k[len("module."):]: v for k, v in state.items()}
-            notes.append("removed the 'module.' prefix (DataParallel) from every key")
-        module = build_from_state_dict(state, arch, path)
-        return LoaderOutput(module=module, weights_file=path, notes=tuple(notes))
+        module = call_architecture(arch, path)
+        state, picked = checkpoint_entry(obj, module.state_dict(), request.state_dict_key, path)
+        notes = load_into(module, state, arch.name, path)
+        return LoaderOutput(module=module, weights_file=path, notes=picked + notes)
 
     def save(self, module: Any, path, *, example_inputs=None) -> Path:
         path = Path(path)
@@ -291,10 +273,11 @@ class TorchExportLoader(ModelLoader):
     def load(self, path: Path, request: LoadRequest) -> LoaderOutput:
         if not request.trust_model:
             self.refuse_untrusted(path, self.description)
-        try:
-            program = torch.export.load(str(path))
-        except Exception as exc:  # the pt2 reader raises many types for a bad archive
-            raise _corrupt(path, "torch.export archive", exc) from None
+        with capture_library_output() as said:   # torch logs a whole traceback before it gives up
+            try:
+                program = torch.export.load(str(path))
+            except Exception as exc:  # the pt2 reader raises many types for a bad archive
+                raise _corrupt(path, "torch.export archive", said[-1] if said else exc) from None
         return LoaderOutput(module=program.module(), weights_file=path, ran_code=True)
 
     def save(self, module: Any, path, *, example_inputs=None) -> Path:
@@ -387,10 +370,11 @@ class DiffusersDirLoader(ModelLoader):
             cfg = json.loads(cfg_path.read_text())
         except (OSError, ValueError) as exc:
             raise _corrupt(cfg_path, "config.json", exc) from None
-        cls_name = cfg.get("_class_name")
-        cls = getattr(diffusers, str(cls_name), None) if cls_name else None
-        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-            raise ModelLoadError(cfg_path, f"_class_name {cls_name!r} is not a diffusers model class", "pass --format and --arch for another loader")
+        if not isinstance(cfg, dict):
+            raise _corrupt(cfg_path, "config.json", ValueError("not a JSON object"))
+        # the config names a class; this loader vouches only for diffusers' own model classes
+        cls = resolve_architecture(str(cfg.get("_class_name")), origin="diffusers config", where=cfg_path,
+                                   library=(diffusers, diffusers.ModelMixin))
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -398,8 +382,8 @@ class DiffusersDirLoader(ModelLoader):
             state = load_file(str(weights), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise _corrupt(weights, "safetensors file", exc) from None
-        arch = ArchSpec(build=lambda: cls.from_config(cfg), name=f"diffusers:{cls_name}", source="diffusers config")
-        module = build_from_state_dict(state, arch, weights)
+        arch = ArchSpec(cls.build.from_config, cls.name, cls.source, {"config": cfg})
+        module, notes = build_from_state_dict(state, arch, weights)
         hints: dict[str, Any] = {"call_style": "diffusers", "time_input": "index"}
         extra = [cfg_path]
         for sc in (d / "scheduler_config.json", d.parent / "scheduler" / "scheduler_config.json"):
@@ -411,7 +395,7 @@ class DiffusersDirLoader(ModelLoader):
                 hints.update(diffusers_schedule_hints(sched_cfg, sc))
                 extra.append(sc)
                 break
-        return LoaderOutput(module=module, weights_file=weights, extra_files=tuple(extra), hints=hints)
+        return LoaderOutput(module=module, weights_file=weights, extra_files=tuple(extra), hints=hints, notes=notes)
 
     def save(self, module: Any, path, *, example_inputs=None) -> Path:
         path = Path(path)

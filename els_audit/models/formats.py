@@ -11,31 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from ..registry import PluginError, Registry
 from .settings import ModelLoadError
+from .trust import ArchSpec
 
 __all__ = ["ArchSpec", "LoadRequest", "LoaderOutput", "ModelLoader", "LOADERS", "get_loader", "sniff_format"]
 
 PathLike = Union[str, Path]
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Where the code that builds the module comes from.
-
-    ``build(**kwargs) -> nn.Module``; ``name`` is what the report shows
-    (``module:callable``); ``source`` says who named it ("argument", "sidecar", "zoo config").
-    """
-
-    build: Callable[..., Any]
-    name: str
-    source: str
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "source": self.source, "kwargs": dict(self.kwargs)}
 
 
 # ---------------------------------------------------------------------------- loader protocol

@@ -1,52 +1,50 @@
 """Load a user's model file, safely, into an ``nn.Module`` with provenance.
 
 Formats are plugins (entry-point group ``els_audit.loaders``; first-party ones in
-``plugins/loaders.py``; the protocol is :mod:`.formats`).  Each loader sniffs a path
-(:meth:`ModelLoader.claim`, by content, never by executing anything) and loads it.  :func:`load_model` picks the one loader that
-claims the path (none or several is an error naming ``--format``), resolves where the
-architecture comes from for weights-only formats, and records format, SHA-256, parameter
-count and dtype.
+``plugins/loaders.py``; the protocol is :mod:`.formats`).  :func:`load_model` picks the
+one loader that claims the path (none or several is an error naming ``--format``), finds
+the architecture for weights-only formats, resolves the adapter settings the files state,
+and records format, SHA-256, parameter count and dtype.
 
-Trust rules (what may run code on the user's machine):
+What may run code (the security model; README "Security model"):
 
-- safetensors, diffusers directories and state dicts read with
-  ``torch.load(weights_only=True)`` run no code from the file.  Formats that can
-  (whole pickled modules, ``torch.export`` ``.pt2`` archives, TorchScript) are refused
-  unless ``trust_model=True`` (CLI ``--trust-model``).
-- The architecture for a weights-only file comes from, in this order:
-  1. ``arch=`` (CLI ``--arch module:callable``, or a callable from Python): the user's
-     say-so; a ``path/to/file.py:callable`` is accepted here.
-  2. a sidecar ``MODEL.els.toml`` lying next to the model file (see
-     :mod:`els_audit.models.sidecar`).  A sidecar counts as the user's say-so because it is only
-     ever looked for beside the model, never elsewhere.  It may name an architecture in
-     :mod:`els_audit.models.zoo` or an importable ``package.module:callable`` (code already
-     installed on the user's Python path); a sidecar naming a ``.py`` file is refused
-     without ``trust_model=True``, since such a file can arrive in the same download as
-     the weights.
-  3. a zoo config ``config.json`` (``"format": "els-audit-zoo"``) next to the weights,
-     which may only name an architecture in :mod:`els_audit.models.zoo` (package code, trusted).
+- safetensors files, diffusers directories and state dicts read with
+  ``torch.load(weights_only=True)`` run no code from the file.  Formats that can (whole
+  pickled modules, ``torch.export`` ``.pt2`` archives, TorchScript) are refused unless
+  ``trust_model=True`` (CLI ``--trust-model``).
+- Every code reference goes through :func:`els_audit.models.trust.resolve_architecture`.
+  The architecture of a weights-only file comes from, in this order:
+  1. ``arch=`` (CLI ``--arch``): the user's say-so (a module class, or a function of the
+     user's own module or ``file.py``);
+  2. a sidecar ``MODEL.els.toml`` beside the model (:mod:`.sidecar`);
+  3. a zoo config ``config.json`` (``"format": "els-audit-zoo"``) beside the weights.
+  A sidecar or config arrives with the download, so what it names must be a registered
+  architecture (entry-point group ``els_audit.architectures``) unless the user passes
+  ``trust_model=True``.
+- What libraries warn or log while reading is captured into the notes (or the one-line
+  error), never printed (:mod:`.capture`).
 
 Spec strings ``zoo:NAME`` load the bundled model ``NAME`` (see :mod:`els_audit.models.zoo`).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Union
 
-import torch
 import torch.nn as nn
 
 from ..hashing import file_sha256
+from ..paths import display_path
+from .capture import capture_library_output, summarise
 from .formats import LOADERS, ArchSpec, LoaderOutput, LoadRequest, ModelLoader, get_loader, sniff_format
 from .settings import SETTING_NAMES, ModelLoadError, flag, validate_setting
-from .sidecar import find_sidecar, read_sidecar
-from .zoo.architectures import ARCHITECTURES
+from .sidecar import Sidecar, find_sidecar, read_sidecar
+from .trust import USER_ORIGIN, resolve_architecture
+from .weights import build_from_state_dict
 from .zoo.catalog import ZOO_CONFIG_FORMAT, zoo_model_path
 
 __all__ = [
@@ -59,7 +57,6 @@ __all__ = [
     "LOADERS",
     "load_model",
     "sniff_format",
-    "resolve_arch",
     "build_from_state_dict",
     "file_sha256",
     "describe_dtype",
@@ -67,7 +64,8 @@ __all__ = [
 
 PathLike = Union[str, Path]
 
-# ---------------------------------------------------------------------------- hashing / dtype
+
+# ---------------------------------------------------------------------------- dtype
 def describe_dtype(module: Any) -> str:
     """The parameters' dtype ("float32"), "mixed(float16,float32)", or "none"."""
     params = list(_parameters(module))
@@ -86,114 +84,6 @@ def _parameters(module: Any):
     return []
 
 
-def resolve_arch(
-    spec: Union[str, Callable[..., Any]],
-    *,
-    source: str,
-    kwargs: Optional[Mapping[str, Any]] = None,
-    allow_files: bool = True,
-    where: PathLike = "--arch",
-) -> ArchSpec:
-    """Turn ``module:callable`` (or a callable, or a zoo class name) into an :class:`ArchSpec`.
-
-    Args:
-        spec: ``"pkg.module:callable"``, ``"path/to/file.py:callable"`` (only when
-            ``allow_files``), a bare class name of :mod:`els_audit.models.zoo` (``"PaperResNet"``),
-            or a Python callable.
-        source: who named it, for the record.
-        kwargs: keyword arguments for the callable.
-        allow_files: accept a ``.py`` file path.
-        where: what to name in error messages (the model file or the flag).
-
-    Returns:
-        :class:`ArchSpec`.
-    """
-    kwargs = dict(kwargs or {})
-    if callable(spec) and not isinstance(spec, str):
-        name = f"{getattr(spec, '__module__', '?')}:{getattr(spec, '__qualname__', repr(spec))}"
-        return ArchSpec(spec, name, source, kwargs)
-    if not isinstance(spec, str) or not spec.strip():
-        raise ModelLoadError(where, f"architecture must be 'module:callable', got {spec!r}", "fix --arch")
-    spec = spec.strip()
-    zoo = ARCHITECTURES
-    if spec in zoo:
-        return ArchSpec(zoo[spec], f"els_audit.models.zoo:{spec}", source, kwargs)
-    mod_name, sep, attr = spec.rpartition(":")
-    if not sep or not mod_name or not attr:
-        raise ModelLoadError(where, f"architecture {spec!r} is not of the form module:callable", "fix --arch")
-    if mod_name.endswith(".py"):
-        if not allow_files:
-            raise ModelLoadError(
-                where,
-                f"the sidecar names the Python file {mod_name!r} as architecture, which could have come with the download",
-                "pass --trust-model to run it, or pass --arch yourself",
-            )
-        file = Path(mod_name)
-        if not file.is_file():
-            raise ModelLoadError(where, f"architecture file {mod_name} does not exist", "fix --arch")
-        modspec = importlib.util.spec_from_file_location(f"_els_arch_{file.stem}", file)
-        module = importlib.util.module_from_spec(modspec)
-        try:
-            modspec.loader.exec_module(module)
-        except Exception as exc:
-            raise ModelLoadError(where, f"importing architecture file {mod_name} failed: {type(exc).__name__}: {exc}", "fix --arch") from exc
-    else:
-        try:
-            module = importlib.import_module(mod_name)
-        except Exception as exc:
-            raise ModelLoadError(
-                where, f"cannot import architecture module {mod_name!r}: {type(exc).__name__}: {exc}", "fix --arch or your PYTHONPATH"
-            ) from exc
-    obj = module
-    for part in attr.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise ModelLoadError(where, f"module {mod_name!r} has no attribute {attr!r}", "fix --arch")
-    if not callable(obj):
-        raise ModelLoadError(where, f"{spec} is not callable", "fix --arch")
-    return ArchSpec(obj, spec, source, kwargs)
-
-
-def build_from_state_dict(state: Mapping[str, torch.Tensor], arch: ArchSpec, path: PathLike) -> nn.Module:
-    """Build ``arch`` and load ``state`` into it strictly; mismatches are one-line errors.
-
-    Args:
-        state: parameter name -> tensor.
-        arch: the architecture.
-        path: the model file, for messages.
-
-    Returns:
-        the module in eval mode.
-    """
-    try:
-        module = arch.build(**dict(arch.kwargs))
-    except Exception as exc:
-        raise ModelLoadError(path, f"building architecture {arch.name} failed: {type(exc).__name__}: {exc}", "fix --arch") from exc
-    if not isinstance(module, nn.Module):
-        raise ModelLoadError(path, f"architecture {arch.name} returned a {type(module).__name__}, not a torch.nn.Module", "fix --arch")
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} (file {list(state[k].shape)}, model {list(own[k].shape)})"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s) e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s) e.g. {', '.join(unexpected[:3])}")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es) e.g. {'; '.join(shapes[:2])}")
-        raise ModelLoadError(
-            path, f"the weights do not fit architecture {arch.name}: {', '.join(parts)}", "check --arch and its arguments"
-        )
-    module.load_state_dict(dict(state), strict=True)
-    return module.eval()
-
-
 # ---------------------------------------------------------------------------- result
 @dataclass(frozen=True)
 class LoadedModel:
@@ -202,18 +92,21 @@ class LoadedModel:
     Attributes:
         module: the model (an ``nn.Module`` or a loaded program), in eval mode.
         format: the loader's name ("safetensors", "diffusers", ...).
-        path: the model path as given, resolved.
+        path: the model path as the user typed it (``zoo:NAME`` for a bundled model).
         sha256: SHA-256 of the weights file.
         n_params: number of parameters.
         dtype: parameters' dtype ("float32", or "mixed(...)").
         trust_model: whether the user passed trust.
         ran_code: whether loading executed code from the file.
         arch: the architecture used for a weights-only format, else None.
-        files: every file read, as ((path, sha256), ...).
+        files: every file read, as ((path, sha256), ...), paths as
+            :func:`els_audit.paths.display_path` writes them.
         settings: adapter settings resolved so far (override > sidecar > file), {name: value}.
         setting_sources: {name: "argument" | "sidecar" | "diffusers config" | "zoo config"}.
-        sidecar: the sidecar file read, or None.
-        notes: remarks for the report.
+        sidecar: the sidecar file read (displayed), or None.
+        notes: remarks for the report (what was done to the input, what libraries warned).
+        data_hint: the training data spec the model's own zoo config names, or None.
+        data_hint_source: where that spec came from ("zoo config <path>").
     """
 
     module: Any
@@ -230,6 +123,8 @@ class LoadedModel:
     setting_sources: Mapping[str, str] = field(default_factory=dict)
     sidecar: Optional[str] = None
     notes: tuple[str, ...] = ()
+    data_hint: Optional[str] = None
+    data_hint_source: Optional[str] = None
 
     def to_dict(self) -> dict:
         """JSON-safe summary (without the module)."""
@@ -260,7 +155,13 @@ class LoadedModel:
 
 
 # ---------------------------------------------------------------------------- entry point
-def _zoo_config_beside(p: Path) -> Optional[tuple[Path, dict]]:
+@dataclass(frozen=True)
+class _ZooConfig:
+    path: Path
+    values: Mapping[str, Any]
+
+
+def _zoo_config_beside(p: Path) -> Optional[_ZooConfig]:
     cfg = p.parent / "config.json" if p.is_file() else None
     if cfg is None or not cfg.is_file():
         return None
@@ -270,7 +171,99 @@ def _zoo_config_beside(p: Path) -> Optional[tuple[Path, dict]]:
         return None
     if not isinstance(data, dict) or data.get("format") != ZOO_CONFIG_FORMAT:
         return None
-    return cfg, data
+    return _ZooConfig(cfg, data)
+
+
+def _locate(path: Union[PathLike, str]) -> tuple[str, Path]:
+    """(what the user typed, the resolved path to read)."""
+    typed = str(path)
+    p = zoo_model_path(typed[4:]) if typed.startswith("zoo:") else Path(typed).expanduser()
+    if not p.exists():
+        raise ModelLoadError(typed, "no such file or directory", "check the model path (or use zoo:NAME for a bundled model)")
+    return typed, p.resolve()
+
+
+def _pick_loader(p: Path, typed: str, forced: Optional[str], forced_by: str) -> tuple[ModelLoader, list[str]]:
+    """The loader for ``p``: the one forced (by ``--format`` or the sidecar), else the one that claims it."""
+    if not forced:
+        return get_loader(sniff_format(p), typed), []
+    loader = get_loader(forced, forced_by)
+    if loader.claim(p):
+        return loader, []
+    return loader, [f"format {loader.name} was forced ({forced_by}) although the file does not look like it"]
+
+
+def _contradiction(p: Path, loader: ModelLoader, forced_by: str) -> str:
+    """What the file looks like, when a forced format failed on it ("" when nothing claims it)."""
+    try:
+        actual = get_loader(sniff_format(p))
+    except ModelLoadError:
+        return ""
+    if actual.name == loader.name:
+        return ""
+    return f"{forced_by} forces format {loader.name!r}, but the file is {actual.description} (format {actual.name!r})"
+
+
+def _amended(exc: ModelLoadError, said: list[str]) -> ModelLoadError:
+    """``exc`` with what libraries said while it happened (captured, never printed)."""
+    if not said:
+        return exc
+    return ModelLoadError(exc.path, f"{exc.problem} (libraries said: {summarise(said)})", exc.fix)
+
+
+def _architecture(loader: ModelLoader, p: Path, typed: str, arch: Any, arch_kwargs: Optional[Mapping[str, Any]],
+                  side: Optional[Sidecar], zoo_cfg: Optional[_ZooConfig], trust_model: bool,
+                  notes: list[str]) -> Optional[ArchSpec]:
+    """The architecture of a weights-only format, from ``--arch``, the sidecar or the zoo config."""
+    if not loader.needs_arch:
+        if arch is not None:
+            notes.append(f"--arch ignored: format {loader.name} carries its own architecture")
+        return None
+    kw = dict(arch_kwargs or {})
+    hide = [str(p if p.is_dir() else p.parent)]          # never import from the model's folder
+    if arch is not None:
+        return resolve_architecture(arch, origin=USER_ORIGIN, where="--arch", trust_model=trust_model,
+                                    kwargs=kw, hide=hide)
+    if side is not None and "arch" in side.values:
+        return resolve_architecture(side.values["arch"], origin="sidecar", where=side.path, trust_model=trust_model,
+                                    kwargs={**dict(side.values.get("arch_kwargs", {})), **kw},
+                                    base_dir=Path(side.path).parent, hide=hide)
+    if zoo_cfg is not None:
+        name = zoo_cfg.values.get("arch")
+        if not isinstance(name, str):
+            raise ModelLoadError(zoo_cfg.path, "the zoo config names no architecture", "pass --arch module:Class")
+        return resolve_architecture(name, origin="zoo config", where=zoo_cfg.path, trust_model=trust_model,
+                                    kwargs={**dict(zoo_cfg.values.get("arch_kwargs", {})), **kw},
+                                    base_dir=zoo_cfg.path.parent, hide=hide)
+    cfg = p.parent / "config.json"
+    if p.is_file() and cfg.is_file() and '"_class_name"' in cfg.read_text(errors="replace"):
+        raise ModelLoadError(typed, "this weights file is part of a diffusers model directory",
+                             f"pass the directory {display_path(p.parent, typed)} instead")
+    raise ModelLoadError(
+        typed, f"{loader.description} holds weights only, and nothing says which architecture they belong to",
+        f"pass --arch module:Class, or put a sidecar {p.stem}.els.toml with arch = \"module:Class\" next to it")
+
+
+def _settings(out: LoaderOutput, loader: ModelLoader, typed: str, zoo_cfg: Optional[_ZooConfig],
+              side: Optional[Sidecar], overrides: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Adapter settings and their sources: file hints < zoo config < sidecar < explicit overrides."""
+    settings: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    layers = [(out.hints, f"{loader.name} config", typed)]
+    if zoo_cfg is not None and loader.needs_arch:
+        layers.append((zoo_cfg.values, "zoo config", str(zoo_cfg.path)))
+    if side is not None:
+        layers.append((side.values, "sidecar", side.path))
+    for values, source, where in layers:
+        for k in SETTING_NAMES:
+            if values.get(k) is not None:
+                settings[k] = validate_setting(k, values[k], where)
+                sources[k] = source
+    for k, v in overrides.items():
+        if v is not None:
+            settings[k] = validate_setting(k, v, flag(k))
+            sources[k] = "argument"
+    return settings, sources
 
 
 def load_model(
@@ -288,11 +281,11 @@ def load_model(
 
     Args:
         path: a model file or directory, or ``"zoo:NAME"`` for a bundled model.
-        arch: architecture for weights-only formats: ``"module:callable"``,
-            ``"file.py:callable"``, a zoo class name, or a callable returning an ``nn.Module``.
-        arch_kwargs: keyword arguments for ``arch``.
+        arch: architecture for weights-only formats: ``"module:Class"``, ``"file.py:Class"``,
+            a registered architecture name, or (from Python) a callable returning an ``nn.Module``.
+        arch_kwargs: keyword arguments for ``arch`` (plain data).
         trust_model: allow formats that run code when loaded (pickled modules, TorchScript,
-            ``.pt2``).
+            ``.pt2``), and code named by a sidecar or config that is not registered.
         format: force a loader by name instead of sniffing.
         state_dict_key: the entry of a checkpoint dict that holds the weights.
         use_sidecar: read ``MODEL.els.toml`` next to the model when present.
@@ -304,118 +297,54 @@ def load_model(
 
     Raises:
         ModelLoadError: missing file, unknown/ambiguous/corrupt format, refused untrusted
-            format, missing or mismatching architecture, bad settings.
+            format or code reference, missing or mismatching architecture, bad settings.
     """
-    spec = str(path)
-    if spec.startswith("zoo:"):
-        p = zoo_model_path(spec[4:])
-    else:
-        p = Path(path).expanduser()
-    if not p.exists():
-        raise ModelLoadError(p, "no such file or directory", "check the model path (or use zoo:NAME for a bundled model)")
-    p = p.resolve()
-
+    typed, p = _locate(path)
     for k in overrides:
         if k not in SETTING_NAMES:
-            raise ModelLoadError(p, f"unknown setting {k!r}; known: {', '.join(SETTING_NAMES)}")
-    settings: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    files: list[tuple[str, str]] = []
-    notes: list[str] = []
-
-    # 1. sidecar next to the model
-    side = None
-    if use_sidecar:
-        sp = find_sidecar(p)
-        if sp is not None:
-            side = read_sidecar(sp)
-            files.append((str(sp), side.sha256))
-
-    # 2. format
+            raise ModelLoadError(typed, f"unknown setting {k!r}; known: {', '.join(SETTING_NAMES)}")
+    side = read_sidecar(find_sidecar(p)) if use_sidecar and find_sidecar(p) is not None else None
+    forced_by = "--format" if format is not None else f"the sidecar {display_path(side.path, typed)}" if side else ""
     fmt = format if format is not None else (side.values.get("format") if side else None)
-    loader = get_loader(fmt, p) if fmt else get_loader(sniff_format(p), p)
-    if fmt and not loader.claim(p):
-        notes.append(f"format {loader.name} was forced although the file does not look like it")
-
-    # 3. architecture (weights-only formats)
-    arch_spec = None
     zoo_cfg = _zoo_config_beside(p)
-    if loader.needs_arch:
-        kw = dict(arch_kwargs or {})
-        if arch is not None:
-            arch_spec = resolve_arch(arch, source="argument", kwargs=kw, allow_files=True)
-        elif side is not None and "arch" in side.values:
-            kw = {**dict(side.values.get("arch_kwargs", {})), **kw}
-            arch_spec = resolve_arch(
-                side.values["arch"], source="sidecar", kwargs=kw, allow_files=trust_model, where=side.path
-            )
-        elif zoo_cfg is not None:
-            cfg_path, cfg = zoo_cfg
-            name = cfg.get("arch")
-            if name not in ARCHITECTURES:
-                raise ModelLoadError(
-                    cfg_path, f"zoo config names architecture {name!r}, which is not part of els_audit.models.zoo", "pass --arch module:callable"
-                )
-            kw = {**dict(cfg.get("arch_kwargs", {})), **kw}
-            arch_spec = resolve_arch(name, source="zoo config", kwargs=kw)
-        elif p.is_file() and (p.parent / "config.json").is_file() and '"_class_name"' in (p.parent / "config.json").read_text(errors="replace"):
-            raise ModelLoadError(
-                p, "this weights file is part of a diffusers model directory", f"pass the directory {p.parent} instead"
-            )
-        else:
-            raise ModelLoadError(
-                p,
-                f"{loader.description} holds weights only, and nothing says which architecture they belong to",
-                f"pass --arch module:callable, or put a sidecar {p.stem}.els.toml with arch = \"module:callable\" next to it",
-            )
-    elif arch is not None:
-        notes.append(f"--arch ignored: format {loader.name} carries its own architecture")
-
-    if zoo_cfg is not None and loader.needs_arch:
-        cfg_path, cfg = zoo_cfg
-        files.append((str(cfg_path), file_sha256(cfg_path)))
-        for k in SETTING_NAMES:
-            if cfg.get(k) is not None:
-                settings[k] = validate_setting(k, cfg[k], str(cfg_path))
-                sources[k] = "zoo config"
-
     key = state_dict_key if state_dict_key is not None else (side.values.get("state_dict_key") if side else None)
-    request = LoadRequest(arch=arch_spec, trust_model=bool(trust_model), state_dict_key=key)
-    out = loader.load(p, request)
+    with capture_library_output() as said:
+        try:
+            loader, notes = _pick_loader(p, typed, fmt, forced_by)
+        except ModelLoadError as exc:
+            raise _amended(exc, said) from None
+        try:
+            arch_spec = _architecture(loader, p, typed, arch, arch_kwargs, side, zoo_cfg, trust_model, notes)
+            out = loader.load(p, LoadRequest(arch=arch_spec, trust_model=bool(trust_model), state_dict_key=key))
+        except ModelLoadError as exc:
+            wrong = _contradiction(p, loader, forced_by) if fmt else ""
+            if wrong:   # the forced format is the problem, not the file
+                raise ModelLoadError(typed, wrong, "drop the forced format, or force the right one") from None
+            raise _amended(exc, said) from None
+    settings, sources = _settings(out, loader, typed, zoo_cfg, side, overrides)
+    if said:
+        notes.append(f"while loading, libraries said: {summarise(said)}")
 
-    # 4. settings: file hints < zoo config < sidecar < explicit overrides
-    for k, v in out.hints.items():
-        if k in SETTING_NAMES and v is not None and k not in settings:
-            settings[k] = validate_setting(k, v, str(p))
-            sources[k] = f"{loader.name} config"
+    read = [out.weights_file, *([zoo_cfg.path] if zoo_cfg is not None and loader.needs_arch else []), *out.extra_files]
+    files = [(display_path(f, typed), file_sha256(f)) for f in read]
     if side is not None:
-        for k in SETTING_NAMES:
-            if k in side.values:
-                settings[k] = validate_setting(k, side.values[k], side.path)
-                sources[k] = "sidecar"
-    for k, v in overrides.items():
-        if v is not None:
-            settings[k] = validate_setting(k, v, flag(k))
-            sources[k] = "argument"
-
-    for f in out.extra_files:
-        files.append((str(f), file_sha256(f)))
-    weights_hash = file_sha256(out.weights_file)
-    files.insert(0, (str(out.weights_file), weights_hash))
-    module = out.module
+        files.insert(1, (display_path(side.path, typed), side.sha256))
+    data_hint = zoo_cfg.values.get("data") if zoo_cfg is not None else None
     return LoadedModel(
-        module=module,
+        module=out.module,
         format=loader.name,
-        path=str(p),
-        sha256=weights_hash,
-        n_params=sum(t.numel() for t in _parameters(module)),
-        dtype=describe_dtype(module),
+        path=typed,
+        sha256=files[0][1],
+        n_params=sum(t.numel() for t in _parameters(out.module)),
+        dtype=describe_dtype(out.module),
         trust_model=bool(trust_model),
         ran_code=out.ran_code,
         arch=arch_spec,
         files=tuple(files),
         settings=MappingProxyType(settings),
         setting_sources=MappingProxyType(sources),
-        sidecar=side.path if side else None,
+        sidecar=display_path(side.path, typed) if side else None,
         notes=tuple(notes) + tuple(out.notes),
+        data_hint=data_hint if isinstance(data_hint, str) and data_hint else None,
+        data_hint_source=f"zoo config {display_path(zoo_cfg.path, typed)}" if zoo_cfg is not None else None,
     )

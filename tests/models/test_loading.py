@@ -17,6 +17,10 @@ ARCH_SRC = textwrap.dedent(
 
     def build(width=4):
         return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 1, 3, padding=1))
+
+    class Toy(nn.Sequential):
+        def __init__(self, width=4):
+            super().__init__(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 1, 3, padding=1))
     """
 )
 
@@ -28,7 +32,7 @@ def _toy(width=4):
 
 @pytest.fixture
 def archmod(tmp_path, monkeypatch):
-    """An importable module ``toyarch_mod`` with ``build(width=4)``; returns its .py path."""
+    """An importable module ``toyarch_mod`` with ``build(width=4)`` and ``Toy(width=4)``; returns its .py path."""
     d = tmp_path / "code"
     d.mkdir()
     f = d / "toyarch_mod.py"
@@ -56,7 +60,7 @@ def test_weights_only_without_arch_names_the_flag_and_the_sidecar(tmp_path):
     p = _save_st(_toy(), tmp_path / "m.safetensors")
     with pytest.raises(ModelLoadError) as ei:
         load_model(p)
-    _err(ei, p, "weights only", "--arch module:callable", "m.els.toml")
+    _err(ei, p, "weights only", "--arch module:Class", "m.els.toml")
 
 
 def test_arch_argument_as_module_callable_and_as_py_file(tmp_path, archmod):
@@ -75,7 +79,7 @@ def test_arch_kwargs_and_zoo_class_name(tmp_path):
     m = PaperResNet(width=8, n_layers=2)
     p = _save_st(m, tmp_path / "r.safetensors")
     loaded = load_model(p, arch="PaperResNet", arch_kwargs={"width": 8, "n_layers": 2})
-    assert loaded.arch.name == "els_audit.models.zoo:PaperResNet"
+    assert loaded.arch.name == "els_audit.models.zoo.architectures:PaperResNet"   # a registered architecture
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.2, 0.8])
     with torch.no_grad():
         assert torch.equal(loaded.module(x, t), m.eval()(x, t))
@@ -84,7 +88,7 @@ def test_arch_kwargs_and_zoo_class_name(tmp_path):
 def test_bad_arch_specs(tmp_path):
     p = _save_st(_toy(), tmp_path / "m.safetensors")
     for spec, needle in [
-        ("no_colon_here", "module:callable"),
+        ("no_colon_here", "module:Class"),
         ("surely_not_a_module_xyz:build", "cannot import"),
         ("json:no_such_attr", "no attribute"),
         (str(tmp_path / "missing.py") + ":build", "does not exist"),
@@ -105,13 +109,13 @@ def test_state_dict_that_does_not_fit_the_architecture(tmp_path, archmod):
 
 
 # --------------------------------------------------------------------------- sidecar
-def test_sidecar_supplies_arch_and_settings_and_arguments_win(tmp_path, archmod):
-    p = _save_st(_toy(), tmp_path / "m.safetensors")
+def test_sidecar_supplies_arch_and_settings_and_arguments_win(tmp_path):
+    p = _save_st(PaperResNet(width=8, n_layers=2), tmp_path / "m.safetensors")
     (tmp_path / "m.els.toml").write_text(
-        'arch = "toyarch_mod:build"\narch_kwargs = { width = 4 }\nprediction = "v"\ntime_input = "index"\n'
+        'arch = "PaperResNet"\narch_kwargs = { width = 8, n_layers = 2 }\nprediction = "v"\ntime_input = "index"\n'
         "num_train_steps = 500\ndata_range = [0, 1]\n"
     )
-    loaded = load_model(p, time_input="sigma")
+    loaded = load_model(p, time_input="sigma")   # a registered architecture needs no trust
     assert loaded.arch.source == "sidecar"
     assert loaded.sidecar == str(tmp_path / "m.els.toml")
     assert dict(loaded.settings) == {"prediction": "v", "time_input": "sigma", "num_train_steps": 500, "data_range": (0.0, 1.0)}
@@ -120,14 +124,20 @@ def test_sidecar_supplies_arch_and_settings_and_arguments_win(tmp_path, archmod)
     json.dumps(loaded.to_dict())  # JSON-safe
 
 
-def test_sidecar_naming_a_py_file_needs_trust(tmp_path, archmod):
+@pytest.mark.parametrize("ref", ["{archmod}:Toy", "toyarch_mod:Toy"])
+def test_sidecar_naming_unregistered_code_needs_trust(tmp_path, archmod, ref):
     p = _save_st(_toy(), tmp_path / "m.safetensors")
     side = tmp_path / "m.els.toml"
-    side.write_text(f'arch = "{archmod}:build"\n')
+    side.write_text(f'arch = "{ref.format(archmod=archmod)}"\n')
     with pytest.raises(ModelLoadError) as ei:
         load_model(p)
-    _err(ei, side, "Python file", "--trust-model", "--arch")
+    _err(ei, side, "not a registered architecture", "--trust-model", "--arch")
     assert load_model(p, trust_model=True).arch.source == "sidecar"
+    # even trusted, a file may only name a module class: the factory function is refused
+    side.write_text(f'arch = "{ref.format(archmod=archmod).replace(":Toy", ":build")}"\n')
+    with pytest.raises(ModelLoadError) as ei:
+        load_model(p, trust_model=True)
+    _err(ei, side, "is a function", "torch.nn.Module subclass")
 
 
 @pytest.mark.parametrize(
@@ -155,7 +165,10 @@ def test_zoo_config_may_only_name_zoo_architectures(tmp_path):
     cfg.write_text(json.dumps({"format": "els-audit-zoo", "arch": "os:system"}))
     with pytest.raises(ModelLoadError) as ei:
         load_model(p)
-    _err(ei, cfg, "not part of els_audit.models.zoo", "--arch")
+    _err(ei, cfg, "not a registered architecture", "--arch")
+    with pytest.raises(ModelLoadError) as ei:
+        load_model(p, trust_model=True)
+    _err(ei, cfg, "built-in function", "torch.nn.Module subclass")
 
 
 # --------------------------------------------------------------------------- state dict extraction
@@ -165,16 +178,16 @@ def test_checkpoint_dicts(tmp_path):
     one = tmp_path / "one.pt"
     torch.save({"epoch": 3, "model": sd}, one)
     loaded = load_model(one, arch=_toy)
-    assert "weights taken from checkpoint entry 'model'" in loaded.notes
+    assert any(n.startswith("weights taken from checkpoint entry 'model'") for n in loaded.notes)
     two = tmp_path / "two.pt"
-    torch.save({"model": sd, "ema": sd}, two)
+    torch.save({"model": sd, "model2": sd}, two)
     with pytest.raises(ModelLoadError) as ei:
         load_model(two, arch=_toy)
-    _err(ei, two, "several hold weights (model, ema)", "--state-dict-key")
-    assert load_model(two, arch=_toy, state_dict_key="ema").format == "state-dict"
+    _err(ei, two, "several hold weights (model, model2)", "--state-dict-key")
+    assert load_model(two, arch=_toy, state_dict_key="model2").format == "state-dict"
     dp = tmp_path / "dp.pt"
     torch.save({f"module.{k}": v for k, v in sd.items()}, dp)
-    assert any("module." in n for n in load_model(dp, arch=_toy).notes)
+    assert any("'module.'" in n for n in load_model(dp, arch=_toy).notes)
 
 
 # --------------------------------------------------------------------------- section 4: bad files

@@ -1,0 +1,173 @@
+"""Weights into an architecture: which entry of a checkpoint, which key prefix, and a strict load.
+
+Real checkpoints are rarely a bare ``model.state_dict()``:
+
+- a training checkpoint is a dict with ``model``, ``ema``, ``optimizer``, ``step`` ...
+  entries.  :func:`checkpoint_entry` takes the entry the user names (``--state-dict-key``);
+  otherwise the one dict of tensors whose keys fit the architecture; when several fit, the
+  EMA weights (an entry whose name contains ``ema``), which are what a sampler uses, and
+  says so;
+- the keys carry a prefix from a wrapper: ``module.`` (DataParallel/DDP), ``model.``
+  (a Lightning module holding the net), ``ema_model.``/``online_model.`` (an EMA wrapper
+  holding two copies).  :func:`fit_state_dict` strips the one prefix under which the keys
+  are exactly the architecture's, preferring an EMA copy when two fit, and says so.
+
+Every choice made is returned as a note for the report; nothing is guessed silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .settings import ModelLoadError
+from .trust import ArchSpec, call_architecture
+
+__all__ = ["build_from_state_dict", "load_into", "fit_state_dict", "fitting_prefixes", "checkpoint_entry", "is_tensor_dict"]
+
+Where = Union[str, Any]
+
+
+def is_tensor_dict(obj: Any) -> bool:
+    """A non-empty mapping of string keys to tensors (what ``state_dict()`` returns)."""
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _is_ema(name: str) -> bool:
+    return "ema" in name.lower()
+
+
+def fitting_prefixes(state: Mapping[str, Any], own: Mapping[str, Any]) -> list[str]:
+    """Every prefix ``p`` such that the keys of ``state`` starting with ``p``, with ``p``
+    removed, are exactly the keys of ``own`` ("" first when it fits)."""
+    if not own:
+        return [""] if not state else []
+    want = set(own)
+    probe = next(iter(own))
+    candidates = {k[: len(k) - len(probe)] for k in state if k.endswith(probe)}
+    fits = [p for p in candidates if {k[len(p):] for k in state if k.startswith(p)} == want]
+    return sorted(fits, key=lambda p: (p != "", p))
+
+
+def _mismatch(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], arch_name: str,
+              where: Where) -> ModelLoadError:
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} (file {list(state[k].shape)}, model {list(own[k].shape)})"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s) e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) e.g. {', '.join(unexpected[:3])}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es) e.g. {'; '.join(shapes[:2])}")
+    return ModelLoadError(where, f"the weights do not fit architecture {arch_name}: {', '.join(parts)}",
+                          "check --arch and its arguments (--arch-kwargs)")
+
+
+def fit_state_dict(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], arch_name: str,
+                   where: Where) -> tuple[dict, tuple[str, ...]]:
+    """``state`` with the one fitting key prefix removed (see the module docstring).
+
+    Args:
+        state: the file's tensors by key.
+        own: the architecture's ``state_dict()``.
+        arch_name: for messages.
+        where: the file, for messages.
+
+    Returns:
+        (the state with ``own``'s keys, notes saying what was done).
+
+    Raises:
+        ModelLoadError: no prefix makes the keys fit, several non-EMA ones do, or shapes differ.
+    """
+    prefixes = fitting_prefixes(state, own)
+    notes: list[str] = []
+    if not prefixes:
+        raise _mismatch(state, own, arch_name, where)
+    if "" in prefixes:
+        prefix = ""
+    elif len(prefixes) == 1:
+        prefix = prefixes[0]
+    else:
+        ema = [p for p in prefixes if _is_ema(p)]
+        if len(ema) != 1:
+            raise ModelLoadError(where, f"the file holds several copies of the weights (key prefixes "
+                                        f"{', '.join(repr(p) for p in prefixes)})",
+                                 "save the copy you want on its own (a state_dict() of that module)")
+        prefix = ema[0]
+        notes.append(f"took the EMA copy of the weights (key prefix {prefix!r}) of "
+                     f"{len(prefixes)} copies ({', '.join(repr(p) for p in prefixes)}): samplers use EMA weights")
+    fitted = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if prefix:
+        others = len(state) - len(fitted)
+        notes.append(f"removed the key prefix {prefix!r} from the weights so that they fit {arch_name}"
+                     + (f"; {others} other entries were not used" if others else ""))
+    bad = [k for k in own if tuple(fitted[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise _mismatch(fitted, own, arch_name, where)
+    return fitted, tuple(notes)
+
+
+def checkpoint_entry(obj: Mapping[str, Any], own: Mapping[str, torch.Tensor], key: Optional[str],
+                     where: Where) -> tuple[Mapping[str, torch.Tensor], tuple[str, ...]]:
+    """The weights inside a training checkpoint dict (see the module docstring).
+
+    Args:
+        obj: the checkpoint (a dict that is not itself a dict of tensors).
+        own: the architecture's ``state_dict()``, to tell which entries fit it.
+        key: the entry the user named (``--state-dict-key``), or None.
+        where: the file, for messages.
+
+    Returns:
+        (the entry's tensors, notes).
+
+    Raises:
+        ModelLoadError: the named entry is missing or holds no weights; no entry or several
+            non-EMA entries hold weights that fit.
+    """
+    names = ", ".join(map(str, obj))
+    if key is not None:
+        if key not in obj or not is_tensor_dict(obj[key]):
+            raise ModelLoadError(where, f"checkpoint entry {key!r} is missing or not a dict of tensors (entries: {names})",
+                                 "fix --state-dict-key")
+        return obj[key], ()
+    weights = [k for k, v in obj.items() if is_tensor_dict(v)]
+    if not weights:
+        raise ModelLoadError(where, f"checkpoint dict with entries {names}: none holds a dict of tensors",
+                             "re-save model.state_dict(), or pass --format for another loader")
+    fit = [k for k in weights if fitting_prefixes(obj[k], own)] or weights
+    if len(fit) == 1:
+        chosen, why = fit[0], ("the only entry holding weights" if len(weights) == 1 else
+                               f"the only one of {', '.join(weights)} that fits the architecture")
+    else:
+        ema = [k for k in fit if _is_ema(str(k))]
+        if len(ema) != 1:
+            raise ModelLoadError(where, f"checkpoint dict with entries {names}: several hold weights ({', '.join(fit)})",
+                                 "pass --state-dict-key NAME")
+        chosen = ema[0]
+        why = f"EMA weights, which samplers use, of {', '.join(fit)}; pass --state-dict-key to take another"
+    return obj[chosen], (f"weights taken from checkpoint entry {chosen!r} ({why})",)
+
+
+def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], arch_name: str, where: Where) -> tuple[str, ...]:
+    """Load ``state`` into ``module`` strictly (after :func:`fit_state_dict`) and put it in eval
+    mode; returns the notes on what was done to the keys."""
+    fitted, notes = fit_state_dict(state, module.state_dict(), arch_name, where)
+    module.load_state_dict(fitted, strict=True)
+    module.eval()
+    return notes
+
+
+def build_from_state_dict(state: Mapping[str, torch.Tensor], arch: ArchSpec, path: Where) -> tuple[nn.Module, tuple[str, ...]]:
+    """Build ``arch`` and :func:`load_into` it.
+
+    Returns:
+        (the module in eval mode, notes on what was done to the keys).
+    """
+    module = call_architecture(arch, path)
+    return module, load_into(module, state, arch.name, path)
