@@ -6,8 +6,9 @@ References:
   seed for network and machines; the machines; per-step scale calibration; the metric and
   the published numbers).
 - docs/conventions.md: this module is the pipeline as one pure function,
-  :func:`run_audit` (``AuditConfig -> AuditResult``); :func:`write_outputs` writes the
-  report, ``summary.json`` and the raw arrays, atomically.  The CLI only builds the config.
+  :func:`run_audit` (``AuditConfig -> AuditResult``); :func:`els_audit.outputs.write_outputs`
+  writes the report, ``summary.json`` and the raw arrays, atomically.  The CLI only builds
+  the config.
 
 Stages (each a function of the library, called in order):
 
@@ -40,7 +41,6 @@ import numpy as np
 import torch
 
 from . import __version__
-from .atomic import Staging
 from .calibrate import CalibrationResult, calibrate_scales, candidates_near, default_candidates
 from .checks import Check, Rule, builtin_checks, evaluate_rules, exit_code, parse_rule
 from .data import Dataset, balanced_subset_indices, load_dataset
@@ -48,7 +48,7 @@ from .machines import build_machine
 from .novelty import DEFAULT_THRESHOLD, NoveltyResult, assess_novelty
 from .predict import PredictionResult, predict_samples
 from .published import PublishedMatch, closest_published
-from .serialize import dumps, json_safe
+from .serialize import json_safe
 
 __all__ = [
     "AuditConfig",
@@ -59,18 +59,12 @@ __all__ = [
     "choose_machine",
     "parse_scales",
     "parse_arch_kwargs",
-    "write_outputs",
-    "check_output_dir",
-    "summary_schema",
-    "REPORT_FILES",
     "model_name",
     "FULL_FIDELITY",
     "MACHINE_CHOICES",
     "SCALE_MODES",
 ]
 
-#: the files a report folder holds (an existing --out folder may hold only these)
-REPORT_FILES = ("index.html", "summary.json", "arrays.npz")
 MACHINE_CHOICES = ("auto", "ELS", "bbELS", "LS")
 SCALE_MODES = ("auto", "erf", "calibrate")
 TIME_INPUT_ALIASES = {"unit": "unit", "index": "index", "sigma": "sigma"}
@@ -799,67 +793,3 @@ def run_audit(config: AuditConfig, *, progress: Optional[ProgressFn] = None) -> 
     res = dataclasses.replace(res, checks=checks, exit_code=exit_code(checks))
     clock.say("checks: " + ", ".join(f"{c.name}={c.status}" for c in checks))
     return res
-
-
-# ---------------------------------------------------------------------------------------
-# outputs
-# ---------------------------------------------------------------------------------------
-def summary_schema() -> dict:
-    """The JSON Schema of summary.json (``els_audit/summary_schema.json``, shipped with the package)."""
-    from importlib.resources import files
-
-    return json.loads(files("els_audit").joinpath("summary_schema.json").read_text(encoding="utf-8"))
-
-
-def check_output_dir(out_dir: Union[str, Path]) -> Path:
-    """Refuse an output folder that :func:`write_outputs` must not replace (checked before the
-    audit runs, so that minutes of work are not lost at the end).
-
-    Returns:
-        the resolved path.
-    Raises:
-        AuditError: ``out_dir`` is a file, or a folder holding anything but a previous report.
-    """
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise AuditError(f"--out {out} exists and is not a folder; choose another --out")
-    if out.is_dir():
-        # NB: an existing folder is replaced as a whole, so only a previous report may be
-        # (never a folder holding anything else, e.g. --out . or --out ~)
-        others = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES)
-        if others:
-            raise AuditError(f"--out {out} already holds other files ({', '.join(others[:3])}"
-                             f"{', ...' if len(others) > 3 else ''}); choose a new or empty folder")
-    return out
-
-
-def write_outputs(result: AuditResult, out_dir: Union[str, Path], *, html: bool = True) -> Path:
-    """Write ``index.html``, ``summary.json`` and ``arrays.npz`` into ``out_dir``, atomically.
-
-    Everything is written into a temporary folder beside ``out_dir`` (same parent, so the
-    final rename does not cross file systems) and renamed into place at the end; an
-    existing ``out_dir`` is replaced only then, and only if it holds nothing but a previous
-    report's files (:data:`REPORT_FILES`).  On any error nothing is left behind.
-
-    Args:
-        result: from :func:`run_audit`.
-        out_dir: the report folder.
-        html: also write the HTML report.
-    Returns:
-        the report folder.
-    """
-    out = check_output_dir(out_dir)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AuditError(f"cannot create the output folder {out.parent} ({exc.strerror or exc}); "
-                         f"choose another --out") from None
-    with Staging() as st:
-        tmp = st.folder(out)
-        (tmp / "summary.json").write_text(dumps(result.to_dict()))
-        np.savez_compressed(tmp / "arrays.npz", **result.arrays())
-        if html:
-            from .report import render_html
-
-            (tmp / "index.html").write_text(render_html(result), encoding="utf-8")
-    return out

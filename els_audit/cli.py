@@ -2,7 +2,7 @@
 
 The command builds an :class:`~els_audit.audit.AuditConfig`, calls ``run_audit`` (the same
 function a Python user calls) and writes the report with
-:func:`~els_audit.audit.write_outputs`.
+:func:`~els_audit.outputs.write_outputs`.
 
 Exit codes: 0 every check passed (warnings allowed); 1 a ``--fail-on`` rule failed; 2 the
 audit could not run (bad input: one line on stderr saying what is wrong and what to do, no
@@ -133,8 +133,8 @@ def main(ctx: click.Context, model: str, data: Optional[str], data_limit: int, t
     Exit codes: 0 checks pass (warnings allowed), 1 a --fail-on rule failed, 2 the audit
     could not run.
     """
-    from .audit import (AuditConfig, check_output_dir, model_name, parse_arch_kwargs, parse_scales, run_audit,
-                        write_outputs)
+    from .audit import AuditConfig, model_name, parse_arch_kwargs, parse_scales, run_audit
+    from .outputs import check_output_dir, write_outputs
     from .checks import load_rules
     from .atomic import write_file_atomic
     from .serialize import dumps

@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from els_audit.audit import (AuditConfig, AuditError, choose_machine, model_name, parse_scales, run_audit,
-                             write_outputs)
+from els_audit.audit import AuditConfig, AuditError, choose_machine, model_name, parse_scales, run_audit
 from els_audit.models.zoo.catalog import zoo_model_path
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -66,7 +65,7 @@ def test_scales_bookkeeping(runs):
 
 
 def test_schema_is_valid_and_shipped():
-    from els_audit.audit import summary_schema
+    from els_audit.outputs import summary_schema
 
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
     assert summary_schema() == SCHEMA
@@ -186,37 +185,6 @@ def test_no_data_named_is_a_clear_error(tmp_path):
 def test_unknown_label_is_a_clear_error():
     with pytest.raises(AuditError, match="no training image has that label"):
         run_audit(AuditConfig(model="zoo:resnet-zeros", data="mnist5k:size=32:limit=20", label=11, steps=2, seeds=1))
-
-
-def test_write_outputs_atomic(runs, tmp_path, monkeypatch):
-    r = runs["resnet-circular"]
-    out = tmp_path / "rep"
-    write_outputs(r, out, html=False)
-    assert sorted(p.name for p in out.iterdir()) == ["arrays.npz", "summary.json"]
-    assert json.loads((out / "summary.json").read_text())["machine"]["kind"] == "ELS"
-    assert np.load(out / "arrays.npz")["network"].shape == (3, 1, 32, 32)
-    # a failure while writing leaves the previous report as it was and no temp folder
-    import els_audit.report as report
-
-    def boom(_):
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(report, "render_html", boom)
-    with pytest.raises(RuntimeError):
-        write_outputs(r, out, html=True)
-    assert sorted(p.name for p in out.iterdir()) == ["arrays.npz", "summary.json"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(AuditError, match="not a folder"):
-        write_outputs(r, tmp_path / "file")
-    # a folder holding anything but a previous report is never replaced (think --out .)
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    with pytest.raises(AuditError, match="already holds other files"):
-        write_outputs(r, tmp_path / "mine")
-    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
-    write_outputs(r, out, html=False)                     # a previous report is replaced
-    assert sorted(p.name for p in out.iterdir()) == ["arrays.npz", "summary.json"]
 
 
 def test_untraceable_network_gets_ls_and_a_warning(monkeypatch):

@@ -9,7 +9,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from els_audit.audit import AuditConfig, run_audit, write_outputs
+from els_audit.audit import AuditConfig, run_audit
+from els_audit.outputs import write_outputs
 from els_audit.report import render_html
 from els_audit.models.zoo.catalog import zoo_model_path
 
