@@ -10,18 +10,24 @@ outputs into place together at the end, or none of them:
         st.file(Path("summary.json"), text)            # a file, written now, placed at commit
     # leaving the block without an exception commits; an exception discards the temporaries
 
-An output that already exists is moved aside first and deleted only once every rename
-has succeeded; when one rename fails, the ones before it are undone and the old outputs
-put back.  Temporaries are named ``.NAME.tmp-XXXX`` and set aside outputs ``.NAME.old-XXXX``.
+An output that already exists is moved aside first (within its folder) and deleted only
+once every rename has succeeded; when one rename fails, the ones before it are undone and
+the old outputs put back.  SIGINT, SIGTERM and SIGHUP are held back while the renames run
+(they are delivered right after), so a signal never leaves half of the outputs in place.
+Temporaries are named ``.NAME.tmp-XXXX`` and set aside outputs ``.NAME.old-XXXX``.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 __all__ = ["Staging", "write_file_atomic", "default_mode"]
 
@@ -31,6 +37,41 @@ def default_mode(folder: bool) -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return (0o777 if folder else 0o666) & ~mask
+
+
+_HELD = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP back for the block: their handlers are swapped for one
+    that only records them, and each recorded signal is raised again, to its own handler,
+    when the block ends.  (Python runs handlers in the main thread, whichever thread the OS
+    delivered to, so this holds where a thread's signal mask would not.)"""
+    if threading.current_thread() is not threading.main_thread():   # handlers are the main thread's
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum, frame):
+        pending.append(signum)
+
+    old = {s: signal.signal(s, hold) for s in _HELD}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
+
+
+def _aside(final: Path) -> Path:
+    """A free name beside ``final`` to move it to (same folder: no permission on it needed)."""
+    while True:
+        p = final.parent / f".{final.name}.old-{secrets.token_hex(4)}"
+        if not (p.exists() or p.is_symlink()):
+            return p
 
 
 def _remove(path: Path) -> None:
@@ -70,12 +111,16 @@ class Staging:
 
     def commit(self) -> None:
         """Rename every temporary into place; on failure undo what was done, and re-raise."""
+        with _signals_held():
+            self._commit()
+
+    def _commit(self) -> None:
         done: list[tuple[Path, Path, Optional[Path]]] = []       # (temporary, final, set aside)
         try:
             for tmp, final in self._staged:
                 aside = None
                 if final.exists() or final.is_symlink():
-                    aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent)) / final.name
+                    aside = _aside(final)
                     os.replace(final, aside)
                 done.append((tmp, final, aside))
                 os.replace(tmp, final)
@@ -85,12 +130,11 @@ class Staging:
                     os.replace(final, tmp)                      # undo the rename; discarded below
                 if aside is not None:
                     os.replace(aside, final)
-                    aside.parent.rmdir()
             self.discard()
             raise
         for _, _, aside in done:
             if aside is not None:
-                _remove(aside.parent)
+                _remove(aside)
         self._staged = []
 
     def discard(self) -> None:

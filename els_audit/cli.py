@@ -11,10 +11,14 @@ traceback unless ``--debug``; nothing half-written is left behind).
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import click
 
@@ -134,40 +138,44 @@ def main(ctx: click.Context, model: str, data: Optional[str], data_limit: int, t
     could not run.
     """
     from .audit import AuditConfig, model_name, parse_arch_kwargs, parse_scales, run_audit
-    from .outputs import check_output_dir, write_outputs
     from .checks import load_rules
-    from .atomic import write_file_atomic
+    from .outputs import plan_outputs, write_outputs
     from .serialize import dumps
 
     def progress(line: str) -> None:
         if not quiet:
             click.echo(f"els-audit {line}", err=True)
 
+    started, plan, written = time.time(), None, False
     try:
-        rules = list(fail_on)
-        if rules_file is not None:
-            rules += [r.text for r in load_rules(rules_file)]
-        cfg = AuditConfig(
-            model=model, data=data, data_limit=None if data_limit == 0 else data_limit, trust_model=trust_model,
-            arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), format=format_, state_dict_key=state_dict_key,
-            schedule=schedule, time_input=time_input, prediction=prediction, call_style=call_style,
-            num_train_steps=num_train_steps, data_range=data_range, steps=steps, seeds=seeds,
-            calibration_seeds=calibration_seeds, seed_offset=seed_offset, conditional=conditional, label=label,
-            machine=machine, dictionary=dictionary, scales=parse_scales(scales), criterion=criterion,
-            compare_criteria=compare_criteria, spread=spread,
-            memorized_threshold=memorized_threshold, fail_on=tuple(rules), threads=threads, device=device,
-        )
-        out_dir = check_output_dir(out if out is not None else Path("reports") / model_name(model))
-        result = run_audit(cfg, progress=progress)
-        folder = write_outputs(result, out_dir, html=not no_report)
-        if json_out is not None:
-            text = dumps(result.to_dict())
-            if json_out == "-":
-                click.echo(text, nl=False)
-            else:
-                write_file_atomic(Path(json_out).expanduser(), text)
-    except KeyboardInterrupt:
-        click.echo("els-audit: interrupted; nothing was written", err=True)
+        with _signals_raise():
+            rules = list(fail_on)
+            if rules_file is not None:
+                rules += [r.text for r in load_rules(rules_file)]
+            cfg = AuditConfig(
+                model=model, data=data, data_limit=None if data_limit == 0 else data_limit, trust_model=trust_model,
+                arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), format=format_, state_dict_key=state_dict_key,
+                schedule=schedule, time_input=time_input, prediction=prediction, call_style=call_style,
+                num_train_steps=num_train_steps, data_range=data_range, steps=steps, seeds=seeds,
+                calibration_seeds=calibration_seeds, seed_offset=seed_offset, conditional=conditional, label=label,
+                machine=machine, dictionary=dictionary, scales=parse_scales(scales), criterion=criterion,
+                compare_criteria=compare_criteria, spread=spread,
+                memorized_threshold=memorized_threshold, fail_on=tuple(rules), threads=threads, device=device,
+            )
+            # every output is checked before any work, and written all together at the end
+            plan = plan_outputs(out if out is not None else Path("reports") / model_name(model), json_out,
+                                html=not no_report)
+            result = run_audit(cfg, progress=progress)
+            folder = write_outputs(result, plan)
+            written = True
+            if plan.stdout:
+                click.echo(dumps(result.to_dict()), nl=False)
+    except (KeyboardInterrupt, Terminated) as exc:
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"terminated by {exc}"
+        # NB: a signal during the final renames is held until they are done (els_audit.atomic)
+        written = written or (plan is not None and _written_since(plan.folder / "summary.json", started))
+        click.echo(f"els-audit: error: {what}; " + ("the report had been written" if written else
+                                                      "nothing was written"), err=True)
         return EXIT_CANNOT_RUN
     except (ValueError, OSError) as exc:
         if debug:
@@ -195,6 +203,41 @@ def main(ctx: click.Context, model: str, data: Optional[str], data_limit: int, t
     if fails and quiet:
         click.echo("els-audit: failed: " + ", ".join(c.name for c in fails), err=True)
     return result.exit_code
+
+
+def _written_since(path: Path, t: float) -> bool:
+    try:
+        return path.stat().st_mtime >= t
+    except OSError:
+        return False
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived (a CI time-out, a closed terminal): unwind like Ctrl-C, so
+    that nothing half-written is left behind.  A BaseException, as KeyboardInterrupt is, so
+    that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`Terminated` inside the block (the main thread only)."""
+    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    old = {n: signal.signal(getattr(signal, n), handler) for n in names}
+    try:
+        yield
+    finally:
+        for n, h in old.items():
+            signal.signal(getattr(signal, n), h)
 
 
 if __name__ == "__main__":  # python -m els_audit.cli

@@ -1,26 +1,49 @@
-"""What an audit writes: the report folder (``index.html``, ``summary.json``, ``arrays.npz``).
+"""What an audit writes, checked before any work and committed all together or not at all.
 
-:func:`check_output_dir` refuses a folder that must not be replaced before any work is
-done; :func:`write_outputs` writes the folder atomically (:mod:`els_audit.atomic`);
-:func:`summary_schema` is the JSON Schema ``summary.json`` follows.
+The outputs are the report folder (``index.html``, ``summary.json``, ``arrays.npz`` and
+the marker :data:`MARKER`) and, with ``--json PATH``, a copy of ``summary.json``.
+
+- :func:`plan_outputs` checks every output path before the audit runs, so that minutes of
+  work are never lost to an output that cannot be written: a file where a folder is
+  wanted (or a folder where a file is), a path under a file, a folder that cannot be
+  written to, ``--json`` inside the report folder.
+- Nothing the tool did not write is replaced.  A report folder holds :data:`MARKER`; an
+  existing folder is replaced only when it holds that marker and nothing but a report's
+  files (an empty folder is used as it is).  An existing ``--json`` file is replaced only
+  when it is an els-audit summary.
+- :func:`write_outputs` stages every output beside its final place and renames them all
+  into place together (:class:`els_audit.atomic.Staging`); on any error, or a signal,
+  nothing is left behind and what was there before is kept.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
+from . import __version__
 from .atomic import Staging
 from .audit import AuditError, AuditResult
 from .serialize import dumps
 
-__all__ = ["REPORT_FILES", "check_output_dir", "write_outputs", "summary_schema"]
+__all__ = ["REPORT_FILES", "MARKER", "OutputPlan", "plan_outputs", "check_output_dir", "check_json_path",
+           "write_outputs", "summary_schema"]
 
-#: the files a report folder holds (an existing --out folder may hold only these)
+#: the files a report folder holds
 REPORT_FILES = ("index.html", "summary.json", "arrays.npz")
+#: the file that says a folder is a report this tool wrote (and may replace)
+MARKER = ".els-audit-report"
+#: ``summary.json``'s schema id (a ``--json`` file holding it may be replaced)
+SUMMARY_SCHEMA_ID = "els-audit/summary/1"
+
+PathLike = Union[str, Path]
 
 
 def summary_schema() -> dict:
@@ -30,55 +53,149 @@ def summary_schema() -> dict:
     return json.loads(files("els_audit").joinpath("summary_schema.json").read_text(encoding="utf-8"))
 
 
-def check_output_dir(out_dir: Union[str, Path]) -> Path:
-    """Refuse an output folder that :func:`write_outputs` must not replace (checked before the
-    audit runs, so that minutes of work are not lost at the end).
+# ---------------------------------------------------------------------------------------
+# checks before any work
+# ---------------------------------------------------------------------------------------
+def _why(exc: OSError) -> str:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.EROFS:
+        return "read-only file system"
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device"
+    return exc.strerror or type(exc).__name__
+
+
+def _writable_folder(path: Path, flag: str, shown: str) -> None:
+    """Refuse ``path``'s nearest existing ancestor unless it is a folder we can create files in."""
+    a = path.parent
+    while not a.exists():
+        if a.is_symlink():                           # a dangling link
+            raise AuditError(f"{flag} {shown}: {a} is a broken link; choose another {flag}")
+        a = a.parent
+    if not a.is_dir():
+        raise AuditError(f"{flag} {shown} lies under {a}, which is a file, not a folder; choose another {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".els-audit-probe-", dir=a)
+    except OSError as exc:
+        raise AuditError(f"{flag} {shown}: cannot write in {a} ({_why(exc)}); choose another {flag}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_dir(out_dir: PathLike, flag: str = "--out") -> Path:
+    """The report folder, refused unless :func:`write_outputs` may write or replace it.
 
     Returns:
-        the resolved path.
+        the absolute path.
     Raises:
-        AuditError: ``out_dir`` is a file, or a folder holding anything but a previous report.
+        AuditError: a file, a folder this tool did not write (or holding other files), or a
+            place that cannot be written.
     """
-    out = Path(out_dir).expanduser().resolve()
+    shown = str(out_dir)
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))
     if out.exists() and not out.is_dir():
-        raise AuditError(f"--out {out} exists and is not a folder; choose another --out")
+        raise AuditError(f"{flag} {shown} exists and is not a folder; choose another {flag}")
     if out.is_dir():
-        # NB: an existing folder is replaced as a whole, so only a previous report may be
-        # (never a folder holding anything else, e.g. --out . or --out ~)
-        others = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES)
+        names = sorted(p.name for p in out.iterdir())
+        others = [n for n in names if n not in REPORT_FILES and n != MARKER]
+        if names and MARKER not in names:
+            # NB: an existing folder is replaced as a whole; only what this tool wrote may be
+            # (never the user's own index.html, nor --out . or --out ~)
+            raise AuditError(f"{flag} {shown} already exists and was not written by els-audit "
+                             f"(it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); "
+                             f"choose a new or empty folder")
         if others:
-            raise AuditError(f"--out {out} already holds other files ({', '.join(others[:3])}"
+            raise AuditError(f"{flag} {shown} already holds other files ({', '.join(others[:3])}"
                              f"{', ...' if len(others) > 3 else ''}); choose a new or empty folder")
+    _writable_folder(out, flag, shown)
     return out
 
 
-def write_outputs(result: AuditResult, out_dir: Union[str, Path], *, html: bool = True) -> Path:
-    """Write ``index.html``, ``summary.json`` and ``arrays.npz`` into ``out_dir``, atomically.
+def _is_summary(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        return b'"schema"' in head and SUMMARY_SCHEMA_ID.encode() in head
+    except OSError:
+        return False
 
-    Everything is written into a temporary folder beside ``out_dir`` (same parent, so the
-    final rename does not cross file systems) and renamed into place at the end; an
-    existing ``out_dir`` is replaced only then, and only if it holds nothing but a previous
-    report's files (:data:`REPORT_FILES`).  On any error nothing is left behind.
+
+def check_json_path(json_out: Optional[str], out: Optional[Path] = None) -> Optional[Path]:
+    """The ``--json`` file (``None`` for none or ``-``, stdout), refused unless it may be written.
+
+    Raises:
+        AuditError: a folder, a file that is not an els-audit summary, a path inside the
+            report folder ``out``, or a place that cannot be written.
+    """
+    if json_out is None or json_out == "-":
+        return None
+    if not str(json_out).strip():
+        raise AuditError("--json is empty; give a file path, or - for stdout")
+    path = Path(os.path.abspath(Path(json_out).expanduser()))
+    if path.is_dir():
+        raise AuditError(f"--json {json_out} is a folder; give a file path")
+    if path.exists() and not _is_summary(path):
+        raise AuditError(f"--json {json_out} exists and is not an els-audit summary; choose another path "
+                         f"(nothing the tool did not write is overwritten)")
+    if out is not None and (path == out or out in path.parents):
+        raise AuditError(f"--json {json_out} lies inside the report folder, which already holds summary.json; "
+                         f"choose a path outside it")
+    _writable_folder(path, "--json", str(json_out))
+    return path
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where an audit's outputs go, checked (:func:`plan_outputs`).
+
+    ``folder``: the report folder; ``json``: the ``--json`` file or None; ``stdout``: also
+    print the summary; ``html``: write ``index.html``.
+    """
+
+    folder: Path
+    json: Optional[Path] = None
+    stdout: bool = False
+    html: bool = True
+
+
+def plan_outputs(out_dir: PathLike, json_out: Optional[str] = None, *, html: bool = True) -> OutputPlan:
+    """Check every output path before any work (see the module docstring).
+
+    Raises:
+        AuditError: the one-line reason an output cannot be written.
+    """
+    folder = check_output_dir(out_dir)
+    return OutputPlan(folder=folder, json=check_json_path(json_out, folder), stdout=json_out == "-", html=html)
+
+
+# ---------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------
+def write_outputs(result: AuditResult, out: Union[OutputPlan, PathLike], *, html: bool = True) -> Path:
+    """Write the report folder (and the ``--json`` file) all together or not at all.
 
     Args:
-        result: from :func:`run_audit`.
-        out_dir: the report folder.
-        html: also write the HTML report.
+        result: from :func:`els_audit.audit.run_audit`.
+        out: an :class:`OutputPlan`, or the report folder (checked here).
+        html: also write the HTML report (when ``out`` is a folder; a plan says it itself).
+
     Returns:
         the report folder.
     """
-    out = check_output_dir(out_dir)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AuditError(f"cannot create the output folder {out.parent} ({exc.strerror or exc}); "
-                         f"choose another --out") from None
+    plan = out if isinstance(out, OutputPlan) else plan_outputs(out, html=html)
+    plan = plan_outputs(plan.folder, None if plan.json is None else str(plan.json), html=plan.html)  # again: time passed
+    text = dumps(result.to_dict())
     with Staging() as st:
-        tmp = st.folder(out)
-        (tmp / "summary.json").write_text(dumps(result.to_dict()))
+        tmp = st.folder(plan.folder)
+        (tmp / "summary.json").write_text(text)
         np.savez_compressed(tmp / "arrays.npz", **result.arrays())
-        if html:
+        if plan.html:
             from .report import render_html
 
             (tmp / "index.html").write_text(render_html(result), encoding="utf-8")
-    return out
+        (tmp / MARKER).write_text(f"written by els-audit {__version__}; the next audit written here replaces "
+                                  f"this folder as a whole\n")
+        if plan.json is not None:
+            st.file(plan.json, text)
+    return plan.folder

@@ -43,7 +43,7 @@ def test_quiet_json_stdout_and_rules_file(tmp_path):
     assert summary["config"]["fail_on"] == ["median_r<-2"]
     rule = [c for c in summary["checks"] if c["source"] == "rule"]
     assert [c["status"] for c in rule] == ["pass"]
-    assert sorted(p.name for p in out.iterdir()) == ["arrays.npz", "index.html", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".els-audit-report", "arrays.npz", "index.html", "summary.json"]
     assert json.loads((out / "summary.json").read_text()) == summary
 
 
@@ -59,7 +59,7 @@ def test_console_entry_fail_on_exits_1(tmp_path):
     assert "calibrate" in p.stderr and "1 fail: median_r<2" in p.stderr
     s = json.loads(js.read_text())
     assert s["exit_code"] == 1 and s["machine"]["kind"] == "bbELS"
-    assert sorted(x.name for x in out.iterdir()) == ["arrays.npz", "summary.json"]
+    assert sorted(x.name for x in out.iterdir()) == [".els-audit-report", "arrays.npz", "summary.json"]
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -102,7 +102,7 @@ def test_out_holding_other_files_is_refused_before_the_audit(tmp_path):
     (tmp_path / "notes.txt").write_text("keep")
     res = _runner().invoke(main, ["zoo:resnet-zeros", "--out", str(tmp_path)])
     assert res.exit_code == 2
-    assert "already holds other files (notes.txt)" in _one_line_error(res)
+    assert "was not written by els-audit (it holds notes.txt)" in _one_line_error(res)
     assert "load model" not in res.stderr                  # refused before any work
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
@@ -116,11 +116,11 @@ def test_help():
         assert opt in res.stdout, opt
 
 
-def test_cuda_without_a_gpu_exits_2():
+def test_cuda_without_a_gpu_exits_2(tmp_path):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    res = _runner().invoke(main, ["zoo:resnet-zeros", "--device", "cuda", "--quiet"])
+    res = _runner().invoke(main, ["zoo:resnet-zeros", "--device", "cuda", "--quiet", "--out", str(tmp_path / "r")])
     assert res.exit_code == 2
     assert "no CUDA device" in _one_line_error(res)
