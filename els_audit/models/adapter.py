@@ -135,18 +135,24 @@ def detect_call_style(module: Any) -> tuple[Optional[str], str]:
 # ---------------------------------------------------------------------------- the denoiser
 @dataclass(frozen=True)
 class SanityReport:
-    """The load-time check: one call on noisy training images at t.
+    """The load-time check: one call on noisy training images at t, judged in the model's
+    own output space against the trivial predictor there.
 
-    ``eps_mse``: mean squared error of eps_hat; ``zero_mse``: that of predicting zero;
-    ``ratio`` = eps_mse / zero_mse; ``passed``: finite, right shape, ratio < threshold, and
-    no single-setting alternative does better than ``ALTERNATIVE_FACTOR * ratio``;
-    ``alternatives``: ((setting, value, ratio), ...) for each alternative tried.
+    ``space``: what the model predicts (eps, x0, v, score); ``trivial``: the trivial
+    predictor it is compared with (``0``, or for x0 the better of 0 and the data mean);
+    ``error_mse``: mean squared error of the model's output against the true target;
+    ``trivial_mse``: that of the trivial predictor; ``ratio`` = error_mse / trivial_mse;
+    ``passed``: finite, right shape, ratio < threshold, and no single-setting alternative
+    does better than ``ALTERNATIVE_FACTOR * ratio``; ``alternatives``: ((setting, value,
+    ratio), ...) for each alternative tried, each in its own output space.
     """
 
     t: float
     n_images: int
-    eps_mse: float
-    zero_mse: float
+    space: str
+    trivial: str
+    error_mse: float
+    trivial_mse: float
     ratio: float
     threshold: float
     passed: bool
@@ -250,6 +256,32 @@ class Denoiser:
             raise ModelLoadError(self.where, f"the model returned a {type(out).__name__}, not a tensor", f"check {flag('call_style')}")
         return out
 
+    def _times(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """t as (B,), and a_t, b_t as (B, 1, 1, 1) in x's dtype and device."""
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])                                            # (B,)
+        a, b = self.schedule.alpha_sigma(t.detach().to(torch.float64))
+        a = a.to(x.dtype).to(x.device)[:, None, None, None]                     # (B, 1, 1, 1)
+        b = b.to(x.dtype).to(x.device)[:, None, None, None]                     # (B, 1, 1, 1)
+        return t, a, b
+
+    def output(self, x: torch.Tensor, t: torch.Tensor, label: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The model's own prediction at x_t, in its own output space (``prediction``: eps,
+        x0, v, or the score; with a sigma time input the VE form of the point is fed).
+
+        Args, shapes: as :meth:`eps`.
+        """
+        t, a, _ = self._times(x, t)
+        x_in = x / a if self.time_input == "sigma" else x                       # (B, C, H, W)
+        out = self._call(x_in, self.model_time(t), label)                       # (B, C, H, W)
+        if out.shape != x.shape:
+            raise ModelLoadError(
+                self.where, f"the model's output shape {tuple(out.shape)} differs from its input {tuple(x.shape)}",
+                f"check {flag('call_style')} (is it a denoiser of these images?)",
+            )
+        return out
+
     def eps(self, x: torch.Tensor, t: torch.Tensor, label: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Predicted noise.
 
@@ -261,20 +293,8 @@ class Denoiser:
         Returns:
             eps_hat (B, C, H, W).
         """
-        B = x.shape[0]
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(B)                                                     # (B,)
-        a, b = self.schedule.alpha_sigma(t.detach().to(torch.float64))
-        a = a.to(x.dtype).to(x.device)[:, None, None, None]                     # (B, 1, 1, 1)
-        b = b.to(x.dtype).to(x.device)[:, None, None, None]                     # (B, 1, 1, 1)
-        x_in = x / a if self.time_input == "sigma" else x                       # (B, C, H, W)
-        out = self._call(x_in, self.model_time(t), label)                       # (B, C, H, W)
-        if out.shape != x.shape:
-            raise ModelLoadError(
-                self.where, f"the model's output shape {tuple(out.shape)} differs from its input {tuple(x.shape)}",
-                f"check {flag('call_style')} (is it a denoiser of these images?)",
-            )
+        out = self.output(x, t, label)                                          # (B, C, H, W)
+        _, a, b = self._times(x, t)
         if self.prediction == "eps":
             return out
         if self.prediction == "x0":
@@ -334,14 +354,36 @@ def _probe(module: Any, style: str, x: torch.Tensor, t: torch.Tensor) -> bool:
         return False
 
 
+def _target(den: Denoiser, x0: torch.Tensor, eps: torch.Tensor, a: float, b: float
+            ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(true target, trivial prediction, its name) in the model's output space at x_t = a x0 + b eps.
+
+    NB: the trivial predictor of eps, v and the score is 0 (their means); of x0 it is the
+    better of 0 and the data's mean pixel, so a model in [0, 1] is not judged against 0."""
+    if den.prediction == "eps":
+        return eps, torch.zeros_like(eps), "0"
+    if den.prediction == "v":
+        v = a * eps - b * x0                                                    # Salimans & Ho 2022
+        return v, torch.zeros_like(v), "0"
+    if den.prediction == "score":
+        s = -eps * (a / b) if den.time_input == "sigma" else -eps / b           # VE score wrt x/a, or VP
+        return s, torch.zeros_like(s), "0"
+    mean = torch.full_like(x0, float(x0.mean()))
+    if float((x0 - mean).pow(2).mean()) < float(x0.pow(2).mean()):
+        return x0, mean, "the data mean"
+    return x0, torch.zeros_like(x0), "0"
+
+
 @torch.no_grad()
-def _error_ratio(den: Denoiser, x0: torch.Tensor, eps: torch.Tensor, t: float) -> tuple[torch.Tensor, float, float]:
+def _error_ratio(den: Denoiser, x0: torch.Tensor, eps: torch.Tensor, t: float
+                 ) -> tuple[torch.Tensor, float, float, str]:
+    """(model output, its mse, the trivial predictor's mse, its name) in the model's output space."""
     a, b = (float(v) for v in den.schedule.alpha_sigma(t))
     x_t = a * x0 + b * eps                                                      # (N, C, H, W)
-    eps_hat = den.eps(x_t, torch.full((x0.shape[0],), t, dtype=x0.dtype, device=x0.device))
-    err = float((eps_hat - eps).pow(2).mean()) if torch.isfinite(eps_hat).all() else math.inf
-    zero = float(eps.pow(2).mean())
-    return eps_hat, err, zero
+    out = den.output(x_t, torch.full((x0.shape[0],), t, dtype=x0.dtype, device=x0.device))
+    target, trivial, name = _target(den, x0, eps, a, b)
+    err = float((out - target).pow(2).mean()) if torch.isfinite(out).all() else math.inf
+    return out, err, float((trivial - target).pow(2).mean()), name
 
 
 @torch.no_grad()
@@ -354,13 +396,15 @@ def sanity_check(
     seed: int = 0,
     diagnose: bool = True,
 ) -> SanityReport:
-    """One call on noisy training images at t: finite, right shape, beats predicting zero.
+    """One call on noisy training images at t: finite, right shape, and far better than the
+    trivial predictor in the model's own output space (an untrained model is not).
 
     Args:
         den: the denoiser.
         images: (N, C, H, W) clean training images in [-1, 1] (mapped to the model's range).
         t: the time to test at.
-        threshold: pass when mse(eps_hat) < threshold * mse(0).
+        threshold: pass when the output's mse < threshold * the trivial predictor's (eps,
+            v, score: 0; x0: the better of 0 and the data mean).
         seed: for the noise.
         diagnose: also try every single-setting alternative (prediction, time input, data
             range); fail when one does far better, and name it in the message.
@@ -369,16 +413,22 @@ def sanity_check(
         :class:`SanityReport` (also stored on ``den.sanity``).
 
     Raises:
-        ModelLoadError: non-finite output, wrong shape, no better than predicting zero,
-            or one setting change does far better; the message names the likely wrong
-            setting and its flag.
+        ModelLoadError: the model cannot be called on these images (a channel or size
+            mismatch is named), non-finite output, wrong shape, no better than the trivial
+            predictor, or one setting change does far better; the message names the likely
+            wrong setting and its flag.
     """
     x0 = den.to_model_range(images)                                             # (N, C, H, W)
     g = torch.Generator().manual_seed(seed)
     eps = torch.randn(x0.shape, generator=g, dtype=torch.float64).to(x0.dtype).to(x0.device)
-    eps_hat, err, zero = _error_ratio(den, x0, eps, t)
-    if not torch.isfinite(eps_hat).all():
-        bad = int((~torch.isfinite(eps_hat)).sum())
+    try:
+        out, err, zero, trivial = _error_ratio(den, x0, eps, t)
+    except ModelLoadError:
+        raise
+    except Exception as exc:   # the first call on the user's images: say what does not fit
+        raise _call_failure(den, x0, t, exc) from None
+    if not torch.isfinite(out).all():
+        bad = int((~torch.isfinite(out)).sum())
         raise ModelLoadError(
             den.where, f"the model's output has {bad} non-finite value(s) (NaN/inf) at t={t}",
             f"check {flag('data_range')} and {flag('time_input')} (or the weights are broken)",
@@ -395,32 +445,67 @@ def sanity_check(
         for name, value in alternatives:
             try:
                 alt = den.replace(**{name: value})
-                _, e2, z2 = _error_ratio(alt, alt.to_model_range(images), eps, t)
+                _, e2, z2, _ = _error_ratio(alt, alt.to_model_range(images), eps, t)
             except Exception:  # an alternative the model cannot run is simply no candidate
                 continue
             alts.append((name, value, e2 / z2 if z2 > 0 else math.inf))
     best = min(alts, key=lambda a: a[2]) if alts else None
     passed = ratio < threshold and not (best is not None and best[2] < ALTERNATIVE_FACTOR * ratio)
-    rep = SanityReport(t=t, n_images=int(x0.shape[0]), eps_mse=err, zero_mse=zero, ratio=ratio, threshold=threshold,
-                       passed=passed, alternatives=tuple((n, _show(v), r) for n, v, r in alts))
+    rep = SanityReport(t=t, n_images=int(x0.shape[0]), space=den.prediction, trivial=trivial, error_mse=err,
+                       trivial_mse=zero, ratio=ratio, threshold=threshold, passed=passed,
+                       alternatives=tuple((n, _show(v), r) for n, v, r in alts))
     den.sanity = rep
     if passed:
         return rep
     current = (f"{den.prediction} prediction, {den.time_input} time, "
                f"data range {den.data_range[0]:g},{den.data_range[1]:g}")
+    versus = "predicting zero" if trivial == "0" else f"predicting {trivial}"
     if best is not None and best[2] < min(threshold, ALTERNATIVE_FACTOR * ratio):
         name, value, r2 = best
         hint = (f"with {flag(name)}={_show(value)} it would be {r2:.2f}x: "
                 f"pass {flag(name)}={_show(value)} (now {_show(getattr(den, name))}, from {den.sources.get(name, '?')})")
+    elif ratio >= threshold and (best is None or best[2] >= threshold):
+        hint = ("no single setting does better, so the model looks untrained or is not a denoiser of this data: "
+                "check the weights (an EMA entry: --state-dict-key) and --data, then "
+                f"{flag('time_input')}, {flag('prediction')}, {flag('schedule')} and {flag('data_range')}")
     else:
         hint = f"check {flag('time_input')}, {flag('prediction')}, {flag('schedule')} and {flag('data_range')}"
     if ratio < threshold:
-        problem = (f"sanity check failed: at t={t} the denoising error is {ratio:.2f}x that of predicting zero "
+        problem = (f"sanity check failed: at t={t} the {den.prediction} error is {ratio:.2f}x that of {versus} "
                    f"with {current}, but another setting does much better")
     else:
-        problem = (f"sanity check failed: at t={t} the denoising error is {ratio:.2f}x that of predicting zero "
+        problem = (f"sanity check failed: at t={t} the {den.prediction} error is {ratio:.2f}x that of {versus} "
                    f"(needs < {threshold:g}x) with {current}")
     raise ModelLoadError(den.where, problem, hint)
+
+
+def _call_failure(den: Denoiser, x0: torch.Tensor, t: float, exc: Exception) -> ModelLoadError:
+    """The one-line error for a model that cannot be called on the data's images: a channel
+    count or image size that another probe call accepts is named; else the library's words."""
+    N, C, H, W = x0.shape
+    tt = torch.full((1,), t, dtype=x0.dtype)
+
+    def runs(c: int, h: int, w: int) -> bool:
+        try:
+            with torch.no_grad():
+                den.output(torch.zeros((1, c, h, w), dtype=x0.dtype, device=x0.device), tt.to(x0.device))
+            return True
+        except Exception:
+            return False
+
+    for c in (1, 3, 4, 2):
+        if c != C and runs(c, H, W):
+            return ModelLoadError(den.where, f"the model takes {c}-channel images, but the data has {C} "
+                                             f"channel{'s' if C != 1 else ''} ({H}x{W})",
+                                  f"pass --data with {c}-channel images (the model's own training data)")
+    for h in sorted({32, 64, 28, 16, 128, 256} - {H}):
+        if runs(C, h, h):
+            return ModelLoadError(den.where, f"the model fails on {H}x{W} images but runs on {h}x{h} "
+                                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]})",
+                                  f"pass --data at the model's image size (e.g. :size={h})")
+    return ModelLoadError(den.where, f"calling the model on {N} images of {C}x{H}x{W} failed: {type(exc).__name__}: "
+                                     f"{' '.join(str(exc).split())[:200]}",
+                          f"check {flag('call_style')}, --data and --arch-kwargs")
 
 
 def _show(value: Any) -> str:

@@ -280,3 +280,23 @@ def test_replace_and_repr():
         make_denoiser(XT(), prediction="v", time_input="sigma", check=False)
     with pytest.raises(ModelLoadError, match="disagrees"):
         make_denoiser(XT(), schedule="linear", num_train_steps=500, check=False)
+
+
+def test_sanity_is_judged_in_the_models_own_output_space(mnist_batch):
+    # a "v" model that outputs noise: in eps space (eps = a v + b x_t) it would beat zero at
+    # about 0.5x, so the old check passed it; in v space it is no better than predicting 0
+    torch.manual_seed(0)
+    rand = lambda m, x, t, label: 0.1 * torch.randn_like(x)  # noqa: E731
+    with pytest.raises(ModelLoadError, match=r"the v error is 1\.\d\dx that of predicting zero.*looks untrained"):
+        make_denoiser(nn.Identity(), call_style=rand, prediction="v", check_images=mnist_batch)
+    # an x0 model in [0, 1] is compared with the data mean (better than 0 there), not with 0
+    mean = lambda m, x, t, label: torch.full_like(x, float(((mnist_batch + 1) / 2).mean()))  # noqa: E731
+    with pytest.raises(ModelLoadError, match=r"the x0 error is 1\.00x that of predicting the data mean"):
+        make_denoiser(nn.Identity(), call_style=mean, prediction="x0", data_range=(0, 1), check_images=mnist_batch)
+
+
+def test_a_model_that_cannot_take_the_data_says_what_it_takes(mnist_batch):
+    from els_audit.models.zoo import PaperResNet
+
+    with pytest.raises(ModelLoadError, match="takes 3-channel images, but the data has 1 channel"):
+        make_denoiser(PaperResNet(in_channels=3, width=8, n_layers=1).eval(), check_images=mnist_batch)
