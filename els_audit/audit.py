@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -95,6 +96,35 @@ ProgressFn = Callable[[str], None]
 # ---------------------------------------------------------------------------------------
 # config
 # ---------------------------------------------------------------------------------------
+#: integer settings: field -> (flag, lowest, highest or None); ``threads``' highest is the CPUs
+_INT_BOUNDS: dict[str, tuple[str, int, Optional[int]]] = {
+    "steps": ("--steps", 1, 1000),
+    "seeds": ("--seeds", 1, 10_000),
+    "calibration_seeds": ("--calibration-seeds", 1, 1000),
+    "seed_offset": ("--seed-offset", 0, 9_999),
+    "data_seed": ("data_seed", 0, None),
+    "spread": ("--spread", 0, 64),
+    "erf_samples": ("erf_samples", 1, 256),
+    "data_limit": ("--data-limit", 3, None),
+    "threads": ("--threads", 1, None),
+    "label": ("--label", 0, None),
+}
+#: why a bound is what it is, appended to its message
+_WHY = {
+    "steps": " (a DDIM grid finer than the 1000 training steps of common models adds nothing)",
+    "data_limit": " (0 = the whole data set)",
+    "threads": " (the CPUs this process may use)",
+    "spread": " (the candidates stop at the image size anyway)",
+}
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class AuditConfig:
     """Everything an audit needs; build it from the CLI or in Python.
@@ -167,35 +197,28 @@ class AuditConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        def pos_int(name, v, minimum=1):
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise AuditError(f"{name} must be an integer >= {minimum}; got {v!r}")
-
         if not isinstance(self.model, str) or not self.model.strip():
             raise AuditError("no model given; pass a model file or zoo:NAME")
-        pos_int("steps", self.steps)
-        pos_int("seeds", self.seeds)
-        pos_int("calibration_seeds", self.calibration_seeds)
-        pos_int("seed_offset", self.seed_offset, 0)
-        pos_int("data_seed", self.data_seed, 0)
-        pos_int("spread", self.spread, 0)
-        pos_int("erf_samples", self.erf_samples)
-        if self.data_limit is not None:
-            pos_int("data_limit", self.data_limit, 3)
-        if self.threads is not None:
-            pos_int("threads", self.threads)
+        for name, (flag_, lo, hi) in _INT_BOUNDS.items():
+            v = getattr(self, name)
+            if v is None and name in ("data_limit", "threads", "label"):
+                continue
+            hi = _cpus() if name == "threads" else hi
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+                raise AuditError(f"{flag_} must be an integer " + (f"from {lo} to {hi}" if hi is not None else
+                                                                   f">= {lo}") + f"; got {v!r}{_WHY.get(name, '')}")
         if self.seed_offset + self.seeds > 10_000:
             raise AuditError("evaluation seeds must stay below 10000 (calibration seeds start there); "
                              "lower --seeds or --seed-offset")
         if self.machine not in MACHINE_CHOICES:
-            raise AuditError(f"machine must be one of {', '.join(MACHINE_CHOICES)}; got {self.machine!r}")
+            raise AuditError(f"--machine must be one of {', '.join(MACHINE_CHOICES)}; got {self.machine!r}")
         if self.dictionary not in ("periodic", "valid"):
-            raise AuditError(f"dictionary must be periodic or valid; got {self.dictionary!r}")
+            raise AuditError(f"--dictionary must be periodic or valid; got {self.dictionary!r}")
         if self.criterion not in ("x0", "cosine"):
-            raise AuditError(f"criterion must be x0 or cosine; got {self.criterion!r}")
+            raise AuditError(f"--criterion must be x0 or cosine; got {self.criterion!r}")
         if isinstance(self.scales, str):
             if self.scales not in SCALE_MODES:
-                raise AuditError(f"scales must be one of {', '.join(SCALE_MODES)} or a list of odd sizes; "
+                raise AuditError(f"--scales must be one of {', '.join(SCALE_MODES)} or a list of odd sizes; "
                                  f"got {self.scales!r}")
         else:
             sc = tuple(self.scales)
@@ -206,12 +229,10 @@ class AuditConfig:
                 if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
                     raise AuditError(f"--scales must be positive odd integers; got {k!r}")
             object.__setattr__(self, "scales", sc)
-        if self.label is not None:
-            pos_int("label", self.label, 0)
         if not (isinstance(self.memorized_threshold, (int, float)) and 0 < self.memorized_threshold <= 1):
-            raise AuditError(f"memorized_threshold must be in (0, 1]; got {self.memorized_threshold!r}")
+            raise AuditError(f"--memorized-threshold must be in (0, 1]; got {self.memorized_threshold!r}")
         if self.device not in ("cpu", "cuda"):
-            raise AuditError(f"device must be cpu or cuda; got {self.device!r}")
+            raise AuditError(f"--device must be cpu or cuda; got {self.device!r}")
         object.__setattr__(self, "fail_on", tuple(self.fail_on))
         for r in self.fail_on:
             parse_rule(r)  # raises RuleError (a ValueError) with a one-line message
@@ -494,6 +515,37 @@ def versions() -> dict:
     return out
 
 
+@torch.no_grad()
+def _label_effect(den, images: torch.Tensor, classes: list[int], seed: int = 0) -> Optional[float]:
+    """How far the model's output moves when only the class label changes: on noisy training
+    images at t = 0.5, ``|eps(x, t, y) - eps(x, t, y')| / |eps(x, t, y)|`` with y' the next
+    class after y.  0 when the model ignores its label (``None`` with fewer than 2 classes)."""
+    if len(classes) < 2:
+        return None
+    n = images.shape[0]
+    y = torch.tensor([classes[i % len(classes)] for i in range(n)], dtype=torch.long, device=images.device)
+    y2 = torch.tensor([classes[(i + 1) % len(classes)] for i in range(n)], dtype=torch.long, device=images.device)
+    a, b = (float(v) for v in den.schedule.alpha_sigma(0.5))
+    g = torch.Generator().manual_seed(seed)
+    x_t = a * den.to_model_range(images) + b * torch.randn(images.shape, generator=g).to(images)  # (n, C, H, W)
+    t = torch.full((n,), 0.5, dtype=images.dtype, device=images.device)
+    e1, e2 = den.eps(x_t, t, y), den.eps(x_t, t, y2)                                            # (n, C, H, W)
+    return float((e1 - e2).norm() / e1.norm().clamp_min(1e-12))
+
+
+def _check_scales_fit(scales: Union[str, tuple[int, ...]], H: int, W: int) -> None:
+    """Refuse given patch sizes past 2 max(H, W) - 1: from there on every pixel's window holds
+    the whole image at every offset, so the machine is the IS machine and larger only costs."""
+    if isinstance(scales, str):
+        return
+    cap = 2 * max(H, W) - 1
+    big = sorted({k for k in scales if k > cap})
+    if big:
+        raise AuditError(f"--scales {','.join(map(str, big))}: patch sizes above {cap} (2 x {max(H, W)} - 1 for "
+                         f"{H}x{W} images) see the whole image from every pixel, where the machine already equals "
+                         f"IS; give sizes up to {cap}")
+
+
 def _data_spec(cfg: AuditConfig, loaded) -> tuple[str, str]:
     """The data spec and where it came from (the argument, else the model's zoo config; an
     empty ``--data`` counts as none given, and the checks warn about it)."""
@@ -619,8 +671,10 @@ def run_audit(config: AuditConfig, *, progress: Optional[ProgressFn] = None) -> 
     if cfg.device == "cuda" and hasattr(module, "to"):
         module.to(device)
     C, H, W = (int(s) for s in full.images.shape[1:])
-    den = clock.stage("adapt", make_denoiser, loaded, check_images=full.images[:16].to(device)
-                      if cfg.device == "cuda" else full.images[:16])
+    _check_scales_fit(cfg.scales, H, W)
+    # NB: a seeded, class-balanced sample for the sanity check (data sets may be sorted by label)
+    check_images = full.images[balanced_subset_indices(full.labels, len(full), 16, cfg.data_seed)].to(device)
+    den = clock.stage("adapt", make_denoiser, loaded, check_images=check_images)
     # NB: a model trained on another data range (e.g. [0, 1]) diffuses x_t = a x0 + b eps in
     # ITS range, which is not an affine image of the [-1, 1] process (the noise does not
     # scale with the data).  So the whole audit runs in the model's range: the machines'
@@ -644,6 +698,7 @@ def run_audit(config: AuditConfig, *, progress: Optional[ProgressFn] = None) -> 
 
     # labels per seed
     classes = sorted(full.label_counts()) if conditional else []
+    label_effect = _label_effect(den, check_images, classes) if conditional else None
     if cfg.label is not None:
         eval_labels: Optional[list[int]] = [cfg.label] * cfg.seeds
         cal_labels: Optional[list[int]] = [cfg.label] * cfg.calibration_seeds
@@ -772,6 +827,7 @@ def run_audit(config: AuditConfig, *, progress: Optional[ProgressFn] = None) -> 
     model_d = loaded.to_dict()
     den_d = den.to_dict()
     den_d.pop("model", None)
+    den_d["label_effect"] = label_effect
     data_d = full.to_dict()
     data_d["spec_source"] = spec_source
     data_d["dictionary"] = {"N": len(dic), "limit": cfg.data_limit, "seed": cfg.data_seed,

@@ -49,6 +49,23 @@ __all__ = [
 
 STATUSES = ("pass", "warn", "fail")
 
+#: below this median r the fitted machine explains almost nothing of the network: r^2 < 0.09,
+#: under a tenth of the variance of its samples.  Every zoo model is far above it (the lowest,
+#: unet-attention at the default settings, 0.52) and so is every published ELS value (the lowest
+#: 0.77, docs/theory.md section 4); an untrained network audits at about 0.07.
+EXPLAINS_ALMOST_NOTHING = 0.3
+#: fewer training images than this, and the machines can only recombine a handful of images:
+#: locality cannot be told from copying (the audit's default dictionary takes 300)
+MIN_IMAGES = 100
+#: a class-conditional machine uses each class's images as its dictionary: fewer than this per class
+MIN_PER_CLASS = 10
+#: images smaller than this: the paper's calibrated patch sizes reach 15-27 px at high noise, so
+#: every candidate window would see (nearly) the whole image and the scales resolve nothing
+MIN_SIDE = 16
+#: a conditional model whose output moves less than this (relative) when only the label changes
+#: ignores its label
+LABEL_EFFECT_FLOOR = 1e-6
+
 #: short metric names -> dotted path in summary.json
 METRICS: dict[str, str] = {
     "median_r": "prediction.median_r",
@@ -254,11 +271,19 @@ def builtin_checks(summary: Mapping[str, Any]) -> tuple[Check, ...]:
                          "the network mixes information over the whole image (global ops); a local machine "
                          "cannot explain all of it" if nonlocal_ else
                          "the network is local (no global op on the path)"))
+    out += _input_checks(summary)
     pred = summary.get("prediction") or {}
     r, ir = _number(pred.get("median_r")), _number(pred.get("is_median_r"))
     if r is not None and ir is not None:
         out.append(Check("machine_beats_memorization", "pass" if r > ir else "warn", r, ir,
                          f"median r of the fitted machine {r:.3f} vs the IS (memorisation) baseline {ir:.3f}"))
+    if r is not None:
+        low = r < EXPLAINS_ALMOST_NOTHING
+        out.append(Check("machine_explains_network", "warn" if low else "pass", r, EXPLAINS_ALMOST_NOTHING,
+                         (f"the fitted machine explains almost nothing of the network (median r {r:.3f} < "
+                          f"{EXPLAINS_ALMOST_NOTHING:g}): the model may be untrained, mis-adapted, or not local, and "
+                          f"the locality and novelty findings say little about it") if low else
+                         f"median r {r:.3f} >= {EXPLAINS_ALMOST_NOTHING:g}"))
     nov = summary.get("novelty") or {}
     mf = _number(nov.get("memorized_fraction"))
     base = _number(lookup(summary, "novelty.memorization.baseline.memorized_fraction") if nov else None)
@@ -268,6 +293,47 @@ def builtin_checks(summary: Mapping[str, Any]) -> tuple[Check, ...]:
                          f"{mf:.1%} of the network's samples are near-copies of a training image "
                          f"(training images among themselves: {thr:.1%})"))
     return tuple(out)
+
+
+def _input_checks(summary: Mapping[str, Any]) -> list[Check]:
+    """Warnings about what the audit was given: no data named, too little of it, images too
+    small, a label the model ignores."""
+    out: list[Check] = []
+    cfg = summary.get("config") or {}
+    data = summary.get("data") or {}
+    if isinstance(cfg.get("data"), str) and not cfg["data"].strip():
+        out.append(Check("data_named", "warn", False, None,
+                         f"--data was empty, so the data the model's config names was used "
+                         f"({data.get('spec')!r}); name the training data explicitly"))
+    n = _number(data.get("N"))
+    if n is not None:
+        counts = {str(k): int(v) for k, v in (data.get("label_counts") or {}).items()}
+        smallest = None                                   # the smallest class dictionary a machine uses
+        if cfg.get("label") is not None:
+            smallest = counts.get(str(cfg["label"]))
+        elif cfg.get("conditional") and counts:
+            smallest = min(counts.values())
+        few = n < MIN_IMAGES or (smallest is not None and smallest < MIN_PER_CLASS)
+        out.append(Check("data_size", "warn" if few else "pass", int(n), MIN_IMAGES,
+                         (f"{int(n)} training images" + (f" (smallest class {smallest})" if smallest is not None else "")
+                          + f": too few for the machines to tell locality from copying; give at least {MIN_IMAGES} "
+                            f"(and {MIN_PER_CLASS} per class for a conditional model), ideally the model's whole "
+                            f"training set") if few else f"{int(n)} training images"))
+    side = min(int(data.get("H") or 0), int(data.get("W") or 0))
+    if side:
+        small = side < MIN_SIDE
+        out.append(Check("image_size", "warn" if small else "pass", side, MIN_SIDE,
+                         (f"{data.get('H')}x{data.get('W')} images: every candidate patch would see (nearly) the whole "
+                          f"image, so the locality scales resolve nothing; audit at {MIN_SIDE}x{MIN_SIDE} or larger")
+                         if small else f"{data.get('H')}x{data.get('W')} images"))
+    effect = _number((summary.get("denoiser") or {}).get("label_effect"))
+    if effect is not None:
+        ignored = effect < LABEL_EFFECT_FLOOR
+        out.append(Check("label_used", "warn" if ignored else "pass", effect, LABEL_EFFECT_FLOOR,
+                         "the model's output does not change when only the class label does: it ignores the label, "
+                         "so --conditional/--label audit an unconditional model" if ignored else
+                         f"changing only the label moves the output by {effect:.3g} (relative)"))
+    return out
 
 
 def exit_code(checks: Sequence[Check]) -> int:

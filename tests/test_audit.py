@@ -162,8 +162,14 @@ def test_parse_scales_and_model_name(tmp_path):
     (dict(machine="IS"), "machine"),
     (dict(criterion="l2"), "criterion"),
     (dict(fail_on=("median_r<<1",)), "cannot parse"),
-    (dict(data_limit=2), "data_limit"),
-    (dict(memorized_threshold=0), "memorized_threshold"),
+    (dict(data_limit=2), "--data-limit"),
+    (dict(memorized_threshold=0), "--memorized-threshold"),
+    (dict(steps=1001), "--steps must be an integer from 1 to 1000"),
+    (dict(calibration_seeds=5000), "--calibration-seeds"),
+    (dict(spread=999), "--spread"),
+    (dict(threads=100_000), "--threads must be an integer from 1 to"),
+    (dict(label=-1), "--label"),
+    (dict(seed_offset=-1), "--seed-offset"),
     (dict(model=" "), "no model"),
 ])
 def test_config_refuses_bad_input(kw, msg):

@@ -110,3 +110,39 @@ def test_check_to_dict_and_status():
     with pytest.raises(ValueError):
         Check("x", "ok", 1, None, "m")
     assert math.isclose(parse_rule("median_r<-1.5").threshold, -1.5)
+
+
+def _names(summary, status):
+    return {c.name for c in builtin_checks(summary) if c.status == status}
+
+
+def test_machine_that_explains_almost_nothing_warns():
+    # r = 0.07 (an untrained model's audit): r^2 ~ 0.005, far below every zoo model (>= 0.52)
+    assert "machine_explains_network" in _names(_summary(prediction={"median_r": 0.07, "is_median_r": 0.05}), "warn")
+    assert "machine_explains_network" in _names(_summary(), "pass")                      # 0.75
+    assert "machine_explains_network" in _names(_summary(prediction={"median_r": 0.3, "is_median_r": 0.1}), "pass")
+
+
+def test_what_the_audit_was_given_is_checked():
+    ok = _summary(config={"data": "mnist5k", "conditional": False, "label": None},
+                  data={"spec": "mnist5k", "N": 5000, "H": 32, "W": 32, "label_counts": {"0": 500, "1": 500}})
+    assert {"data_size", "image_size"} <= _names(ok, "pass") and not _names(ok, "warn") & {"data_named"}
+    empty = _summary(config={"data": "  ", "conditional": False},
+                     data={"spec": "mnist5k:size=32", "N": 5000, "H": 32, "W": 32})
+    assert "data_named" in _names(empty, "warn")
+    tiny = _summary(config={"data": "x.npz"}, data={"spec": "x.npz", "N": 3, "H": 7, "W": 7})
+    assert {"data_size", "image_size"} <= _names(tiny, "warn")
+    msgs = {c.name: c.message for c in builtin_checks(tiny)}
+    assert "at least 100" in msgs["data_size"] and "16x16 or larger" in msgs["image_size"]
+    # a conditional audit uses each class as a dictionary: a class of 4 images is too few
+    cond = _summary(config={"data": "x.npz", "conditional": True},
+                    data={"spec": "x.npz", "N": 1000, "H": 32, "W": 32, "label_counts": {"0": 996, "1": 4}})
+    assert "data_size" in _names(cond, "warn")
+    assert "data_size" in _names(dict(cond, config={"data": "x.npz", "label": 0}), "pass")   # class 0 only
+
+
+def test_a_label_the_model_ignores_warns():
+    ignored = _summary(denoiser={"sanity": None, "warnings": [], "label_effect": 0.0})
+    used = _summary(denoiser={"sanity": None, "warnings": [], "label_effect": 0.2})
+    assert "label_used" in _names(ignored, "warn") and "label_used" in _names(used, "pass")
+    assert "label_used" not in {c.name for c in builtin_checks(_summary())}       # unconditional: not asked
