@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from .hashing import file_sha256
+from .paths import display_path
 from .registry import PluginError, Registry
 
 __all__ = [
@@ -204,13 +205,14 @@ class Dataset:
         Returns:
             ``{"name", "spec", "source", "sha256", "N", "C", "H", "W", "label_counts",
             "class_names", "value_range", "notes"}``; ``label_counts`` maps ``str(label)``
-            to a count (``None`` if unlabelled).
+            to a count (``None`` if unlabelled); ``source`` is written as
+            :func:`els_audit.paths.display_path` writes paths (as typed, no install location).
         """
         n, c, h, w = self.shape
         return {
             "name": self.name,
             "spec": self.spec,
-            "source": self.source,
+            "source": display_path(self.source, self.spec if Path(self.spec).expanduser().exists() else None),
             "sha256": self.sha256,
             "N": int(n),
             "C": int(c),

@@ -88,7 +88,7 @@ def _corrupt(path: Path, what: str, exc: Union[BaseException, str]) -> ModelLoad
 
 def _require_arch(path: Path, request: LoadRequest, what: str) -> ArchSpec:
     if request.arch is None:  # load_model resolves it first; a direct caller may not have
-        raise ModelLoadError(path, f"{what} holds weights only and no architecture was given", "pass --arch module:callable")
+        raise ModelLoadError(path, f"{what} holds weights only and no architecture was given", "pass --arch module:Class")
     return request.arch
 
 

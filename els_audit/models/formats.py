@@ -90,7 +90,7 @@ class ModelLoader:
             path,
             f"this is {what}; loading it can run arbitrary code on this machine, so it is refused",
             "pass --trust-model if you trust its origin, or export the weights as safetensors "
-            "or a state dict (torch.save(model.state_dict(), ...)) and pass --arch module:callable",
+            "or a state dict (torch.save(model.state_dict(), ...)) and pass --arch module:Class",
         )
 
 

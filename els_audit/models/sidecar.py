@@ -1,16 +1,18 @@
 """Sidecar files: ``MODEL.els.toml`` next to a model says what detection cannot.
 
 A sidecar is looked for ONLY next to the model (never in the working directory or a
-config folder), so its contents count as the user's say-so (see :mod:`els_audit.models.loading`
-for what an ``arch`` entry may name).  Names tried, first found wins:
+config folder).  It arrives with the download, so the code it names goes through the trust
+policy (:mod:`els_audit.models.trust`): ``arch`` must be a registered architecture unless
+the user passes ``--trust-model``, and even then a ``torch.nn.Module`` subclass.  Names
+tried, first found wins:
 
 - for a file ``dir/NAME.EXT``: ``dir/NAME.els.toml``, then ``dir/NAME.EXT.els.toml``;
 - for a directory ``dir/NAME/``: ``dir/NAME/els.toml``, then ``dir/NAME.els.toml``.
 
 Example::
 
-    arch = "mypkg.nets:build_unet"      # module:callable for weights-only files
-    arch_kwargs = { width = 64 }
+    arch = "PaperResNet"                # a registered architecture (or, trusted, "mypkg.nets:UNet")
+    arch_kwargs = { width = 64 }        # plain data
     state_dict_key = "ema"              # entry of a checkpoint dict holding the weights
     format = "state-dict"               # force a loader
     call_style = "t-x"                  # x-t | t-x | diffusers
