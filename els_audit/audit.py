@@ -716,25 +716,13 @@ def run_audit(config: AuditConfig, *, progress: Optional[ProgressFn] = None) -> 
         g = torch.Generator().manual_seed(0)
         ex_x = torch.randn((2, C, H, W), generator=g).to(device)
         ex_t = den.model_time(torch.tensor([0.3, 0.7])).to(device)
-        style = den.call_style
         lab = torch.tensor(eval_labels[:2] if eval_labels and len(eval_labels) >= 2 else
                            (eval_labels or [0]) * 2, dtype=torch.long).to(device) if conditional else None
         if not isinstance(module, torch.nn.Module):
             raise AuditError(f"the model is a {type(module).__name__}, not an nn.Module")
-        if style == "t-x":
-            args, kw = (ex_t, ex_x), ({} if lab is None else {den._label_kw or "label": lab})
-        elif style == "diffusers":
-            args, kw = (ex_x, ex_t), ({"return_dict": False} if lab is None else
-                                      {"class_labels": lab, "return_dict": False})
-        elif style == "x-t":
-            if lab is None:
-                args, kw = (ex_x, ex_t), {}
-            elif den._label_kw:
-                args, kw = (ex_x, ex_t), {den._label_kw: lab}
-            else:
-                args, kw = (ex_x, ex_t, lab), {}
-        else:
+        if callable(den.call_style) and not isinstance(den.call_style, str):
             raise AuditError("a custom call_style callable cannot be traced")
+        args, kw = den.call_args(ex_x, ex_t, lab)
         tr = clock.stage("trace", trace_model, module, args, kw)
         rf = clock.stage("receptive field", receptive_field, tr)
         st = clock.stage("equivariance structure", equivariance_structure, tr, rf)

@@ -232,22 +232,31 @@ class Denoiser:
         lo, hi = self.data_range
         return lo + (images + 1) * (hi - lo) / 2
 
+    def call_args(self, x_in: torch.Tensor, time_in: torch.Tensor, label: Optional[torch.Tensor]
+                  ) -> tuple[tuple, dict]:
+        """The positional and keyword arguments the model is called with, by ``call_style``
+        (the one dispatch: :meth:`output` and the tracer use it)."""
+        style = self.call_style
+        if style == "x-t":
+            if label is None:
+                return (x_in, time_in), {}
+            return ((x_in, time_in), {self._label_kw: label}) if self._label_kw else ((x_in, time_in, label), {})
+        if style == "t-x":
+            return (time_in, x_in), ({} if label is None else {self._label_kw or "label": label})
+        if style == "diffusers":
+            # NB: a diffusers model returns a plain tuple with return_dict=False (what a tracer
+            # wants); a model of another library called this way may not know the flag
+            kw = {"return_dict": False} if _is_diffusers(self.module) else {}
+            return (x_in, time_in), (kw if label is None else {"class_labels": label, **kw})
+        raise ValueError(f"call_style {style!r} is a callable: it has no fixed arguments")
+
     def _call(self, x_in: torch.Tensor, time_in: torch.Tensor, label: Optional[torch.Tensor]) -> torch.Tensor:
         style = self.call_style
-        m = self.module
         if callable(style) and not isinstance(style, str):
-            out = style(m, x_in, time_in, label)
-        elif style == "x-t":
-            if label is None:
-                out = m(x_in, time_in)
-            elif self._label_kw:
-                out = m(x_in, time_in, **{self._label_kw: label})
-            else:
-                out = m(x_in, time_in, label)
-        elif style == "t-x":
-            out = m(time_in, x_in) if label is None else m(time_in, x_in, **{self._label_kw or "label": label})
-        else:  # diffusers
-            out = m(x_in, time_in) if label is None else m(x_in, time_in, class_labels=label)
+            out = style(self.module, x_in, time_in, label)
+        else:
+            args, kwargs = self.call_args(x_in, time_in, label)
+            out = self.module(*args, **kwargs)
         if hasattr(out, "sample") and not isinstance(out, torch.Tensor):
             out = out.sample
         elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
