@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from cli_helpers import one_line_error
+from cli_helpers import runner as _runner
 
 from els_audit.cli import main
 
@@ -15,19 +16,8 @@ TINY = ["--data", "mnist5k:size=32:limit=60", "--data-limit", "30", "--steps", "
         "--calibration-seeds", "1", "--threads", "1"]
 
 
-def _runner():
-    try:
-        return CliRunner(mix_stderr=False)   # click < 8.2
-    except TypeError:
-        return CliRunner()                   # click >= 8.2 keeps stderr apart
-
-
 def _one_line_error(res):
-    err = [ln for ln in res.stderr.strip().splitlines() if not ln.startswith("els-audit [")]  # progress lines
-    assert len(err) == 1, res.stderr
-    assert err[0].startswith("els-audit: error: ")
-    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
-    return err[0]
+    return one_line_error(res.exit_code, res.stderr, stdout=res.stdout)
 
 
 def test_quiet_json_stdout_and_rules_file(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import one_line_error, runner
 
 from els_audit.cli import main
 from els_audit.models.zoo import PaperResNet
@@ -23,24 +23,12 @@ DATA = ["--data", "mnist5k:size=32:limit=40"]
 RESNET = '{"in_channels": 1, "width": 64, "n_layers": 6, "padding_mode": "zeros", "time_dim": 64}'
 
 
-def _runner():
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:
-        return CliRunner()
-
-
 def _run(*args):
-    return _runner().invoke(main, [str(a) for a in args])
+    return runner().invoke(main, [str(a) for a in args])
 
 
 def _one_line(res, *needles):
-    lines = res.stderr.strip().splitlines()
-    assert res.exit_code == 2 and len(lines) == 1, res.stderr
-    assert lines[0].startswith("els-audit: error: ") and "Traceback" not in res.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
+    return one_line_error(res.exit_code, res.stderr, *needles)
 
 
 @pytest.fixture

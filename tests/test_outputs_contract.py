@@ -9,20 +9,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from cli_helpers import one_line_error
+from cli_helpers import runner as _runner
 
 from els_audit.cli import main
 from els_audit.outputs import MARKER
 
 TINY = ["--data", "mnist5k:size=32:limit=40", "--data-limit", "20", "--steps", "2", "--seeds", "1",
         "--calibration-seeds", "1", "--scales", "erf", "--threads", "1"]
-
-
-def _runner():
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:
-        return CliRunner()
 
 
 @pytest.fixture
@@ -36,12 +30,7 @@ def no_audit(monkeypatch):
 
 def _refused(args, *needles):
     res = _runner().invoke(main, ["zoo:resnet-zeros", *TINY, "--quiet", *args])
-    lines = res.stderr.strip().splitlines()
-    assert res.exit_code == 2 and len(lines) == 1, res.stderr
-    assert lines[0].startswith("els-audit: error: ") and "Traceback" not in res.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
+    return one_line_error(res.exit_code, res.stderr, *needles)
 
 
 def _tree(d):

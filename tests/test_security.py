@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from click.testing import CliRunner
+from cli_helpers import one_line_error
+from cli_helpers import runner as _runner
 
 from els_audit.cli import main
 from els_audit.models.zoo.catalog import zoo_model_path
@@ -28,13 +29,6 @@ from els_audit.models.zoo.catalog import zoo_model_path
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--data", "mnist5k:size=32:limit=40", "--data-limit", "20", "--steps", "2", "--seeds", "1",
         "--calibration-seeds", "1", "--scales", "erf", "--threads", "1", "--quiet"]
-
-
-def _runner():
-    try:
-        return CliRunner(mix_stderr=False)   # click < 8.2
-    except TypeError:
-        return CliRunner()                   # click >= 8.2 keeps stderr apart
 
 
 @pytest.fixture
@@ -49,15 +43,10 @@ def site(tmp_path):
 
 def _assert_refused(res_code, stderr, site, *needles):
     assert not site["marker"].exists(), f"the payload ran ({stderr.strip()[:300]})"
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    assert res_code == 2, stderr
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("els-audit: error: ") and "Traceback" not in stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
+    line = one_line_error(res_code, stderr, *needles)
     assert not site["out"].exists()
     assert not [p for p in site["tmp"].iterdir() if p.name.startswith(".")], "temporaries left behind"
-    return lines[0]
+    return line
 
 
 def _cli(site, *args, model=None):
