@@ -229,11 +229,12 @@ def _architecture(loader: ModelLoader, p: Path, typed: str, arch: Any, arch_kwar
                                     kwargs={**dict(side.values.get("arch_kwargs", {})), **kw},
                                     base_dir=Path(side.path).parent, hide=hide)
     if zoo_cfg is not None:
-        name = zoo_cfg.values.get("arch")
-        if not isinstance(name, str):
-            raise ModelLoadError(zoo_cfg.path, "the zoo config names no architecture", "pass --arch module:Class")
+        name, cfg_kw = zoo_cfg.values.get("arch"), zoo_cfg.values.get("arch_kwargs", {})
+        if not isinstance(name, str) or not isinstance(cfg_kw, dict):
+            raise ModelLoadError(zoo_cfg.path, "the zoo config needs \"arch\" (a string) and \"arch_kwargs\" (an object)",
+                                 "fix the config, or pass --arch module:Class")
         return resolve_architecture(name, origin="zoo config", where=zoo_cfg.path, trust_model=trust_model,
-                                    kwargs={**dict(zoo_cfg.values.get("arch_kwargs", {})), **kw},
+                                    kwargs={**cfg_kw, **kw},
                                     base_dir=zoo_cfg.path.parent, hide=hide)
     cfg = p.parent / "config.json"
     if p.is_file() and cfg.is_file() and '"_class_name"' in cfg.read_text(errors="replace"):
@@ -241,7 +242,8 @@ def _architecture(loader: ModelLoader, p: Path, typed: str, arch: Any, arch_kwar
                              f"pass the directory {display_path(p.parent, typed)} instead")
     raise ModelLoadError(
         typed, f"{loader.description} holds weights only, and nothing says which architecture they belong to",
-        f"pass --arch module:Class, or put a sidecar {p.stem}.els.toml with arch = \"module:Class\" next to it")
+        f"pass --arch module:Class, or put a sidecar {p.stem}.els.toml naming a registered architecture "
+        f"(arch = \"Name\") next to it")
 
 
 def _settings(out: LoaderOutput, loader: ModelLoader, typed: str, zoo_cfg: Optional[_ZooConfig],
