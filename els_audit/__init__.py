@@ -5,14 +5,15 @@ schedules and sampler -> data -> models in (:mod:`.models`: loading, sidecar, ad
 receptive field, ERF, equivariance) -> machines -> calibration -> prediction -> novelty.
 """
 
-import sys as _sys
+import sys as _sys  # built in: importing it reads no file
 
-from ._safe_path import drop_implicit_cwd as _drop_implicit_cwd
+if _sys.argv[:1] == ["-m"] or _sys.argv[0].replace("\\", "/").rsplit("/", 1)[-1].startswith("els-audit"):
+    # els-audit is the program being run (``python -m els_audit``, argv[0] is "-m" while
+    # Python imports this package; or the els-audit command).  The current folder, which
+    # ``-m`` or an empty PYTHONPATH entry put on sys.path, may be a model's download folder:
+    # drop it before anything else is imported (README, "Security model").
+    from ._safe_path import drop_implicit_cwd as _drop_implicit_cwd
 
-if _sys.argv[:1] == ["-m"]:
-    # ``python -m els_audit`` (argv[0] is "-m" while Python imports this package): the current
-    # folder, which Python put first on sys.path, may be a model's download folder; drop it
-    # before torch and the rest are imported (README, "Security model")
     _drop_implicit_cwd()
 
 from .calibrate import CalibrationResult, calibrate_scales

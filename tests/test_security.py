@@ -189,16 +189,37 @@ def test_forcing_a_format_does_not_bypass_trust(site, fmt):
 
 
 # ----------------------------------------------------------------------------- the current folder
-def _python_m(site, *args):
+def _python_m(site, *args, pythonpath=None, command=(sys.executable, "-m", "els_audit")):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-m", "els_audit", *args], cwd=site["dir"], capture_output=True,
-                          text=True, timeout=300, env=env)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    return subprocess.run([*command, *args], cwd=site["dir"], capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_python_m_from_the_model_folder_imports_nothing_from_it(site):
-    # a download that plants modules the tool imports (networkx, matplotlib) and a sidecar arch
-    for name in ("networkx.py", "matplotlib.py", "evilarch.py"):
+    # a download that plants modules the tool imports (typing before anything else, networkx,
+    # matplotlib) and a sidecar arch
+    for name in ("typing.py", "networkx.py", "matplotlib.py", "evilarch.py"):
         (site["dir"] / name).write_text(_py(site["marker"]) + "\n")
     (site["dir"] / "model.els.toml").write_text('arch = "evilarch:Net"\n')
     p = _python_m(site, "model.safetensors", *TINY, "--trust-model", "--out", str(site["out"]))
     _assert_refused(p.returncode, p.stderr, site, "cannot import architecture module 'evilarch'")
+
+
+@pytest.mark.parametrize("how", ["els-audit", "python -m"])
+def test_an_empty_pythonpath_entry_does_not_put_the_model_folder_on_the_path(site, how):
+    # PYTHONPATH=":/x" (a common slip) means the current folder; a planted module and a
+    # planted plugin (a dist-info declaring an els_audit.loaders entry point) must not run
+    (site["dir"] / "networkx.py").write_text(_py(site["marker"]) + "\n")
+    (site["dir"] / "evilep.py").write_text(_py(site["marker"]) + "\nclass Loader:\n    pass\n")
+    info = site["dir"] / "evilplug-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: evilplug\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[els_audit.loaders]\nevil = evilep:Loader\n")
+    command = ((str(Path(sys.executable).parent / "els-audit"),) if how == "els-audit" else
+               (sys.executable, "-m", "els_audit"))
+    if not Path(command[0]).exists():
+        pytest.skip("the els-audit command is not installed beside this Python")
+    p = _python_m(site, "model.safetensors", *TINY, "--out", str(site["out"]), "--arch", "nosuchmodule:Net",
+                  pythonpath=os.pathsep + "/nonexistent", command=command)
+    _assert_refused(p.returncode, p.stderr, site, "cannot import architecture module 'nosuchmodule'")

@@ -17,9 +17,9 @@ nothing else in the package imports or calls code by name.  The rules:
    subclass of ``BaseClass`` (the diffusers loader: a diffusers model class).
 4. **What may be called.**  The object must be an ``nn.Module`` subclass, found *before*
    anything is called.  Only the user (origin "argument") may also name a plain Python
-   function of their own module or file (a factory such as ``mine.py:net``), never one of
-   the standard library's or torch's; built-ins, other classes and other callables are
-   refused for every origin.
+   function defined in a ``.py`` file they name (a factory such as ``mine.py:net``); a
+   function of an installed module (``subprocess:run``, ``pandas:read_pickle``) is never a
+   model, and built-ins, other classes and other callables are refused for every origin.
 5. **Keyword arguments are plain data** (``None``, bools, numbers, strings, and lists and
    string-keyed dicts of them).
 6. **Where code is found.**  ``package.module:Name`` is imported with the current folder
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -48,9 +47,6 @@ __all__ = ["ArchSpec", "ARCHITECTURES_GROUP", "REGISTERED_ARCHITECTURES", "resol
            "USER_ORIGIN"]
 
 ARCHITECTURES_GROUP = "els_audit.architectures"
-#: packages whose functions are never model factories (rule 4): the standard library, torch
-#: and this package (``subprocess:run``, ``shutil:rmtree``, ``torch.hub:load`` are not models)
-_NOT_FACTORIES = frozenset(sys.stdlib_module_names) | {"torch", "els_audit", "els_audit_plugins"}
 #: the origin of a reference the user typed (or a Python caller passed)
 USER_ORIGIN = "argument"
 
@@ -241,23 +237,20 @@ def resolve_architecture(
     else:
         module = _import_module(mod_name, ref, where, origin, hide)
     obj = _lookup(module, attr, ref, where, origin)
-    return _checked(obj, ref, origin, where, kwargs, module_name=getattr(module, "__name__", None))
+    return _checked(obj, ref, origin, where, kwargs, module_name=getattr(module, "__name__", None),
+                    from_file=mod_name.endswith(".py"))
 
 
-def _checked(obj: Any, name: str, origin: str, where: Any, kwargs: dict, module_name: Optional[str]) -> ArchSpec:
-    """Rule 4: a module class from anyone; a plain function of the named module from the user only."""
+def _checked(obj: Any, name: str, origin: str, where: Any, kwargs: dict, module_name: Optional[str],
+             from_file: bool) -> ArchSpec:
+    """Rule 4: a module class from anyone; a function defined in a file the user named, from the user only."""
     if isinstance(obj, type) and issubclass(obj, nn.Module):
         return ArchSpec(obj, name, origin, kwargs)
-    own_function = (inspect.isfunction(obj) and (module_name is None or obj.__module__ == module_name)
-                    and str(obj.__module__).split(".")[0] not in _NOT_FACTORIES)
-    if origin == USER_ORIGIN and own_function:
+    if origin == USER_ORIGIN and from_file and inspect.isfunction(obj) and obj.__module__ == module_name:
         return ArchSpec(obj, name, origin, kwargs)
-    kind = _kind(obj)
-    if inspect.isfunction(obj) and str(obj.__module__).split(".")[0] in _NOT_FACTORIES:
-        kind += f" of {str(obj.__module__).split('.')[0]}, not of a model's own code"
-    allowed = ("a torch.nn.Module subclass, or a function defined in your own module or file"
+    allowed = ("a torch.nn.Module subclass (or a function defined in a .py file you name: path/to/file.py:func)"
                if origin == USER_ORIGIN else "a torch.nn.Module subclass")
-    raise ModelLoadError(where, f"{name} is a {kind}; an architecture must be {allowed}", _flag_hint(origin))
+    raise ModelLoadError(where, f"{name} is a {_kind(obj)}; an architecture must be {allowed}", _flag_hint(origin))
 
 
 def call_architecture(arch: ArchSpec, where: Any) -> nn.Module:

@@ -58,12 +58,23 @@ def test_the_user_may_not_name_other_callables(userfile, attr, kind):
 
 
 @pytest.mark.parametrize("ref", ["sys:exit", "os:system", "subprocess:run", "builtins:eval", "shutil:rmtree",
-                                 "runpy:run_path", "torch.hub:load", "torch:load"])
+                                 "runpy:run_path", "torch.hub:load", "torch:load", "pickle:load"])
 def test_built_ins_and_library_functions_are_never_architectures(ref):
     with pytest.raises(ModelLoadError, match="torch.nn.Module subclass"):
         resolve_architecture(ref, origin="sidecar", where="s.toml", trust_model=True)
-    with pytest.raises(ModelLoadError, match="built-in|not of a model's own code"):   # not even from the user
+    with pytest.raises(ModelLoadError, match="is a (built-in )?function; an architecture must be"):   # nor the user's
         resolve_architecture(ref, origin=USER_ORIGIN, where="--arch")
+
+
+def test_a_function_of_an_installed_module_is_no_factory_even_the_users(userfile, monkeypatch):
+    monkeypatch.syspath_prepend(str(userfile.parent))
+    monkeypatch.setenv("PYTHONPATH", str(userfile.parent))
+    assert resolve_architecture("mine:Net", origin=USER_ORIGIN, where="--arch").build.__name__ == "Net"
+    with pytest.raises(ModelLoadError, match="a function defined in a .py file you name"):
+        resolve_architecture("mine:net", origin=USER_ORIGIN, where="--arch")
+    import sys
+
+    sys.modules.pop("mine", None)
 
 
 def test_a_file_named_by_a_file_needs_trust_and_resolves_beside_it(userfile):
