@@ -65,12 +65,12 @@ def test_weights_only_without_arch_names_the_flag_and_the_sidecar(tmp_path):
 
 def test_arch_argument_as_module_callable_and_as_py_file(tmp_path, archmod):
     p = _save_st(_toy(), tmp_path / "m.safetensors")
-    a = load_model(p, arch="toyarch_mod:build")
+    a = load_model(p, arch="toyarch_mod:Toy")
     b = load_model(p, arch=f"{archmod}:build")  # a file path given by the user is the user's say-so
     x = torch.randn(2, 1, 6, 6)
     with torch.no_grad():
         assert torch.equal(a.module(x), _toy()(x)) and torch.equal(b.module(x), _toy()(x))
-    assert a.arch.source == "argument" and a.arch.name == "toyarch_mod:build"
+    assert a.arch.source == "argument" and a.arch.name == "toyarch_mod:Toy"
     # 2 convs: 1*4*9 + 4 + 4*1*9 + 1 = 36 + 4 + 36 + 1 = 77 parameters
     assert a.n_params == 77
 
@@ -101,8 +101,8 @@ def test_bad_arch_specs(tmp_path):
 def test_state_dict_that_does_not_fit_the_architecture(tmp_path, archmod):
     p = _save_st(_toy(width=4), tmp_path / "m.safetensors")
     with pytest.raises(ModelLoadError) as ei:
-        load_model(p, arch="toyarch_mod:build", arch_kwargs={"width": 5})
-    _err(ei, p, "do not fit architecture toyarch_mod:build", "shape mismatch", "0.weight (file [4, 1, 3, 3], model [5, 1, 3, 3])", "--arch")
+        load_model(p, arch="toyarch_mod:Toy", arch_kwargs={"width": 5})
+    _err(ei, p, "do not fit architecture toyarch_mod:Toy", "shape mismatch", "0.weight (file [4, 1, 3, 3], model [5, 1, 3, 3])", "--arch")
     with pytest.raises(ModelLoadError) as ei:
         load_model(p, arch="PaperResNet")
     _err(ei, p, "missing key", "unexpected key", "--arch")
