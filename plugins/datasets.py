@@ -26,6 +26,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -201,6 +202,12 @@ class NpzDataset(DatasetPlugin):
 # image folders
 # ---------------------------------------------------------------------------------------
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
+#: the raster formats Pillow may decode (whatever a file's name): Pillow tells a format by its
+#: bytes, and some (EPS, PDF) it renders by running Ghostscript on the file's PostScript
+_RASTER_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+#: an image larger than this (pixels) is refused before it is decoded: the machines' cost grows
+#: with (H W)^2, and a small compressed file can decode to gigabytes
+_MAX_PIXELS = 4096 * 4096
 _GREY_MODES = frozenset({"1", "L", "LA", "I;16", "I;16L", "I;16B", "I;16N"})
 _COLOUR_MODES = frozenset({"RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"})
 
@@ -212,6 +219,44 @@ def _is_image(entry: os.DirEntry) -> bool:
 def _visible(path: Path) -> list[os.DirEntry]:
     with os.scandir(path) as it:
         return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def _read_image(fpath: Path, data: bytes) -> tuple[np.ndarray, tuple[int, int], bool]:
+    """Decode one image file's bytes: (H, W) grey (uint8 or uint16) or (H, W, 3) colour uint8,
+    its (width, height), and whether it had an alpha channel (dropped).  Only the raster
+    formats :data:`_RASTER_FORMATS` are decoded; Pillow's warnings are kept off stderr."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as exc:  # pragma: no cover - Pillow ships with matplotlib
+        raise DataSpecError("reading image folders needs Pillow: pip install pillow") from exc
+    with warnings.catch_warnings():
+        # a palette with byte transparency and the like: alpha is reported, the rest is not the
+        # user's concern; a decompression bomb is an error
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data), formats=_RASTER_FORMATS) as im:
+                if im.size[0] * im.size[1] > _MAX_PIXELS:
+                    raise DataSpecError(f"{fpath}: image is {im.size[0]}x{im.size[1]}, larger than an audit can use "
+                                        f"(at most {_MAX_PIXELS} pixels); resize the data set to the model's size")
+                im.load()
+                mode = im.mode
+                if mode in _GREY_MODES:
+                    alpha = mode in ("LA", "La")
+                    a = (np.asarray(im, dtype=np.uint16) if mode.startswith("I;16") else
+                         np.asarray(im.convert("L"), dtype=np.uint8))                      # (H, W)
+                elif mode in _COLOUR_MODES:
+                    alpha = "A" in mode or "a" in mode or (mode == "P" and "transparency" in im.info)
+                    a = np.asarray(im.convert("RGB"), dtype=np.uint8)                       # (H, W, 3)
+                else:
+                    raise DataSpecError(f"{fpath}: pixel mode {mode!r} is not supported; save it as 8-bit grey or RGB")
+                return a, im.size, alpha
+        except DataSpecError:
+            raise
+        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError,
+                ValueError, SyntaxError) as exc:
+            raise DataSpecError(f"{fpath}: unreadable image ({' '.join(str(exc).split())}); remove it or re-save it "
+                                f"as one of {', '.join(_RASTER_FORMATS)}") from exc
 
 
 class ImageFolderDataset(DatasetPlugin):
@@ -242,10 +287,6 @@ class ImageFolderDataset(DatasetPlugin):
 
     def load(self, path: Optional[Path], options: Mapping[str, str]) -> Dataset:
         assert path is not None
-        try:
-            from PIL import Image, UnidentifiedImageError
-        except ImportError as exc:  # pragma: no cover - Pillow ships with matplotlib
-            raise DataSpecError("reading image folders needs Pillow: pip install pillow") from exc
         root = path
         entries = _visible(root)
         subdirs = [e for e in entries if e.is_dir()]
@@ -283,35 +324,16 @@ class ImageFolderDataset(DatasetPlugin):
             fpath = root / rel
             data = fpath.read_bytes()
             hasher.add(rel, data)
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    im.load()
-                    mode = im.mode
-                    if first is None:
-                        first = (rel, im.size)
-                    elif im.size != first[1]:
-                        raise DataSpecError(
-                            f"{fpath}: image is {im.size[0]}x{im.size[1]} but {first[0]} is {first[1][0]}x{first[1][1]}; "
-                            f"all images must share one size (resize them first)"
-                        )
-                    if mode in _GREY_MODES:
-                        if mode in ("LA", "La"):
-                            alpha = True
-                        if mode.startswith("I;16"):
-                            a = np.asarray(im, dtype=np.uint16)                    # (H, W)
-                        else:
-                            a = np.asarray(im.convert("L"), dtype=np.uint8)        # (H, W)
-                    elif mode in _COLOUR_MODES:
-                        if "A" in mode or "a" in mode or (mode == "P" and "transparency" in im.info):
-                            alpha = True
-                        any_colour = True
-                        a = np.asarray(im.convert("RGB"), dtype=np.uint8)          # (H, W, 3)
-                    else:
-                        raise DataSpecError(f"{fpath}: pixel mode {mode!r} is not supported; save it as 8-bit grey or RGB")
-            except DataSpecError:
-                raise
-            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
-                raise DataSpecError(f"{fpath}: unreadable image ({' '.join(str(exc).split())}); remove or re-save it") from exc
+            a, size, has_alpha = _read_image(fpath, data)
+            if first is None:
+                first = (rel, size)
+            elif size != first[1]:
+                raise DataSpecError(
+                    f"{fpath}: image is {size[0]}x{size[1]} but {first[0]} is {first[1][0]}x{first[1][1]}; "
+                    f"all images must share one size (resize them first)"
+                )
+            alpha = alpha or has_alpha
+            any_colour = any_colour or a.ndim == 3
             depths.add(16 if a.dtype == np.uint16 else 8)
             arrays.append(a)
 

@@ -519,3 +519,39 @@ def test_real_cifar10_jpegs(tmp_path):
     assert torch.equal(ds.images, scaled(ref).permute(0, 3, 1, 2))
     assert ds.sha256 == tree_sha256(root, files)
     assert load_dataset(f"{root}:label=automobile:limit=2").labels.tolist() == [1, 1]
+
+
+def test_image_folder_decodes_only_raster_formats(tmp_path, monkeypatch):
+    # an EPS file named .png: Pillow would hand its PostScript to Ghostscript; a fake gs on
+    # PATH shows whether anything ran
+    marker = tmp_path / "PWNED"
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    gs = bin_ / "gs"
+    gs.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ.get('PATH', '')}")
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.new("L", (8, 8)).save(d / "a.png")
+    (d / "b.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    with pytest.raises(DataSpecError, match=r"b\.png: unreadable image.*PNG, JPEG"):
+        load_dataset(str(d))
+    assert not marker.exists()
+
+
+def test_image_folder_refuses_decompression_bombs_and_keeps_pillow_quiet(tmp_path, recwarn):
+    d = tmp_path / "bomb"
+    d.mkdir()
+    Image.new("L", (5000, 5000)).save(d / "big.png")            # a few KB, 25 M pixels decoded
+    with pytest.raises(DataSpecError, match=r"big\.png: image is 5000x5000, larger than an audit can use"):
+        load_dataset(str(d))
+    p = tmp_path / "pal"
+    p.mkdir()
+    im = Image.new("P", (8, 8))
+    im.putpalette([0, 0, 0, 255, 255, 255] * 128)
+    im.info["transparency"] = bytes([0, 255] + [255] * 254)      # byte transparency: Pillow warns on convert
+    im.save(p / "t.png", transparency=im.info["transparency"])
+    ds = load_dataset(str(p))
+    assert ds.images.shape == (1, 3, 8, 8)
+    assert not [w for w in recwarn if "Palette" in str(w.message)]
