@@ -551,8 +551,12 @@ def _data_spec(cfg: AuditConfig, loaded) -> tuple[str, str]:
     empty ``--data`` counts as none given, and the checks warn about it)."""
     if cfg.data and cfg.data.strip():
         return cfg.data, "argument"
-    if loaded.data_hint:
+    if loaded.data_hint and loaded.data_hint_trusted:
         return loaded.data_hint, loaded.data_hint_source
+    if loaded.data_hint:
+        raise AuditError(f"{cfg.model}: the {loaded.data_hint_source} names data by path ({loaded.data_hint!r}); a "
+                         f"downloaded config may not choose which of your files are read: pass --data yourself "
+                         f"(or --trust-model if you trust the config)")
     raise AuditError(f"{cfg.model}: no training data named; pass --data SPEC (e.g. --data mnist5k:size=32 or "
                      f"--data path/to/train.npz): the ELS machine needs the training images or a sample of them")
 

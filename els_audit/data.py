@@ -57,6 +57,7 @@ __all__ = [
     "DATASETS",
     "COMMON_OPTIONS",
     "load_dataset",
+    "spec_reads_path",
     "parse_spec",
     "get_plugin",
     "images_from_array",
@@ -393,6 +394,17 @@ def _int_option(spec: DataSpec, key: str, value: str, minimum: int) -> int:
 # ---------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------
+def spec_reads_path(spec: str) -> bool:
+    """Whether a data spec reads files the spec names by path (any but a named data set such
+    as ``mnist5k``, which reads only what its installed plugin knows)."""
+    parsed = parse_spec(spec)
+    if "format" in parsed.option_dict:
+        return True
+    if parsed.source in DATASETS:
+        return _needs_path(get_plugin(parsed.source))
+    return True
+
+
 def _resolve(spec: DataSpec) -> tuple[str, Any, Optional[Path]]:
     """(plugin name, plugin, path or None) for a spec."""
     opts = spec.option_dict

@@ -223,3 +223,23 @@ def test_an_empty_pythonpath_entry_does_not_put_the_model_folder_on_the_path(sit
     p = _python_m(site, "model.safetensors", *TINY, "--out", str(site["out"]), "--arch", "nosuchmodule:Net",
                   pythonpath=os.pathsep + "/nonexistent", command=command)
     _assert_refused(p.returncode, p.stderr, site, "cannot import architecture module 'nosuchmodule'")
+
+
+def test_a_downloaded_config_may_not_choose_which_of_your_files_are_read(site, tmp_path):
+    # a zoo-format config beside downloaded weights names a private folder as the training data;
+    # without --data the audit would read it and embed those images in the report
+    private = tmp_path / "private"
+    private.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("L", (32, 32), color=40 * i).save(private / f"holiday{i}.png")
+    cfg = {"format": "els-audit-zoo", "arch": "PaperResNet", "data": str(private),
+           "arch_kwargs": {"in_channels": 1, "width": 64, "n_layers": 6, "padding_mode": "zeros", "time_dim": 64}}
+    (site["dir"] / "config.json").write_text(json.dumps(cfg))
+    res = _runner().invoke(main, [str(site["model"]), *TINY[2:], "--out", str(site["out"])])
+    _assert_refused(res.exit_code, res.stderr, site, "names data by path", "pass --data yourself")
+    cfg["data"] = "mnist5k:size=32:limit=40"                     # a named data set is fine
+    (site["dir"] / "config.json").write_text(json.dumps(cfg))
+    res = _runner().invoke(main, [str(site["model"]), *TINY[2:], "--out", str(site["out"])])
+    assert res.exit_code == 0, res.stderr

@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import torch.nn as nn
 
+from ..data import DataSpecError, spec_reads_path
 from ..hashing import file_sha256
 from ..paths import display_path
 from .capture import capture_library_output, summarise
@@ -45,7 +46,7 @@ from .settings import SETTING_NAMES, ModelLoadError, flag, validate_setting
 from .sidecar import Sidecar, find_sidecar, read_sidecar
 from .trust import USER_ORIGIN, resolve_architecture
 from .weights import build_from_state_dict
-from .zoo.catalog import ZOO_CONFIG_FORMAT, zoo_model_path
+from .zoo.catalog import WEIGHTS_DIR, ZOO_CONFIG_FORMAT, zoo_model_path
 
 __all__ = [
     "ModelLoadError",
@@ -107,6 +108,10 @@ class LoadedModel:
         notes: remarks for the report (what was done to the input, what libraries warned).
         data_hint: the training data spec the model's own zoo config names, or None.
         data_hint_source: where that spec came from ("zoo config <path>").
+        data_hint_trusted: whether the hint may be followed without the user naming the data:
+            a bundled zoo model's, a named data set (``mnist5k``), or ``trust_model``.  A
+            downloaded config may not choose which of the user's files are read (and then
+            embedded in a report that travels).
     """
 
     module: Any
@@ -125,6 +130,7 @@ class LoadedModel:
     notes: tuple[str, ...] = ()
     data_hint: Optional[str] = None
     data_hint_source: Optional[str] = None
+    data_hint_trusted: bool = False
 
     def to_dict(self) -> dict:
         """JSON-safe summary (without the module)."""
@@ -202,6 +208,13 @@ def _contradiction(p: Path, loader: ModelLoader, forced_by: str) -> str:
     if actual.name == loader.name:
         return ""
     return f"{forced_by} forces format {loader.name!r}, but the file is {actual.description} (format {actual.name!r})"
+
+
+def _reads_path(spec: str) -> bool:
+    try:
+        return spec_reads_path(spec)
+    except DataSpecError:
+        return True
 
 
 def _amended(exc: ModelLoadError, said: list[str]) -> ModelLoadError:
@@ -332,6 +345,7 @@ def load_model(
     if side is not None:
         files.insert(1, (display_path(side.path, typed), side.sha256))
     data_hint = zoo_cfg.values.get("data") if zoo_cfg is not None else None
+    data_hint = data_hint if isinstance(data_hint, str) and data_hint.strip() else None
     return LoadedModel(
         module=out.module,
         format=loader.name,
@@ -347,6 +361,8 @@ def load_model(
         setting_sources=MappingProxyType(sources),
         sidecar=display_path(side.path, typed) if side else None,
         notes=tuple(notes) + tuple(out.notes),
-        data_hint=data_hint if isinstance(data_hint, str) and data_hint else None,
+        data_hint=data_hint,
         data_hint_source=f"zoo config {display_path(zoo_cfg.path, typed)}" if zoo_cfg is not None else None,
+        data_hint_trusted=data_hint is not None and (trust_model or WEIGHTS_DIR in zoo_cfg.path.parents
+                                                     or not _reads_path(data_hint)),
     )
