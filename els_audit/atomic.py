@@ -86,12 +86,24 @@ class Staging:
 
     def __init__(self) -> None:
         self._staged: list[tuple[Path, Path]] = []            # (temporary, final)
+        self._made: list[Path] = []                            # folders created for them, outermost first
+
+    def _parent(self, final: Path) -> None:
+        """Create ``final``'s missing parent folders, remembering them (removed on discard)."""
+        missing = []
+        p = final.parent
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            d.mkdir()
+            self._made.append(d)
 
     def folder(self, final: Union[str, Path], mode: Optional[int] = None) -> Path:
         """A new, empty temporary folder that becomes ``final`` at commit (``mode``: its
         permissions, default an ordinary folder's)."""
         final = Path(final)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._parent(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         self._staged.append((tmp, final))
         tmp.chmod(default_mode(True) if mode is None else mode)   # mkdtemp makes 0700
@@ -100,7 +112,7 @@ class Staging:
     def file(self, final: Union[str, Path], data: Union[str, bytes]) -> Path:
         """Write ``data`` (text as UTF-8) to a temporary that becomes ``final`` at commit."""
         final = Path(final)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._parent(final)
         fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
         tmp = Path(name)
         self._staged.append((tmp, final))
@@ -135,13 +147,18 @@ class Staging:
         for _, _, aside in done:
             if aside is not None:
                 _remove(aside)
-        self._staged = []
+        self._staged, self._made = [], []
 
     def discard(self) -> None:
-        """Remove every temporary not yet committed."""
+        """Remove every temporary not yet committed, and the folders created for them."""
         for tmp, _ in self._staged:
             _remove(tmp)
-        self._staged = []
+        for d in reversed(self._made):
+            try:
+                d.rmdir()                                      # only while empty
+            except OSError:
+                pass
+        self._staged, self._made = [], []
 
     def __enter__(self) -> "Staging":
         return self

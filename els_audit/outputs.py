@@ -66,15 +66,33 @@ def _why(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
+#: what the staging adds to a name (".NAME.tmp-" and 8 random characters, or ".old-")
+_STAGING_EXTRA = len("..tmp-") + 8
+
+
 def _writable_folder(path: Path, flag: str, shown: str) -> None:
-    """Refuse ``path``'s nearest existing ancestor unless it is a folder we can create files in."""
+    """Refuse ``path`` unless it can be staged and placed: not a symbolic link, names short
+    enough for the file system (with the staging's temporary name), and the nearest existing
+    ancestor a folder we can create files in."""
+    if path.is_symlink():
+        raise AuditError(f"{flag} {shown} is a symbolic link; give the real path (a link is not replaced)")
     a = path.parent
+    missing = [path.name]
     while not a.exists():
         if a.is_symlink():                           # a dangling link
             raise AuditError(f"{flag} {shown}: {a} is a broken link; choose another {flag}")
+        missing.append(a.name)
         a = a.parent
     if not a.is_dir():
         raise AuditError(f"{flag} {shown} lies under {a}, which is a file, not a folder; choose another {flag}")
+    try:
+        name_max = os.pathconf(a, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    too_long = [n for n in missing if len(os.fsencode(n)) + (_STAGING_EXTRA if n == path.name else 0) > name_max]
+    if too_long:
+        raise AuditError(f"{flag} {shown}: the name {too_long[0][:40]}... is too long for the file system "
+                         f"(at most {name_max - _STAGING_EXTRA} characters for the last part); choose a shorter {flag}")
     try:
         fd, probe = tempfile.mkstemp(prefix=".els-audit-probe-", dir=a)
     except OSError as exc:
@@ -96,9 +114,11 @@ def check_output_dir(out_dir: PathLike, flag: str = "--out") -> Path:
     out = Path(os.path.abspath(Path(out_dir).expanduser()))
     if out.exists() and not out.is_dir():
         raise AuditError(f"{flag} {shown} exists and is not a folder; choose another {flag}")
-    if out.is_dir():
+    if out.is_dir() and not out.is_symlink():
         names = sorted(p.name for p in out.iterdir())
         others = [n for n in names if n not in REPORT_FILES and n != MARKER]
+        # NB: a report's files are plain files; a folder called summary.json is the user's
+        others += [n for n in names if n not in others and not _plain_file(out / n)]
         if names and MARKER not in names:
             # NB: an existing folder is replaced as a whole; only what this tool wrote may be
             # (never the user's own index.html, nor --out . or --out ~)
@@ -112,13 +132,19 @@ def check_output_dir(out_dir: PathLike, flag: str = "--out") -> Path:
     return out
 
 
+def _plain_file(p: Path) -> bool:
+    return p.is_file() and not p.is_symlink()
+
+
 def _is_summary(path: Path) -> bool:
+    """Whether ``path`` is a summary.json this tool wrote (read whole, up to 64 MB)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-        return b'"schema"' in head and SUMMARY_SCHEMA_ID.encode() in head
-    except OSError:
+        if not _plain_file(path) or path.stat().st_size > 64 << 20:
+            return False
+        d = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
         return False
+    return isinstance(d, dict) and d.get("schema") == SUMMARY_SCHEMA_ID and {"checks", "exit_code", "config"} <= set(d)
 
 
 def check_json_path(json_out: Optional[str], out: Optional[Path] = None) -> Optional[Path]:
@@ -133,6 +159,8 @@ def check_json_path(json_out: Optional[str], out: Optional[Path] = None) -> Opti
     if not str(json_out).strip():
         raise AuditError("--json is empty; give a file path, or - for stdout")
     path = Path(os.path.abspath(Path(json_out).expanduser()))
+    if path.is_symlink():
+        raise AuditError(f"--json {json_out} is a symbolic link; give the real path (a link is not replaced)")
     if path.is_dir():
         raise AuditError(f"--json {json_out} is a folder; give a file path")
     if path.exists() and not _is_summary(path):

@@ -174,3 +174,52 @@ def test_a_signal_during_the_final_renames_waits_for_them(tmp_path):
     assert _tree(work) == ["rep", f"rep/{MARKER}", "rep/arrays.npz", "rep/index.html", "rep/summary.json", "s.json"]
     new = json.loads((work / "s.json").read_text())
     assert new == json.loads((work / "rep" / "summary.json").read_text()) and new["name"] == "resnet-circular"
+
+
+def test_a_marker_does_not_make_a_folder_of_user_data_replaceable(tmp_path, no_audit):
+    out = tmp_path / "r"
+    (out / "summary.json" / "x").mkdir(parents=True)           # a folder that only has a report file's name
+    (out / "summary.json" / "x" / "thesis.tex").write_text("mine")
+    (out / MARKER).write_text("planted")
+    _refused(["--out", str(out)], "already holds other files (summary.json)")
+    assert (out / "summary.json" / "x" / "thesis.tex").read_text() == "mine"
+
+
+@pytest.mark.parametrize("content", ["schema-copy", "mentions"])
+def test_json_overwrites_only_a_real_summary(tmp_path, no_audit, content):
+    from els_audit.outputs import summary_schema
+
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps(summary_schema()) if content == "schema-copy" else
+                 'notes: "schema": "els-audit/summary/1" is what we validate against')
+    before = f.read_text()
+    _refused(["--out", str(tmp_path / "rep"), "--json", str(f)], "is not an els-audit summary")
+    assert f.read_text() == before
+
+
+def test_names_too_long_for_the_file_system_are_refused_before_any_work(tmp_path, no_audit):
+    _refused(["--out", str(tmp_path / "a" / "b" / ("r" * 250))], "too long for the file system")
+    _refused(["--out", str(tmp_path / "rep"), "--json", str(tmp_path / "j" / ("s" * 248 + ".json"))],
+             "too long for the file system")
+    assert _tree(tmp_path) == []
+
+
+@pytest.mark.parametrize("which", ["out", "json"])
+def test_symbolic_links_are_never_replaced(tmp_path, no_audit, which):
+    (tmp_path / "target").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / ("target" if which == "out" else "nowhere.json"))
+    args = ["--out", str(link)] if which == "out" else ["--out", str(tmp_path / "rep"), "--json", str(link)]
+    _refused(args, "is a symbolic link")
+    assert link.is_symlink()
+
+
+def test_a_signal_leaves_no_parent_folders_it_created(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(module="report", attr="render_html", sig="SIGTERM"))
+    p = subprocess.run([sys.executable, str(script), "zoo:resnet-circular", *TINY, "--quiet", "--out",
+                        str(work / "new" / "deeper" / "rep")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "nothing was written" in p.stderr, p.stderr
+    assert _tree(work) == []
