@@ -46,6 +46,7 @@ from .calibrate import CalibrationResult, calibrate_scales, candidates_near, def
 from .checks import Check, Rule, builtin_checks, evaluate_rules, exit_code, parse_rule
 from .data import Dataset, balanced_subset_indices, load_dataset
 from .machines import build_machine
+from .models.capture import capture_library_output, summarise
 from .novelty import DEFAULT_THRESHOLD, NoveltyResult, assess_novelty
 from .predict import PredictionResult, predict_samples
 from .published import PublishedMatch, closest_published
@@ -621,7 +622,8 @@ class _Clock:
 # the pipeline
 # ---------------------------------------------------------------------------------------
 def run_audit(config: AuditConfig, *, progress: Optional[ProgressFn] = None) -> AuditResult:
-    """Run the whole audit.
+    """Run the whole audit; what libraries (torch, the model's own code) warn or log while it
+    runs is kept in the result's ``warnings`` (summarised), not printed.
 
     Args:
         config: an :class:`AuditConfig`.
@@ -632,6 +634,15 @@ def run_audit(config: AuditConfig, *, progress: Optional[ProgressFn] = None) -> 
         ValueError (:class:`AuditError`, ``ModelLoadError``, ``DataSpecError``,
         ``RuleError``): the audit cannot run with this input; the message is one line.
     """
+    with capture_library_output() as said:
+        res = _run(config, progress)
+    if not said:
+        return res
+    return dataclasses.replace(res, warnings=res.warnings + (f"while the audit ran, libraries said: "
+                                                             f"{summarise(said)}",))
+
+
+def _run(config: AuditConfig, progress: Optional[ProgressFn]) -> AuditResult:
     from .equivariance import equivariance_measured, equivariance_structure
     from .erf import effective_receptive_field
     from .models import load_model, make_denoiser

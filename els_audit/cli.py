@@ -11,17 +11,15 @@ traceback unless ``--debug``; nothing half-written is left behind).
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 import time
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import click
 
+from .console import ConsoleCapture, Terminated, signals_raise, text
 from .models.settings import CALL_STYLES, PREDICTIONS, TIME_INPUTS
 
 __all__ = ["main", "EXIT_OK", "EXIT_CHECK_FAILED", "EXIT_CANNOT_RUN"]
@@ -29,10 +27,6 @@ __all__ = ["main", "EXIT_OK", "EXIT_CHECK_FAILED", "EXIT_CANNOT_RUN"]
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_CANNOT_RUN = 2
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 class _Command(click.Command):
@@ -43,10 +37,17 @@ class _Command(click.Command):
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
                               **extra)
         except click.ClickException as exc:
-            click.echo(f"els-audit: error: {_one_line(exc.format_message())} (see els-audit --help)", err=True)
+            click.echo(f"els-audit: error: {text(exc.format_message())} (see els-audit --help)", err=True)
             rv = EXIT_CANNOT_RUN
         except click.exceptions.Abort:
-            click.echo("els-audit: aborted", err=True)
+            click.echo("els-audit: error: aborted", err=True)
+            rv = EXIT_CANNOT_RUN
+        except KeyboardInterrupt:
+            click.echo("els-audit: error: interrupted; nothing was written", err=True)
+            rv = EXIT_CANNOT_RUN
+        except BaseException as exc:  # noqa: BLE001 - nothing may leave with a traceback or another code
+            click.echo(f"els-audit: error: internal error ({type(exc).__name__}: {text(exc, 300)}); report it",
+                       err=True)
             rv = EXIT_CANNOT_RUN
         code = rv if isinstance(rv, int) else EXIT_OK
         if standalone_mode:
@@ -142,13 +143,15 @@ def main(ctx: click.Context, model: str, data: Optional[str], data_limit: int, t
     from .outputs import plan_outputs, write_outputs
     from .serialize import dumps
 
+    console = ConsoleCapture(enabled=not debug)
+
     def progress(line: str) -> None:
         if not quiet:
-            click.echo(f"els-audit {line}", err=True)
+            click.echo(f"els-audit {line}", err=True, file=console.err)
 
     started, plan, written = time.time(), None, False
     try:
-        with _signals_raise():
+        with signals_raise(), console:
             rules = list(fail_on)
             if rules_file is not None:
                 rules += [r.text for r in load_rules(rules_file)]
@@ -168,33 +171,25 @@ def main(ctx: click.Context, model: str, data: Optional[str], data_limit: int, t
             result = run_audit(cfg, progress=progress)
             folder = write_outputs(result, plan)
             written = True
-            if plan.stdout:
-                click.echo(dumps(result.to_dict()), nl=False)
     except (KeyboardInterrupt, Terminated) as exc:
         what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"terminated by {exc}"
         # NB: a signal during the final renames is held until they are done (els_audit.atomic)
         written = written or (plan is not None and _written_since(plan.folder / "summary.json", started))
-        click.echo(f"els-audit: error: {what}; " + ("the report had been written" if written else
-                                                      "nothing was written"), err=True)
-        return EXIT_CANNOT_RUN
+        return _error(f"{what}; " + ("the report had been written" if written else "nothing was written"))
     except (ValueError, OSError) as exc:
-        if debug:
-            traceback.print_exc(file=sys.stderr)
-        click.echo(f"els-audit: error: {_one_line(exc)}", err=True)
-        return EXIT_CANNOT_RUN
+        return _error(text(exc), debug)
     except Exception as exc:  # noqa: BLE001 - exit code 2 for anything that stops the audit
-        if debug:
-            traceback.print_exc(file=sys.stderr)
-        click.echo(f"els-audit: error: internal error ({type(exc).__name__}: {_one_line(exc)[:300]}); "
-                   f"rerun with --debug for the traceback and report it", err=True)
-        return EXIT_CANNOT_RUN
+        return _error(f"internal error ({type(exc).__name__}: {text(exc, 300)}); rerun with --debug for the "
+                      f"traceback and report it", debug)
     except BaseException as exc:  # noqa: BLE001 - SystemExit & co. from the model's own code
-        if debug:
-            traceback.print_exc(file=sys.stderr)
-        click.echo(f"els-audit: error: the audit was stopped by {type(exc).__name__}"
-                   f"{'' if not exc.args else f'({_one_line(exc.args[0])[:100]!r})'} raised in the model's or "
-                   f"another library's code; nothing was written", err=True)
-        return EXIT_CANNOT_RUN
+        arg = f"({text(exc.args[0], 100)!r})" if exc.args else ""
+        return _error(f"the audit was stopped by {type(exc).__name__}{arg} raised in the model's or another "
+                      f"library's code; nothing was written", debug)
+    if plan.stdout:
+        click.echo(dumps(result.to_dict()), nl=False)
+    if console.lines:
+        progress(f"libraries or the model printed {len(console.lines)} line(s) while the audit ran, kept off the "
+                 f"console (rerun with --debug to see them); the first: {text(console.lines[0], 160)}")
     fails = [c for c in result.checks if c.status == "fail"]
     warns = [c for c in result.checks if c.status == "warn"]
     progress(f"report: {folder / 'index.html' if not no_report else folder}")
@@ -205,39 +200,19 @@ def main(ctx: click.Context, model: str, data: Optional[str], data_limit: int, t
     return result.exit_code
 
 
+def _error(message: str, debug: bool = False) -> int:
+    """Print the one error line (after the traceback with ``--debug``); returns exit code 2."""
+    if debug:
+        traceback.print_exc(file=sys.stderr)
+    click.echo(f"els-audit: error: {message}", err=True)
+    return EXIT_CANNOT_RUN
+
+
 def _written_since(path: Path, t: float) -> bool:
     try:
         return path.stat().st_mtime >= t
     except OSError:
         return False
-
-
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP arrived (a CI time-out, a closed terminal): unwind like Ctrl-C, so
-    that nothing half-written is left behind.  A BaseException, as KeyboardInterrupt is, so
-    that no ``except Exception`` on the way swallows it."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-
-
-@contextmanager
-def _signals_raise() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise :class:`Terminated` inside the block (the main thread only)."""
-    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated(signum)
-
-    old = {n: signal.signal(getattr(signal, n), handler) for n in names}
-    try:
-        yield
-    finally:
-        for n, h in old.items():
-            signal.signal(getattr(signal, n), h)
 
 
 if __name__ == "__main__":  # python -m els_audit.cli

