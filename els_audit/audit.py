@@ -260,7 +260,7 @@ def parse_arch_kwargs(text: Optional[str]) -> Optional[dict]:
         return None
     try:
         value = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise AuditError(f"--arch-kwargs is not valid JSON ({exc}); write a JSON object like "
                          f"'{{\"width\": 64}}'") from None
     if not isinstance(value, dict):

@@ -183,6 +183,8 @@ def load_rules(path: Union[str, Path]) -> tuple[Rule, ...]:
         raise RuleError(f"{p}: cannot read the rules file ({exc.strerror or exc}); check the path") from None
     except tomllib.TOMLDecodeError as exc:
         raise RuleError(f"{p}: not valid TOML ({' '.join(str(exc).split())}); fix the file") from None
+    except RecursionError:
+        raise RuleError(f"{p}: the TOML is nested too deeply; fix the file") from None
     unknown = sorted(set(data) - {"fail_on"})
     if unknown:
         raise RuleError(f"{p}: unknown key(s) {', '.join(unknown)}; the rules file holds only fail_on = [...]")

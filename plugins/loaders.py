@@ -26,9 +26,11 @@ import torch
 
 from els_audit.models.capture import capture_library_output
 from els_audit.models.formats import ArchSpec, LoaderOutput, LoadRequest, ModelLoader
-from els_audit.models.settings import ModelLoadError
+from els_audit.console import text
+from els_audit.models.settings import MAX_TRAIN_STEPS, ModelLoadError
 from els_audit.models.trust import call_architecture, resolve_architecture
-from els_audit.models.weights import build_from_state_dict, checkpoint_entry, is_tensor_dict, load_into
+from els_audit.models.weights import (build_from_state_dict, checkpoint_entry, fit_state_dict, is_tensor_dict,
+                                      load_into, own_state)
 
 __all__ = [
     "DiffusersDirLoader",
@@ -175,8 +177,12 @@ class StateDictLoader(ModelLoader):
             return LoaderOutput(module=module, weights_file=path, notes=notes)
         if not isinstance(obj, Mapping):
             raise ModelLoadError(path, f"holds a {type(obj).__name__}, not a state dict", "pass --format to choose another loader")
-        module = call_architecture(arch, path)
-        state, picked = checkpoint_entry(obj, module.state_dict(), request.state_dict_key, path)
+        shapes = own_state(arch, path)                                 # names and shapes, nothing allocated
+        module = call_architecture(arch, path) if shapes is None else None
+        shapes = module.state_dict() if module is not None else shapes
+        state, picked = checkpoint_entry(obj, shapes, request.state_dict_key, path)
+        fit_state_dict(state, shapes, arch.name, path)                # a misfit is refused before the build
+        module = module if module is not None else call_architecture(arch, path)
         notes = load_into(module, state, arch.name, path)
         return LoaderOutput(module=module, weights_file=path, notes=picked + notes)
 
@@ -315,15 +321,35 @@ def diffusers_schedule_hints(sched_cfg: Mapping[str, Any], where: Path) -> dict:
     from els_audit.schedules import DiscreteSchedule
     from els_audit_plugins.schedules import ImprovedCosineSchedule, LinearDDPMSchedule
 
+    if not isinstance(sched_cfg, Mapping):
+        raise ModelLoadError(where, f"the scheduler config is a {type(sched_cfg).__name__}, not a JSON object",
+                             "fix the file, or pass --schedule and --num-train-steps")
+
+    def number(key: str, default: float, lo: float, hi: float, integer: bool = False) -> float:
+        v = sched_cfg.get(key, default)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (not integer or float(v).is_integer())
+        if not ok or not (lo <= v <= hi):
+            raise ModelLoadError(where, f"scheduler {key} must be a{'n integer' if integer else ' number'} from {lo:g} "
+                                        f"to {hi:g}, got {text(v, 40)}", "fix the file, or pass --schedule NAME")
+        return int(v) if integer else float(v)
+
     hints: dict[str, Any] = {}
-    T = int(sched_cfg.get("num_train_timesteps", 1000))
+    # NB: 100,000 steps bound the schedule's tables (a config asking for 1e9 allocated 8 GB)
+    T = number("num_train_timesteps", 1000, 1, MAX_TRAIN_STEPS, integer=True)
     hints["num_train_steps"] = T
     if sched_cfg.get("prediction_type") is not None:
+        if not isinstance(sched_cfg["prediction_type"], str):
+            raise ModelLoadError(where, "scheduler prediction_type must be a string", "fix the file, or pass --prediction")
         hints["prediction"] = sched_cfg["prediction_type"]
-    bs, be = float(sched_cfg.get("beta_start", 1e-4)), float(sched_cfg.get("beta_end", 0.02))
+    bs, be = number("beta_start", 1e-4, 0.0, 1.0), number("beta_end", 0.02, 0.0, 1.0)
+    trained = sched_cfg.get("trained_betas")
+    if trained is not None and not (isinstance(trained, list) and 0 < len(trained) <= MAX_TRAIN_STEPS and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in trained)):
+        raise ModelLoadError(where, "scheduler trained_betas must be a list of numbers in (0, 1)",
+                             "fix the file, or pass --schedule NAME")
     kind = sched_cfg.get("beta_schedule", "linear")
-    if sched_cfg.get("trained_betas"):
-        hints["schedule"] = DiscreteSchedule(torch.tensor(sched_cfg["trained_betas"], dtype=torch.float64), "trained-betas")
+    if trained:
+        hints["schedule"] = DiscreteSchedule(torch.tensor(trained, dtype=torch.float64), "trained-betas")
     elif kind == "linear":
         hints["schedule"] = LinearDDPMSchedule(T, bs, be)
     elif kind == "scaled_linear":
@@ -332,7 +358,7 @@ def diffusers_schedule_hints(sched_cfg: Mapping[str, Any], where: Path) -> dict:
     elif kind == "squaredcos_cap_v2":
         hints["schedule"] = ImprovedCosineSchedule(T)
     else:
-        raise ModelLoadError(where, f"scheduler beta_schedule {kind!r} is not supported", "pass --schedule NAME")
+        raise ModelLoadError(where, f"scheduler beta_schedule {text(kind, 40)!r} is not supported", "pass --schedule NAME")
     return hints
 
 
@@ -368,7 +394,7 @@ class DiffusersDirLoader(ModelLoader):
             raise ModelLoadError(path, "loading a diffusers directory needs the diffusers package", "pip install 'els-audit[diffusers]'") from None
         try:
             cfg = json.loads(cfg_path.read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise _corrupt(cfg_path, "config.json", exc) from None
         if not isinstance(cfg, dict):
             raise _corrupt(cfg_path, "config.json", ValueError("not a JSON object"))
@@ -382,6 +408,9 @@ class DiffusersDirLoader(ModelLoader):
             state = load_file(str(weights), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise _corrupt(weights, "safetensors file", exc) from None
+        if not callable(getattr(cls.build, "from_config", None)):
+            raise ModelLoadError(cfg_path, f"{cls.name} cannot be built from a config (a base class, not a model)",
+                                 "fix _class_name")
         arch = ArchSpec(cls.build.from_config, cls.name, cls.source, {"config": cfg})
         module, notes = build_from_state_dict(state, arch, weights)
         hints: dict[str, Any] = {"call_style": "diffusers", "time_input": "index"}
@@ -390,7 +419,7 @@ class DiffusersDirLoader(ModelLoader):
             if sc.is_file():
                 try:
                     sched_cfg = json.loads(sc.read_text())
-                except (OSError, ValueError) as exc:
+                except (OSError, ValueError, RecursionError) as exc:
                     raise _corrupt(sc, "scheduler_config.json", exc) from None
                 hints.update(diffusers_schedule_hints(sched_cfg, sc))
                 extra.append(sc)

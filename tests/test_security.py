@@ -243,3 +243,62 @@ def test_a_downloaded_config_may_not_choose_which_of_your_files_are_read(site, t
     (site["dir"] / "config.json").write_text(json.dumps(cfg))
     res = _runner().invoke(main, [str(site["model"]), *TINY[2:], "--out", str(site["out"])])
     assert res.exit_code == 0, res.stderr
+
+
+# ----------------------------------------------------------------------------- malformed files: one line, no hang
+def test_a_fifo_as_the_model_is_refused_not_read(site):
+    fifo = site["dir"] / "model.pt"
+    os.mkfifo(fifo)
+    (site["dir"] / "model.els.toml").write_text('format = "state-dict"\narch = "PaperResNet"\n')
+    code, err = _cli(site, model=fifo)
+    _assert_refused(code, err, site, "not a regular file or folder")
+
+
+@pytest.mark.parametrize("what", ["sidecar", "zoo config", "rules"])
+def test_deeply_nested_files_are_user_errors(site, what):
+    deep = "a = " + "[" * 100_000 + "]" * 100_000 + "\n"
+    if what == "sidecar":
+        (site["dir"] / "model.els.toml").write_text(deep)
+        code, err = _cli(site)
+    elif what == "zoo config":
+        (site["dir"] / "config.json").write_text('{"format": "els-audit-zoo", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+        code, err = _cli(site, "--arch", "PaperResNet", "--arch-kwargs", '{"width": 8}')
+    else:
+        rules = site["tmp"] / "rules.toml"
+        rules.write_text(deep)
+        code, err = _cli(site, "--rules", str(rules))
+    line = _assert_refused(code, err, site)
+    assert "internal error" not in line
+
+
+@pytest.mark.parametrize("sched", [[1, 2], {"num_train_timesteps": 1e9}, {"num_train_timesteps": "abc"},
+                                   {"trained_betas": {"a": 1}}, {"prediction_type": ["v"]}, {"beta_start": None}])
+def test_malformed_scheduler_configs_are_user_errors(site, sched):
+    pytest.importorskip("diffusers")
+    import diffusers
+
+    unet = diffusers.UNet2DModel(sample_size=32, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 8), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    d = site["dir"] / "unet"
+    unet.save_pretrained(str(d))
+    (d / "scheduler_config.json").write_text(json.dumps(sched))
+    code, err = _cli(site, model=d)
+    line = _assert_refused(code, err, site, "scheduler")
+    assert "internal error" not in line
+
+
+def test_a_sidecar_is_read_beside_the_link_the_user_named(site, tmp_path):
+    # a Hugging Face cache: snapshots/<rev>/model.safetensors links to blobs/<hash>; the sidecar a
+    # user writes sits beside the link, and a sidecar beside the blob is not the model's
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "rev"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    shutil.move(str(site["model"]), blobs / "aaa111")
+    (snap / "model.safetensors").symlink_to(blobs / "aaa111")
+    (blobs / "aaa111.els.toml").write_text('arch = "os:system"\n')           # beside the blob: not read
+    (snap / "model.els.toml").write_text(
+        'arch = "PaperResNet"\narch_kwargs = { in_channels = 1, width = 64, n_layers = 6, padding_mode = "zeros", '
+        'time_dim = 64 }\n')
+    res = _runner().invoke(main, [str(snap / "model.safetensors"), *TINY, "--out", str(site["out"])])
+    assert res.exit_code == 0, res.stderr

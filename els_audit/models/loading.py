@@ -173,20 +173,25 @@ def _zoo_config_beside(p: Path) -> Optional[_ZooConfig]:
         return None
     try:
         data = json.loads(cfg.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(data, dict) or data.get("format") != ZOO_CONFIG_FORMAT:
         return None
     return _ZooConfig(cfg, data)
 
 
-def _locate(path: Union[PathLike, str]) -> tuple[str, Path]:
-    """(what the user typed, the resolved path to read)."""
+def _locate(path: Union[PathLike, str]) -> tuple[str, Path, Path]:
+    """(what the user typed, that path with ``~`` expanded, the resolved path to read).
+
+    NB: files that describe the model (a sidecar, a zoo config) are looked for beside the
+    path as given, not beside a link's target (a Hugging Face cache links snapshots to blobs)."""
     typed = str(path)
     p = zoo_model_path(typed[4:]) if typed.startswith("zoo:") else Path(typed).expanduser()
     if not p.exists():
         raise ModelLoadError(typed, "no such file or directory", "check the model path (or use zoo:NAME for a bundled model)")
-    return typed, p.resolve()
+    if not (p.is_file() or p.is_dir()):     # a FIFO or a device would block the readers forever
+        raise ModelLoadError(typed, "is not a regular file or folder (a pipe, socket or device)", "give the model file")
+    return typed, p, p.resolve()
 
 
 def _pick_loader(p: Path, typed: str, forced: Optional[str], forced_by: str) -> tuple[ModelLoader, list[str]]:
@@ -233,7 +238,8 @@ def _architecture(loader: ModelLoader, p: Path, typed: str, arch: Any, arch_kwar
             notes.append(f"--arch ignored: format {loader.name} carries its own architecture")
         return None
     kw = dict(arch_kwargs or {})
-    hide = [str(p if p.is_dir() else p.parent)]          # never import from the model's folder
+    folder = p if p.is_dir() else p.parent
+    hide = [str(folder), str(folder.resolve())]           # never import from the model's folder (or a link's)
     if arch is not None:
         return resolve_architecture(arch, origin=USER_ORIGIN, where="--arch", trust_model=trust_model,
                                     kwargs=kw, hide=hide)
@@ -314,14 +320,14 @@ def load_model(
         ModelLoadError: missing file, unknown/ambiguous/corrupt format, refused untrusted
             format or code reference, missing or mismatching architecture, bad settings.
     """
-    typed, p = _locate(path)
+    typed, given, p = _locate(path)
     for k in overrides:
         if k not in SETTING_NAMES:
             raise ModelLoadError(typed, f"unknown setting {k!r}; known: {', '.join(SETTING_NAMES)}")
-    side = read_sidecar(find_sidecar(p)) if use_sidecar and find_sidecar(p) is not None else None
+    side = read_sidecar(find_sidecar(given)) if use_sidecar and find_sidecar(given) is not None else None
     forced_by = "--format" if format is not None else f"the sidecar {display_path(side.path, typed)}" if side else ""
     fmt = format if format is not None else (side.values.get("format") if side else None)
-    zoo_cfg = _zoo_config_beside(p)
+    zoo_cfg = _zoo_config_beside(given)
     key = state_dict_key if state_dict_key is not None else (side.values.get("state_dict_key") if side else None)
     with capture_library_output() as said:
         try:
@@ -329,7 +335,7 @@ def load_model(
         except ModelLoadError as exc:
             raise _amended(exc, said) from None
         try:
-            arch_spec = _architecture(loader, p, typed, arch, arch_kwargs, side, zoo_cfg, trust_model, notes)
+            arch_spec = _architecture(loader, given, typed, arch, arch_kwargs, side, zoo_cfg, trust_model, notes)
             out = loader.load(p, LoadRequest(arch=arch_spec, trust_model=bool(trust_model), state_dict_key=key))
         except ModelLoadError as exc:
             wrong = _contradiction(p, loader, forced_by) if fmt else ""

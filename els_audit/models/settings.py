@@ -20,6 +20,7 @@ __all__ = [
     "PREDICTIONS",
     "PREDICTION_ALIASES",
     "SETTING_NAMES",
+    "MAX_TRAIN_STEPS",
     "flag",
     "validate_setting",
 ]
@@ -29,6 +30,8 @@ TIME_INPUTS = ("unit", "index", "sigma")
 PREDICTIONS = ("eps", "x0", "v", "score")
 #: diffusers' names for the predictions (``prediction_type`` of a scheduler config).
 PREDICTION_ALIASES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+#: the most training steps a model's schedule may have (its tables are allocated from it)
+MAX_TRAIN_STEPS = 100_000
 #: settings the adapter resolves (CLI flag = ``--`` + name with ``_`` -> ``-``).
 SETTING_NAMES = ("call_style", "time_input", "prediction", "schedule", "num_train_steps", "data_range")
 
@@ -76,8 +79,9 @@ def validate_setting(name: str, value: Any, where: str) -> Any:
             return value
         raise ModelLoadError(where, f"schedule must be a schedule name, got {value!r}", f"fix {flag(name)}")
     if name == "num_train_steps":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ModelLoadError(where, f"num_train_steps must be a positive integer, got {value!r}", f"fix {flag(name)}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TRAIN_STEPS:
+            raise ModelLoadError(where, f"num_train_steps must be an integer from 1 to {MAX_TRAIN_STEPS}, got {value!r}",
+                                 f"fix {flag(name)}")
         return value
     if name == "data_range":
         if isinstance(value, str):

@@ -95,6 +95,8 @@ def read_sidecar(path: Path) -> Sidecar:
         data = tomllib.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ModelLoadError(path, f"cannot read the sidecar: {exc}", "fix or remove the sidecar") from None
+    except RecursionError:
+        raise ModelLoadError(path, "cannot read the sidecar: it is nested too deeply", "fix or remove the sidecar") from None
     values: dict[str, Any] = {}
     for k, v in data.items():
         if k not in SIDECAR_KEYS:

@@ -25,7 +25,7 @@ import torch.nn as nn
 from .settings import ModelLoadError
 from .trust import ArchSpec, call_architecture
 
-__all__ = ["build_from_state_dict", "load_into", "fit_state_dict", "fitting_prefixes", "checkpoint_entry", "is_tensor_dict"]
+__all__ = ["build_from_state_dict", "load_into", "own_state", "fit_state_dict", "fitting_prefixes", "checkpoint_entry", "is_tensor_dict"]
 
 Where = Union[str, Any]
 
@@ -42,13 +42,25 @@ def _is_ema(name: str) -> bool:
 
 def fitting_prefixes(state: Mapping[str, Any], own: Mapping[str, Any]) -> list[str]:
     """Every prefix ``p`` such that the keys of ``state`` starting with ``p``, with ``p``
-    removed, are exactly the keys of ``own`` ("" first when it fits)."""
+    removed, are exactly the keys of ``own`` ("" first when it fits).
+
+    A prefix is what a wrapper adds: "" or whole dotted components ("module.", "model.ema.").
+    Each key is tried under each of its dotted prefixes, so the cost is the number of keys
+    times their depth (a file of many keys cannot make this quadratic)."""
     if not own:
         return [""] if not state else []
-    want = set(own)
-    probe = next(iter(own))
-    candidates = {k[: len(k) - len(probe)] for k in state if k.endswith(probe)}
-    fits = [p for p in candidates if {k[len(p):] for k in state if k.startswith(p)} == want]
+    hits: dict[str, int] = {}
+    for k in state:
+        cut = 0
+        while True:
+            if k[cut:] in own:
+                hits[k[:cut]] = hits.get(k[:cut], 0) + 1
+            dot = k.find(".", cut)
+            if dot < 0:
+                break
+            cut = dot + 1
+    # NB: the keys of a dict are distinct, so as many distinct stripped keys as ``own`` has is equality
+    fits = [p for p, n in hits.items() if n == len(own)]
     return sorted(fits, key=lambda p: (p != "", p))
 
 
@@ -163,11 +175,26 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], arch_name: s
     return notes
 
 
+def own_state(arch: ArchSpec, where: Where) -> Optional[dict]:
+    """The architecture's ``state_dict()`` (names and shapes) without allocating it: built on
+    torch's ``meta`` device, so that a file whose weights cannot fit is refused before a
+    constructor asked for a 30 GB model allocates it.  None when the architecture cannot be
+    built on ``meta`` (the real build then decides)."""
+    try:
+        with torch.device("meta"):
+            return call_architecture(arch, where).state_dict()
+    except ModelLoadError:
+        return None
+
+
 def build_from_state_dict(state: Mapping[str, torch.Tensor], arch: ArchSpec, path: Where) -> tuple[nn.Module, tuple[str, ...]]:
-    """Build ``arch`` and :func:`load_into` it.
+    """Build ``arch`` and :func:`load_into` it (the keys are checked on ``meta`` first).
 
     Returns:
         (the module in eval mode, notes on what was done to the keys).
     """
+    shapes = own_state(arch, path)
+    if shapes is not None:
+        fit_state_dict(state, shapes, arch.name, path)             # raises before any allocation
     module = call_architecture(arch, path)
     return module, load_into(module, state, arch.name, path)

@@ -95,3 +95,25 @@ def test_shape_mismatch_after_stripping_is_reported_with_shapes():
     bad["0.weight"] = torch.zeros(4, 1, 3, 3)
     with pytest.raises(ModelLoadError, match=r"shape mismatch.*0.weight \(file \[4, 1, 3, 3\], model \[3, 1, 3, 3\]\)"):
         fit_state_dict(_prefixed("model.", bad), own, "net", "x.pt")
+
+
+def test_a_misfit_is_refused_before_the_architecture_is_allocated(tmp_path):
+    # a sidecar asking a registered class for width 30000: one conv alone would be 30000^2 x 9
+    # floats (32 GB, more than this machine has); the file's small weights cannot fit, and that
+    # is found on torch's meta device, so the load fails at once instead of allocating
+    from safetensors.torch import save_file
+
+    from els_audit.models.zoo import PaperResNet
+
+    p = tmp_path / "m.safetensors"
+    save_file(PaperResNet(width=8, n_layers=1).state_dict(), str(p))
+    (tmp_path / "m.els.toml").write_text('arch = "PaperResNet"\narch_kwargs = { width = 30000, n_layers = 1 }\n')
+    with pytest.raises(ModelLoadError, match="do not fit architecture"):
+        load_model(p)
+
+
+def test_many_keys_under_many_prefixes():
+    # 20,000 keys each under its own prefix: every prefix fits (found per key and dotted
+    # component, not by comparing every prefix with every key)
+    got = fitting_prefixes({f"{i}.c.weight": torch.zeros(0) for i in range(20000)}, {"c.weight": 0})
+    assert len(got) == 20000 and got[:2] == ["0.", "1."]
