@@ -99,28 +99,37 @@ class ConsoleCapture:
         self._buf = io.StringIO()
         self._fds: list[tuple[int, int]] = []
         self._file = tempfile.TemporaryFile()
+        self._warn = self._caught = None
+        self._hook = sys.unraisablehook
+        try:
+            self._redirect()
+        except BaseException:
+            self.__exit__(None, None, None)           # put back whatever was already swapped
+            raise
+        return self
+
+    def _redirect(self) -> None:
+        for s in self._py:
+            try:
+                s.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
         for fd in (1, 2):
             if _fd_ok(fd):
-                for s in self._py:
-                    try:
-                        s.flush()
-                    except (OSError, ValueError):
-                        pass
                 self._fds.append((fd, os.dup(fd)))
                 os.dup2(self._file.fileno(), fd)
-        if self._fds and self.err is sys.__stderr__:
+        saved = dict(self._fds)
+        if 2 in saved and self.err is sys.__stderr__:
             # the command's own lines must reach the real stderr, which fd 2 no longer is
-            self.err = os.fdopen(os.dup(dict(self._fds).get(2, 2)), "w", buffering=1, closefd=True)
-        if self._fds and self.out is sys.__stdout__:
-            self.out = os.fdopen(os.dup(dict(self._fds).get(1, 1)), "w", buffering=1, closefd=True)
+            self.err = os.fdopen(os.dup(saved[2]), "w", buffering=1, closefd=True)
+        if 1 in saved and self.out is sys.__stdout__:
+            self.out = os.fdopen(os.dup(saved[1]), "w", buffering=1, closefd=True)
         sys.stdout = sys.stderr = self._buf
         self._warn = warnings.catch_warnings(record=True)
         self._caught = self._warn.__enter__()
-        self._hook = sys.unraisablehook
         sys.unraisablehook = lambda u: self.lines.append(
             f"{type(u.exc_value).__name__} in {text(getattr(u.object, '__qualname__', u.object), 80)}: "
             f"{text(u.exc_value, 200)}")
-        return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.enabled:
@@ -129,18 +138,18 @@ class ConsoleCapture:
             gc.collect()                      # __del__ of the model's garbage, while the hook listens
         finally:
             sys.unraisablehook = self._hook
-            self._warn.__exit__(None, None, None)
+            if self._warn is not None:
+                self._warn.__exit__(None, None, None)
             sys.stdout, sys.stderr = self._py
             for fd, saved in self._fds:
                 os.dup2(saved, fd)
                 os.close(saved)
-            if self.err is not self._py[1] and self.err is not sys.__stderr__:
-                self.err.close()
-            if self.out is not self._py[0] and self.out is not sys.__stdout__:
-                self.out.close()
-            self.err, self.out = self._py[1], self._py[0]
+            for mine, theirs in ((self.err, self._py[1]), (self.out, self._py[0])):
+                if mine is not theirs:
+                    mine.close()
+            self.out, self.err = self._py
             self._file.seek(0)
             raw = self._buf.getvalue() + self._file.read().decode("utf-8", "replace")
             self._file.close()
-            self.lines += [f"{w.category.__name__}: {text(w.message, 200)}" for w in self._caught]
+            self.lines += [f"{w.category.__name__}: {text(w.message, 200)}" for w in self._caught or ()]
             self.lines += [ln.strip() for ln in raw.splitlines() if ln.strip()]
