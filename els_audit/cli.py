@@ -15,7 +15,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Optional
 
 import click
 
@@ -121,14 +120,7 @@ class _Command(click.Command):
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--debug", is_flag=True, help="Show the traceback when the audit cannot run.")
 @click.pass_context
-def main(ctx: click.Context, model: str, data: Optional[str], data_limit: int, trust_model: bool, arch: Optional[str],
-         arch_kwargs: Optional[str], format_: Optional[str], state_dict_key: Optional[str], schedule: Optional[str], time_input: Optional[str], prediction: Optional[str], call_style: Optional[str],
-         num_train_steps: Optional[int], data_range: Optional[str], steps: int, seeds: int,
-         calibration_seeds: int, seed_offset: int, conditional: bool, label: Optional[int], machine: str,
-         dictionary: str, scales: str, criterion: str, compare_criteria: bool, spread: int,
-         memorized_threshold: float, out: Optional[Path],
-         json_out: Optional[str], fail_on: tuple[str, ...], rules_file: Optional[Path], no_report: bool,
-         threads: int, device: str, quiet: bool, debug: bool) -> int:
+def main(ctx: click.Context, **opts) -> int:
     """Audit a trained image diffusion model: receptive fields, equivariance, a fitted
     Equivariant Local Score machine, seed-by-seed prediction and novelty.
 
@@ -138,11 +130,11 @@ def main(ctx: click.Context, model: str, data: Optional[str], data_limit: int, t
     Exit codes: 0 checks pass (warnings allowed), 1 a --fail-on rule failed, 2 the audit
     could not run.
     """
-    from .audit import AuditConfig, model_name, parse_arch_kwargs, parse_scales, run_audit
-    from .checks import load_rules
+    from .audit import model_name, run_audit
     from .outputs import plan_outputs, write_outputs
     from .serialize import dumps
 
+    quiet, debug = opts["quiet"], opts["debug"]
     console = ConsoleCapture(enabled=not debug)
 
     def progress(line: str) -> None:
@@ -152,22 +144,10 @@ def main(ctx: click.Context, model: str, data: Optional[str], data_limit: int, t
     started, plan, written = time.time(), None, False
     try:
         with signals_raise(), console:
-            rules = list(fail_on)
-            if rules_file is not None:
-                rules += [r.text for r in load_rules(rules_file)]
-            cfg = AuditConfig(
-                model=model, data=data, data_limit=None if data_limit == 0 else data_limit, trust_model=trust_model,
-                arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), format=format_, state_dict_key=state_dict_key,
-                schedule=schedule, time_input=time_input, prediction=prediction, call_style=call_style,
-                num_train_steps=num_train_steps, data_range=data_range, steps=steps, seeds=seeds,
-                calibration_seeds=calibration_seeds, seed_offset=seed_offset, conditional=conditional, label=label,
-                machine=machine, dictionary=dictionary, scales=parse_scales(scales), criterion=criterion,
-                compare_criteria=compare_criteria, spread=spread,
-                memorized_threshold=memorized_threshold, fail_on=tuple(rules), threads=threads, device=device,
-            )
+            cfg = _config(opts)
             # every output is checked before any work, and written all together at the end
-            plan = plan_outputs(out if out is not None else Path("reports") / model_name(model), json_out,
-                                html=not no_report)
+            out = opts["out"] if opts["out"] is not None else Path("reports") / model_name(opts["model"])
+            plan = plan_outputs(out, opts["json_out"], html=not opts["no_report"])
             result = run_audit(cfg, progress=progress)
             folder = write_outputs(result, plan)
             written = True
@@ -192,12 +172,30 @@ def main(ctx: click.Context, model: str, data: Optional[str], data_limit: int, t
                  f"console (rerun with --debug to see them); the first: {text(console.lines[0], 160)}")
     fails = [c for c in result.checks if c.status == "fail"]
     warns = [c for c in result.checks if c.status == "warn"]
-    progress(f"report: {folder / 'index.html' if not no_report else folder}")
+    progress(f"report: {folder / 'index.html' if plan.html else folder}")
     progress(f"{len(result.checks) - len(fails) - len(warns)} pass, {len(warns)} warn, {len(fails)} fail"
              + (": " + ", ".join(c.name for c in fails) if fails else ""))
     if fails and quiet:
         click.echo("els-audit: failed: " + ", ".join(c.name for c in fails), err=True)
     return result.exit_code
+
+
+def _config(opts: dict):
+    """The :class:`~els_audit.audit.AuditConfig` the options describe (the rules file's rules
+    added to ``--fail-on``)."""
+    from .audit import AuditConfig, parse_arch_kwargs, parse_scales
+    from .checks import load_rules
+
+    rules = list(opts["fail_on"])
+    if opts["rules_file"] is not None:
+        rules += [r.text for r in load_rules(opts["rules_file"])]
+    passed = {k: opts[k] for k in ("model", "data", "trust_model", "arch", "state_dict_key", "schedule", "time_input",
+                                   "prediction", "call_style", "num_train_steps", "data_range", "steps", "seeds",
+                                   "calibration_seeds", "seed_offset", "conditional", "label", "machine", "dictionary",
+                                   "criterion", "compare_criteria", "spread", "memorized_threshold", "threads", "device")}
+    return AuditConfig(**passed, data_limit=None if opts["data_limit"] == 0 else opts["data_limit"],
+                       arch_kwargs=parse_arch_kwargs(opts["arch_kwargs"]), format=opts["format_"],
+                       scales=parse_scales(opts["scales"]), fail_on=tuple(rules))
 
 
 def _error(message: str, debug: bool = False) -> int:
