@@ -66,6 +66,17 @@ def _signals_held() -> Iterator[None]:
             signal.raise_signal(s)
 
 
+def _mode_of(final: Path, folder: bool) -> int:
+    """The permissions of the output ``final`` replaces (a replaced report keeps a private
+    folder private), else those of an ordinary new file or folder."""
+    try:
+        if not final.is_symlink() and (final.is_dir() if folder else final.is_file()):
+            return final.stat().st_mode & 0o777
+    except OSError:
+        pass
+    return default_mode(folder)
+
+
 def _aside(final: Path) -> Path:
     """A free name beside ``final`` to move it to (same folder: no permission on it needed)."""
     while True:
@@ -101,12 +112,12 @@ class Staging:
 
     def folder(self, final: Union[str, Path], mode: Optional[int] = None) -> Path:
         """A new, empty temporary folder that becomes ``final`` at commit (``mode``: its
-        permissions, default an ordinary folder's)."""
+        permissions; by default those of the folder it replaces, else an ordinary folder's)."""
         final = Path(final)
         self._parent(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         self._staged.append((tmp, final))
-        tmp.chmod(default_mode(True) if mode is None else mode)   # mkdtemp makes 0700
+        tmp.chmod(_mode_of(final, True) if mode is None else mode)   # mkdtemp makes 0700
         return tmp
 
     def file(self, final: Union[str, Path], data: Union[str, bytes]) -> Path:
@@ -118,7 +129,7 @@ class Staging:
         self._staged.append((tmp, final))
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        tmp.chmod(default_mode(False))                            # mkstemp makes 0600
+        tmp.chmod(_mode_of(final, False))                         # mkstemp makes 0600
         return tmp
 
     def commit(self) -> None:

@@ -44,6 +44,7 @@ import torch
 from . import __version__
 from .calibrate import CalibrationResult, calibrate_scales, candidates_near, default_candidates
 from .checks import Check, Rule, builtin_checks, evaluate_rules, exit_code, parse_rule
+from .console import text
 from .data import Dataset, balanced_subset_indices, load_dataset
 from .machines import build_machine
 from .models.capture import capture_library_output, summarise
@@ -747,13 +748,13 @@ def _run(config: AuditConfig, progress: Optional[ProgressFn]) -> AuditResult:
         try:
             graph = tr.to_networkx()
         except Exception as exc:  # noqa: BLE001 - the drawing is optional
-            notes.append(f"graph view unavailable: {' '.join(str(exc).split())[:200]}")
+            notes.append(f"graph view unavailable: {text(exc, 200)}")
         band = st                      # the shift test masks the structural band per axis
     except AuditError as exc:
         structure = {"error": str(exc)}
         band = 0
     except Exception as exc:  # noqa: BLE001 - a network we cannot trace is audited without structure
-        structure = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+        structure = {"error": f"{type(exc).__name__}: {text(exc, 300)}"}
         band = 0
     if structure.get("error"):
         notes.append(f"structural analysis unavailable: {structure['error']}")

@@ -177,6 +177,8 @@ def load_rules(path: Union[str, Path]) -> tuple[Rule, ...]:
         RuleError: unreadable file, bad TOML, a missing or mistyped ``fail_on``, a bad rule.
     """
     p = Path(path)
+    if p.exists() and not p.is_file():
+        raise RuleError(f"{p}: is not a regular file; give the rules file")
     try:
         data = tomllib.loads(p.read_text())
     except OSError as exc:

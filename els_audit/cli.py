@@ -11,6 +11,7 @@ traceback unless ``--debug``; nothing half-written is left behind).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from .console import ConsoleCapture, Terminated, signals_raise, text
+from .console import ConsoleCapture, Terminated, signals_raise, silence_after_exit, text
 from .models.settings import CALL_STYLES, PREDICTIONS, TIME_INPUTS
 
 __all__ = ["main", "EXIT_OK", "EXIT_CHECK_FAILED", "EXIT_CANNOT_RUN"]
@@ -50,6 +51,7 @@ class _Command(click.Command):
             rv = EXIT_CANNOT_RUN
         code = rv if isinstance(rv, int) else EXIT_OK
         if standalone_mode:
+            silence_after_exit()     # atexit handlers and threads the model left must not print
             sys.exit(code)
         return code
 
@@ -130,7 +132,7 @@ def main(ctx: click.Context, **opts) -> int:
     Exit codes: 0 checks pass (warnings allowed), 1 a --fail-on rule failed, 2 the audit
     could not run.
     """
-    from .audit import model_name, run_audit
+    from .audit import AuditError, model_name, run_audit
     from .outputs import plan_outputs, write_outputs
     from .serialize import dumps
 
@@ -139,12 +141,14 @@ def main(ctx: click.Context, **opts) -> int:
 
     def progress(line: str) -> None:
         if not quiet:
-            click.echo(f"els-audit {line}", err=True, file=console.err)
+            click.echo(f"els-audit {text(line)}", err=True, file=console.err)
 
     started, plan, written = time.time(), None, False
     try:
         with signals_raise(), console:
             cfg = _config(opts)
+            if opts["json_out"] == "-" and not _stdout_open():
+                raise AuditError("--json - asks for the summary on stdout, but stdout is closed; give a file path")
             # every output is checked before any work, and written all together at the end
             out = opts["out"] if opts["out"] is not None else Path("reports") / model_name(opts["model"])
             plan = plan_outputs(out, opts["json_out"], html=not opts["no_report"])
@@ -166,7 +170,12 @@ def main(ctx: click.Context, **opts) -> int:
         return _error(f"the audit was stopped by {type(exc).__name__}{arg} raised in the model's or another "
                       f"library's code; nothing was written", debug)
     if plan.stdout:
-        click.echo(dumps(result.to_dict()), nl=False)
+        try:
+            click.echo(dumps(result.to_dict()), nl=False)
+            sys.stdout.flush()
+        except OSError as exc:
+            return _error(f"cannot write the summary to stdout ({text(exc.strerror or exc)}); the report folder "
+                          f"{folder} was written")
     if console.lines:
         progress(f"libraries or the model printed {len(console.lines)} line(s) while the audit ran, kept off the "
                  f"console (rerun with --debug to see them); the first: {text(console.lines[0], 160)}")
@@ -204,6 +213,13 @@ def _error(message: str, debug: bool = False) -> int:
         traceback.print_exc(file=sys.stderr)
     click.echo(f"els-audit: error: {message}", err=True)
     return EXIT_CANNOT_RUN
+
+
+def _stdout_open() -> bool:
+    try:
+        return sys.stdout is not None and (sys.stdout is not sys.__stdout__ or os.fstat(1) is not None)
+    except OSError:
+        return False
 
 
 def _written_since(path: Path, t: float) -> bool:

@@ -28,15 +28,26 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator, Optional, TextIO
 
-__all__ = ["ConsoleCapture", "Terminated", "signals_raise", "text"]
+__all__ = ["ConsoleCapture", "Terminated", "signals_raise", "text", "silence_after_exit"]
+
+
+def _printable(c: str) -> str:
+    if c.isprintable():
+        return c
+    return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
 
 
 def text(obj: object, limit: Optional[int] = None) -> str:
-    """``str(obj)`` on one line (cut at ``limit``), or a placeholder when ``str`` itself fails."""
+    """``str(obj)`` on one line (cut at ``limit``), or a placeholder when ``str`` itself fails.
+
+    Characters a terminal would act on (escape sequences that move the cursor, erase a line or
+    set the window title, from a key name in a downloaded file) are written as ``\\x1b``."""
     try:
         s = " ".join(str(obj).split())
     except BaseException:  # noqa: BLE001 - an exception whose __str__ raises must still be shown
         s = f"<{type(obj).__name__} that cannot be shown as text>"
+    if not s.isprintable():
+        s = "".join(map(_printable, s))
     return s if limit is None or len(s) <= limit else s[: limit - 3] + "..."
 
 
@@ -68,6 +79,13 @@ def signals_raise() -> Iterator[None]:
             signal.signal(getattr(signal, n), h)
 
 
+class _Buffer(io.StringIO):
+    """What stands in for sys.stdout and sys.stderr: a model that closes it does not lose it."""
+
+    def close(self) -> None:
+        pass
+
+
 def _fd_ok(fd: int) -> bool:
     try:
         os.fstat(fd)
@@ -96,7 +114,7 @@ class ConsoleCapture:
         if not self.enabled:
             return self
         self._py = (sys.stdout, sys.stderr)
-        self._buf = io.StringIO()
+        self._buf = _Buffer()
         self._fds: list[tuple[int, int]] = []
         self._file = tempfile.TemporaryFile()
         self._warn = self._caught = None
@@ -146,10 +164,36 @@ class ConsoleCapture:
                 os.close(saved)
             for mine, theirs in ((self.err, self._py[1]), (self.out, self._py[0])):
                 if mine is not theirs:
-                    mine.close()
+                    try:
+                        mine.close()
+                    except OSError:
+                        pass
             self.out, self.err = self._py
             self._file.seek(0)
             raw = self._buf.getvalue() + self._file.read().decode("utf-8", "replace")
             self._file.close()
             self.lines += [f"{w.category.__name__}: {text(w.message, 200)}" for w in self._caught or ()]
             self.lines += [ln.strip() for ln in raw.splitlines() if ln.strip()]
+
+
+def silence_after_exit() -> None:
+    """Point stdout and stderr (the file descriptors and Python's objects) at the null device:
+    the command has said all it has to say, and code the model left behind (``atexit``
+    handlers, daemon threads) must not add to it.  Only for the real process: it does nothing
+    when the streams are not the process's own (a test runner's)."""
+    if sys.stdout is not sys.__stdout__ or sys.stderr is not sys.__stderr__:
+        return
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    for fd in (1, 2):
+        if _fd_ok(fd):
+            os.dup2(null, fd)
+    os.close(null)
+    sys.stdout = sys.stderr = open(os.devnull, "w")

@@ -405,6 +405,18 @@ def spec_reads_path(spec: str) -> bool:
     return True
 
 
+def _existing(spec: DataSpec) -> Path:
+    """The spec's path: an existing regular file or folder (a pipe or device would block the
+    reader forever)."""
+    path = Path(spec.source).expanduser()
+    if not path.exists():
+        raise DataSpecError(f"data spec {spec.text!r}: no such file or folder {str(path)!r}; check the path")
+    if not (path.is_file() or path.is_dir()):
+        raise DataSpecError(f"data spec {spec.text!r}: {str(path)!r} is not a regular file or folder (a pipe, socket "
+                            f"or device); give the data file")
+    return path
+
+
 def _resolve(spec: DataSpec) -> tuple[str, Any, Optional[Path]]:
     """(plugin name, plugin, path or None) for a spec."""
     opts = spec.option_dict
@@ -415,9 +427,7 @@ def _resolve(spec: DataSpec) -> tuple[str, Any, Optional[Path]]:
         plugin = get_plugin(fmt)
         if not _needs_path(plugin):
             raise DataSpecError(f"data spec {spec.text!r}: {fmt!r} is a named data set, not a file format; write just {fmt!r}")
-        path = Path(spec.source).expanduser()
-        if not path.exists():
-            raise DataSpecError(f"data spec {spec.text!r}: no such file or folder {str(path)!r}; check the path")
+        path = _existing(spec)
         return fmt, plugin, path
     if spec.source in DATASETS:
         plugin = get_plugin(spec.source)
@@ -428,6 +438,8 @@ def _resolve(spec: DataSpec) -> tuple[str, Any, Optional[Path]]:
             )
         return spec.source, plugin, None
     path = Path(spec.source).expanduser()
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        _existing(spec)
     if not path.exists():
         named = [n for n in DATASETS.names() if not _needs_path(get_plugin(n))]
         hint = " (options are written :key=value)" if ":" in spec.source and "=" not in spec.source else ""

@@ -14,6 +14,7 @@ opcodes without executing them) to tell a state dict from a pickled module.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import struct
@@ -84,7 +85,7 @@ def _unsafe_globals(path: Path) -> list[str]:
 def _corrupt(path: Path, what: str, exc: Union[BaseException, str]) -> ModelLoadError:
     """The one-line error for a file its reader could not parse; ``exc`` is the reader's
     exception, or the line it logged about the cause."""
-    detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    detail = text(str(exc).splitlines()[0] if text(exc) else type(exc).__name__, 160)
     return ModelLoadError(path, f"truncated or corrupt {what} ({detail})", "re-download or re-export the file")
 
 
@@ -177,7 +178,8 @@ class StateDictLoader(ModelLoader):
             return LoaderOutput(module=module, weights_file=path, notes=notes)
         if not isinstance(obj, Mapping):
             raise ModelLoadError(path, f"holds a {type(obj).__name__}, not a state dict", "pass --format to choose another loader")
-        shapes = own_state(arch, path)                                 # names and shapes, nothing allocated
+        n_file = max((len(v) for v in obj.values() if is_tensor_dict(v)), default=0)
+        shapes = own_state(arch, path, n_file)                         # names and shapes, nothing allocated
         module = call_architecture(arch, path) if shapes is None else None
         shapes = module.state_dict() if module is not None else shapes
         state, picked = checkpoint_entry(obj, shapes, request.state_dict_key, path)
@@ -411,7 +413,7 @@ class DiffusersDirLoader(ModelLoader):
         if not callable(getattr(cls.build, "from_config", None)):
             raise ModelLoadError(cfg_path, f"{cls.name} cannot be built from a config (a base class, not a model)",
                                  "fix _class_name")
-        arch = ArchSpec(cls.build.from_config, cls.name, cls.source, {"config": cfg})
+        arch = dataclasses.replace(cls, build=cls.build.from_config, kwargs={"config": cfg})
         module, notes = build_from_state_dict(state, arch, weights)
         hints: dict[str, Any] = {"call_style": "diffusers", "time_input": "index"}
         extra = [cfg_path]

@@ -66,3 +66,15 @@ def test_a_failed_second_rename_undoes_the_first(tmp_path, monkeypatch):
 def test_write_file_atomic_creates_parents(tmp_path):
     p = write_file_atomic(tmp_path / "a" / "b.txt", b"\x00\x01")
     assert p.read_bytes() == b"\x00\x01" and _names(tmp_path / "a") == ["b.txt"]
+
+
+def test_a_replaced_output_keeps_its_permissions(tmp_path):
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep").chmod(0o700)
+    (tmp_path / "s.json").write_text("{}")
+    (tmp_path / "s.json").chmod(0o600)
+    with Staging() as st:
+        st.folder(tmp_path / "rep")
+        st.file(tmp_path / "s.json", "{}")
+    assert oct((tmp_path / "rep").stat().st_mode & 0o777) == oct(0o700)
+    assert oct((tmp_path / "s.json").stat().st_mode & 0o777) == oct(0o600)

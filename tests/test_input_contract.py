@@ -3,6 +3,7 @@ errors as one line, checks that warn about what the audit was given, an untraine
 failing its sanity check, real training checkpoints, and reports without the machine's paths."""
 
 import json
+import os
 import shutil
 import textwrap
 from pathlib import Path
@@ -230,6 +231,22 @@ NOISY = textwrap.dedent("""
     class Broken(PaperResNet):
         def forward(self, x, t, label=None):
             raise Unprintable()
+
+    class Closer(PaperResNet):
+        def forward(self, x, t, label=None):
+            sys.stdout.close()
+            return super().forward(x, t, label)
+
+    class Leaver(PaperResNet):
+        def __init__(self, **kw):
+            import atexit, os, threading, time
+            super().__init__(**kw)
+            atexit.register(lambda: print("ATEXIT-STDOUT"))
+            atexit.register(lambda: print("ATEXIT-STDERR", file=sys.stderr))
+            def later():
+                time.sleep(0.5)
+                os.write(2, b"THREAD-FD2\\n")
+            threading.Thread(target=later, daemon=True).start()
 """)
 
 
@@ -258,3 +275,37 @@ def test_an_exception_that_cannot_be_printed_is_still_one_line_and_exit_2(tmp_pa
     p = _command(tmp_path, "zoo:resnet-zeros", "--arch", f"{src}:Broken", "--arch-kwargs", RESNET, *DATA, *TINY,
                  "--quiet", "--out", tmp_path / "r")
     one_line_error(p.returncode, p.stderr, "Unprintable")
+
+
+@pytest.mark.parametrize("cls", ["Closer", "Leaver"])
+def test_what_the_model_leaves_behind_does_not_reach_the_console(tmp_path, cls):
+    # a model that closes sys.stdout, or leaves atexit handlers and a thread that print later
+    src = tmp_path / "noisy.py"
+    src.write_text(NOISY)
+    p = _command(tmp_path, "zoo:resnet-zeros", "--arch", f"{src}:{cls}", "--arch-kwargs", RESNET, *DATA, *TINY,
+                 "--quiet", "--json", "-", "--out", tmp_path / "r")
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert json.loads(p.stdout)["exit_code"] == 0
+
+
+def test_terminal_control_characters_from_a_file_are_shown_escaped(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(zoo_model_path("resnet-zeros")))
+    sd["\x1b[1A\x1b[2K\x1b]0;pwned\x07all checks passed"] = torch.zeros(1)
+    p = tmp_path / "esc.safetensors"
+    save_file(sd, str(p))
+    res = _run(p, "--arch", "PaperResNet", "--arch-kwargs", RESNET, *DATA, *TINY, "--quiet", "--out", tmp_path / "r")
+    line = _one_line(res, "do not fit", "\\x1b[1A")
+    assert "\x1b" not in line and "\x07" not in line
+
+
+def test_pipes_named_as_data_or_rules_are_refused_not_read(tmp_path):
+    fifo = tmp_path / "d.npz"
+    os.mkfifo(fifo)
+    _one_line(_run("zoo:resnet-zeros", "--data", f"{fifo}:format=npz", *TINY, "--quiet", "--out", tmp_path / "r"),
+              "not a regular file or folder")
+    rules = tmp_path / "rules.toml"
+    os.mkfifo(rules)
+    _one_line(_run("zoo:resnet-zeros", *DATA, *TINY, "--rules", rules, "--quiet", "--out", tmp_path / "r"),
+              "not a regular file")

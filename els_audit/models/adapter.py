@@ -42,6 +42,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from ..console import text
 from ..schedules import DiscreteSchedule, NoiseSchedule, get_schedule
 from .loading import LoadedModel
 from .settings import PREDICTIONS, TIME_INPUTS, ModelLoadError, flag, validate_setting
@@ -510,10 +511,10 @@ def _call_failure(den: Denoiser, x0: torch.Tensor, t: float, exc: Exception) -> 
     for h in sorted({32, 64, 28, 16, 128, 256} - {H}):
         if runs(C, h, h):
             return ModelLoadError(den.where, f"the model fails on {H}x{W} images but runs on {h}x{h} "
-                                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]})",
+                                             f"({type(exc).__name__}: {text(exc, 160)})",
                                   f"pass --data at the model's image size (e.g. :size={h})")
     return ModelLoadError(den.where, f"calling the model on {N} images of {C}x{H}x{W} failed: {type(exc).__name__}: "
-                                     f"{' '.join(str(exc).split())[:200]}",
+                                     f"{text(exc, 200)}",
                           f"check {flag('call_style')}, --data and --arch-kwargs")
 
 

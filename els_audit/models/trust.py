@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch.nn as nn
 
 from .._safe_path import import_without_implicit_paths
+from ..console import text
 from ..registry import PluginError, Registry
 from .settings import ModelLoadError
 
@@ -66,13 +67,17 @@ class ArchSpec:
 
     ``build(**kwargs) -> nn.Module``; ``name`` is what the report shows
     (``module:Class``); ``source`` says who named it ("argument", "sidecar", "zoo config",
-    "diffusers config"); ``kwargs`` are plain data.
+    "diffusers config"); ``kwargs`` are plain data; ``check_on_meta``: the architecture and
+    its arguments came from a file the user did not trust, so it must be checked against the
+    weights on torch's meta device before it is built for real
+    (:func:`els_audit.models.weights.own_state`).
     """
 
     build: Callable[..., Any]
     name: str
     source: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    check_on_meta: bool = False
 
     def to_dict(self) -> dict:
         return {"name": self.name, "source": self.source, "kwargs": dict(self.kwargs)}
@@ -131,7 +136,7 @@ def _import_file(file: Path, ref: str, where: Any, origin: str) -> Any:
     try:
         modspec.loader.exec_module(module)
     except Exception as exc:
-        raise ModelLoadError(where, f"importing architecture file {file} failed: {type(exc).__name__}: {exc}",
+        raise ModelLoadError(where, f"importing architecture file {file} failed: {type(exc).__name__}: {text(exc, 200)}",
                              _flag_hint(origin)) from exc
     except KeyboardInterrupt:
         raise
@@ -152,7 +157,7 @@ def _import_module(mod_name: str, ref: str, where: Any, origin: str, hide: Seque
         if isinstance(exc, ModuleNotFoundError) and local.is_file() and origin == USER_ORIGIN:
             hint = (f"{local} in the current folder is not imported by module name; "
                     f"pass --arch ./{local}:{ref.rpartition(':')[2]} to use that file")
-        raise ModelLoadError(where, f"cannot import architecture module {mod_name!r}: {type(exc).__name__}: {exc}",
+        raise ModelLoadError(where, f"cannot import architecture module {mod_name!r}: {type(exc).__name__}: {text(exc, 200)}",
                              hint) from None
 
 
@@ -214,11 +219,12 @@ def resolve_architecture(
         if not (isinstance(obj, type) and issubclass(obj, base)):
             raise ModelLoadError(where, f"{ref!r} is not a {package.__name__} {base.__name__} class",
                                  "pass --format and --arch for another loader")
-        return ArchSpec(obj, f"{package.__name__}:{ref}", origin, kwargs)
+        return ArchSpec(obj, f"{package.__name__}:{ref}", origin, kwargs, check_on_meta=not user and not trust_model)
     reg = _registered(ref)
     if reg is not None:
         name, cls = reg
-        return ArchSpec(cls, REGISTERED_ARCHITECTURES.origin(name), origin, kwargs)
+        return ArchSpec(cls, REGISTERED_ARCHITECTURES.origin(name), origin, kwargs,
+                        check_on_meta=not user and not trust_model)
     if not user and not trust_model:
         raise ModelLoadError(
             where, f"the {origin} names code ({ref!r}) that is not a registered architecture; importing it could run "
@@ -261,7 +267,7 @@ def call_architecture(arch: ArchSpec, where: Any) -> nn.Module:
     except KeyboardInterrupt:
         raise
     except Exception as exc:
-        raise ModelLoadError(where, f"building architecture {arch.name} failed: {type(exc).__name__}: {exc}",
+        raise ModelLoadError(where, f"building architecture {arch.name} failed: {type(exc).__name__}: {text(exc, 200)}",
                              _flag_hint(arch.source)) from exc
     except BaseException as exc:
         raise ModelLoadError(where, f"building architecture {arch.name} stopped with {type(exc).__name__}"

@@ -21,7 +21,10 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.module import (register_module_buffer_registration_hook,
+                                     register_module_parameter_registration_hook)
 
+from ..console import text
 from .settings import ModelLoadError
 from .trust import ArchSpec, call_architecture
 
@@ -40,28 +43,44 @@ def _is_ema(name: str) -> bool:
     return "ema" in name.lower()
 
 
+#: more prefixes than this fitting at once is ambiguous anyway (and each is checked against every key)
+_MAX_FITTING = 8
+
+
+def _cuts(key: str, longest: int) -> list[int]:
+    """Where a wrapper's prefix may end in ``key``: 0, and after each dot, but only where what is
+    left is no longer than the longest key of the architecture (a 1 MB key costs no more)."""
+    first = len(key) - longest
+    cuts = [0] if first <= 0 else []
+    dot = key.find(".", max(first - 1, 0))
+    while dot >= 0:
+        cuts.append(dot + 1)
+        dot = key.find(".", dot + 1)
+    return cuts
+
+
 def fitting_prefixes(state: Mapping[str, Any], own: Mapping[str, Any]) -> list[str]:
     """Every prefix ``p`` such that the keys of ``state`` starting with ``p``, with ``p``
     removed, are exactly the keys of ``own`` ("" first when it fits).
 
     A prefix is what a wrapper adds: "" or whole dotted components ("module.", "model.ema.").
-    Each key is tried under each of its dotted prefixes, so the cost is the number of keys
-    times their depth (a file of many keys cannot make this quadratic)."""
+    The cost is linear in the file's keys and their length, whatever the file holds: each key
+    is cut only where the rest could be one of ``own``'s keys, and more than
+    :data:`_MAX_FITTING` candidate prefixes are returned unchecked (they are ambiguous)."""
     if not own:
         return [""] if not state else []
+    longest = max(len(a) for a in own)
     hits: dict[str, int] = {}
     for k in state:
-        cut = 0
-        while True:
+        for cut in _cuts(k, longest):
             if k[cut:] in own:
                 hits[k[:cut]] = hits.get(k[:cut], 0) + 1
-            dot = k.find(".", cut)
-            if dot < 0:
-                break
-            cut = dot + 1
-    # NB: the keys of a dict are distinct, so as many distinct stripped keys as ``own`` has is equality
-    fits = [p for p, n in hits.items() if n == len(own)]
-    return sorted(fits, key=lambda p: (p != "", p))
+    # NB: the keys of a dict are distinct, so as many stripped keys as ``own`` has means every
+    # one of ``own``'s keys is there; "exactly" also needs no other key under that prefix
+    full = sorted((p for p, n in hits.items() if n == len(own)), key=lambda p: (p != "", p))
+    if len(full) > _MAX_FITTING:
+        return full
+    return [p for p in full if sum(1 for k in state if k.startswith(p)) == len(own)]
 
 
 def _mismatch(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], arch_name: str,
@@ -72,9 +91,9 @@ def _mismatch(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]
               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing key(s) e.g. {', '.join(missing[:3])}")
+        parts.append(f"{len(missing)} missing key(s) e.g. {', '.join(text(k, 60) for k in missing[:3])}")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s) e.g. {', '.join(unexpected[:3])}")
+        parts.append(f"{len(unexpected)} unexpected key(s) e.g. {', '.join(text(k, 60) for k in unexpected[:3])}")
     if shapes:
         parts.append(f"{len(shapes)} shape mismatch(es) e.g. {'; '.join(shapes[:2])}")
     return ModelLoadError(where, f"the weights do not fit architecture {arch_name}: {', '.join(parts)}",
@@ -142,7 +161,7 @@ def checkpoint_entry(obj: Mapping[str, Any], own: Mapping[str, torch.Tensor], ke
         ModelLoadError: the named entry is missing or holds no weights; no entry or several
             non-EMA entries hold weights that fit.
     """
-    names = ", ".join(map(str, obj))
+    names = text(", ".join(map(str, list(obj)[:20])), 200) + (", ..." if len(obj) > 20 else "")
     if key is not None:
         if key not in obj or not is_tensor_dict(obj[key]):
             raise ModelLoadError(where, f"checkpoint entry {key!r} is missing or not a dict of tensors (entries: {names})",
@@ -175,16 +194,55 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], arch_name: s
     return notes
 
 
-def own_state(arch: ArchSpec, where: Where) -> Optional[dict]:
-    """The architecture's ``state_dict()`` (names and shapes) without allocating it: built on
-    torch's ``meta`` device, so that a file whose weights cannot fit is refused before a
-    constructor asked for a 30 GB model allocates it.  None when the architecture cannot be
-    built on ``meta`` (the real build then decides)."""
+class _TooManyTensors(Exception):
+    """Raised inside a meta build that registers more tensors than any fitting file could hold."""
+
+
+def own_state(arch: ArchSpec, where: Where, n_file: Optional[int] = None) -> Optional[dict]:
+    """The architecture's ``state_dict()`` (names and shapes) without allocating it.
+
+    It is built on torch's ``meta`` device, so that a file whose weights cannot fit is refused
+    before a constructor asked for a 30 GB model allocates it; and a build that registers
+    more than ``4 n_file + 1000`` parameters and buffers (a file of ``n_file`` tensors cannot
+    fit that) is stopped as it goes, so a sidecar asking for 300,000 layers costs no minutes.
+
+    Returns:
+        the names and shapes, or None when the architecture cannot be built on ``meta`` and
+        ``arch.check_on_meta`` is off (the user's own ``--arch``, or ``--trust-model``: the
+        real build then decides).
+
+    Raises:
+        ModelLoadError: the build registers too many tensors, or (``check_on_meta``) it
+            cannot be built on ``meta`` at all.
+    """
+    limit = None if n_file is None else 4 * n_file + 1000
+    count = [0]
+
+    def registered(module, name, value):
+        if value is not None:
+            count[0] += 1
+            if limit is not None and count[0] > limit:
+                raise _TooManyTensors()
+
+    hooks = [register_module_parameter_registration_hook(registered),
+             register_module_buffer_registration_hook(registered)]
     try:
         with torch.device("meta"):
             return call_architecture(arch, where).state_dict()
-    except ModelLoadError:
+    except ModelLoadError as exc:
+        if isinstance(exc.__cause__, _TooManyTensors):
+            raise ModelLoadError(where, f"architecture {arch.name} with these arguments registers more than {limit} "
+                                        f"tensors; the file's {n_file} cannot fit it",
+                                 "check --arch and its arguments (--arch-kwargs)") from None
+        if arch.check_on_meta:
+            raise ModelLoadError(where, f"{arch.name} cannot be checked against the file before it is allocated "
+                                        f"(building it on torch's meta device failed: {exc.problem}); the size of "
+                                        f"an architecture a downloaded file names is checked that way",
+                                 "pass --arch yourself, or --trust-model if you trust the files") from None
         return None
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def build_from_state_dict(state: Mapping[str, torch.Tensor], arch: ArchSpec, path: Where) -> tuple[nn.Module, tuple[str, ...]]:
@@ -193,7 +251,7 @@ def build_from_state_dict(state: Mapping[str, torch.Tensor], arch: ArchSpec, pat
     Returns:
         (the module in eval mode, notes on what was done to the keys).
     """
-    shapes = own_state(arch, path)
+    shapes = own_state(arch, path, len(state))
     if shapes is not None:
         fit_state_dict(state, shapes, arch.name, path)             # raises before any allocation
     module = call_architecture(arch, path)

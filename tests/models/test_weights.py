@@ -117,3 +117,19 @@ def test_many_keys_under_many_prefixes():
     # component, not by comparing every prefix with every key)
     got = fitting_prefixes({f"{i}.c.weight": torch.zeros(0) for i in range(20000)}, {"c.weight": 0})
     assert len(got) == 20000 and got[:2] == ["0.", "1."]
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ("width = 8, n_layers = 300000", "registers more than"),              # minutes and GBs on meta alone
+    ("width = 510000000, n_layers = 1", "cannot be checked against the file before it is allocated"),  # meta overflows
+])
+def test_a_downloaded_sidecar_cannot_make_the_build_cost_minutes_or_gigabytes(tmp_path, kwargs, needle):
+    from safetensors.torch import save_file
+
+    from els_audit.models.zoo import PaperResNet
+
+    p = tmp_path / "m.safetensors"
+    save_file(PaperResNet(width=8, n_layers=1).state_dict(), str(p))
+    (tmp_path / "m.els.toml").write_text(f'arch = "PaperResNet"\narch_kwargs = {{ {kwargs} }}\n')
+    with pytest.raises(ModelLoadError, match=needle):
+        load_model(p)
