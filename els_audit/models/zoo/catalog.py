@@ -1,6 +1,6 @@
 """The zoo's catalogue: model names, their architectures and training recipes, and paths.
 
-Every bundled model lives in ``els_audit/zoo/weights/NAME/``:
+Every bundled model lives in ``els_audit/models/zoo/weights/NAME/``:
 
 - ``model.safetensors``: the weights (EMA), stored as float16 (see the NB below);
 - ``config.json``: ``{"format": "els-audit-zoo", "arch": <class in els_audit.models.zoo>,

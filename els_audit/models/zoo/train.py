@@ -10,7 +10,7 @@ cosine-legacy schedule, ``x_t = a_t x_0 + b_t eps``, training times
 ``t = randint(0, 1000) / 1000`` (a network never sees t = 1); loss ``|eps_hat - eps|^2``.
 Ho et al. 2020 for the simple loss; EMA of the weights as is common practice.
 
-Writes into ``--out`` (default ``els_audit/zoo/weights/NAME``), replacing it only once
+Writes into ``--out`` (default ``els_audit/models/zoo/weights/NAME``), replacing it only once
 everything is written (no partial output): ``model.safetensors`` (EMA weights, float16),
 ``config.json``, ``loss.json``, ``loss.png``, ``samples.png`` (16 seeds, 50 DDIM steps).
 """
@@ -38,7 +38,8 @@ from ...schedules import get_schedule
 from .architectures import ARCHITECTURES, count_parameters
 from .catalog import WEIGHTS_DIR, ZOO, ZOO_CONFIG_FORMAT
 
-__all__ = ["TrainConfig", "TrainResult", "train_zoo_model", "write_zoo_model", "sample_grid", "main"]
+__all__ = ["TrainConfig", "TrainResult", "train_zoo_model", "write_zoo_model", "check_zoo_out", "ZOO_FILES",
+           "sample_grid", "main"]
 
 SCHEDULE = "cosine-legacy"
 TRAIN_STEPS = 1000  # t = randint(0, TRAIN_STEPS) / TRAIN_STEPS
@@ -267,8 +268,35 @@ def _save_loss_png(losses: Sequence[float], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+#: the files a zoo model folder holds (an existing --out folder is replaced only if it holds these)
+ZOO_FILES = ("model.safetensors", "config.json", "loss.json", "loss.png", "samples.png")
+
+
+def check_zoo_out(out: Path) -> None:
+    """Refuse an output folder that is not empty and not a zoo model folder this script wrote
+    (only :data:`ZOO_FILES`, its config.json of format ``els-audit-zoo``): it is replaced whole.
+
+    Raises:
+        ValueError: one line saying why.
+    """
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ValueError(f"--out {out} is not a folder; choose another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    names = sorted(p.name for p in out.iterdir())
+    try:
+        ours = json.loads((out / "config.json").read_text()).get("format") == ZOO_CONFIG_FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError):
+        ours = False
+    if not ours or any(n not in ZOO_FILES or not (out / n).is_file() for n in names):
+        raise ValueError(f"--out {out} holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''} and is not a "
+                         f"zoo model folder this script wrote; choose a new or empty folder")
+
+
 def write_zoo_model(cfg: TrainConfig, res: TrainResult, out: Path, *, log=print) -> Path:
-    """Write weights, config, loss curve and sample grid into ``out`` atomically.
+    """Write weights, config, loss curve and sample grid into ``out`` atomically (an existing
+    ``out`` only if :func:`check_zoo_out` allows).
 
     Returns:
         ``out``.
@@ -276,6 +304,7 @@ def write_zoo_model(cfg: TrainConfig, res: TrainResult, out: Path, *, log=print)
     from safetensors.torch import save_file
 
     out = Path(out)
+    check_zoo_out(out)
     with Staging() as st:
         tmp = st.folder(out, mode=0o755)  # the folder ships as package data
         state = {k: v.detach().to(torch.float16).contiguous() for k, v in res.module.state_dict().items()}
@@ -356,12 +385,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device=args.device, data=args.data, max_minutes=args.max_minutes, arch_overrides=_parse_set(args.set),
         sample_steps=args.sample_steps,
     )
+    out = args.out or (WEIGHTS_DIR / cfg.name)
     try:
+        check_zoo_out(out)                           # before the training, not after it
         res = train_zoo_model(cfg)
+        write_zoo_model(cfg, res, out)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    write_zoo_model(cfg, res, args.out or (WEIGHTS_DIR / cfg.name))
     return 0
 
 

@@ -10,7 +10,7 @@ from els_audit.models.adapter import make_denoiser
 from els_audit.models.loading import ModelLoadError, file_sha256, load_model
 from els_audit.models.zoo import count_parameters
 from els_audit.models.zoo.catalog import WEIGHTS_DIR, build_zoo_architecture, list_zoo_models, zoo_config, zoo_model_path
-from els_audit.models.zoo.train import TrainConfig, main, train_zoo_model, write_zoo_model
+from els_audit.models.zoo.train import ZOO_FILES, TrainConfig, main, train_zoo_model, write_zoo_model
 
 NAMES = ["resnet-circular", "resnet-zeros", "unet-attention", "unet-zeros"]
 
@@ -107,3 +107,17 @@ def test_command_line(tmp_path, capsys):
     assert main(["resnet-zeros", "--epochs", "0", "--out", str(tmp_path / "y")]) == 2
     assert "epochs and batch_size must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def test_the_trainer_replaces_only_its_own_folders(tmp_path, capsys):
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("precious")
+    args = ["resnet-zeros", "--epochs", "1", "--set", "width=4", "--set", "n_layers=1", "--batch-size", "32",
+            "--data", "mnist5k:size=32:limit=32", "--sample-steps", "1"]
+    assert main([*args, "--out", str(mine)]) == 2
+    assert "is not a zoo model folder this script wrote" in capsys.readouterr().err
+    assert (mine / "chapter1.tex").read_text() == "precious"
+    assert main([*args, "--out", str(tmp_path / "z")]) == 0
+    assert main([*args, "--out", str(tmp_path / "z")]) == 0               # its own folder: replaced
+    assert sorted(p.name for p in (tmp_path / "z").iterdir()) == sorted(ZOO_FILES)
