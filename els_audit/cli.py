@@ -217,7 +217,9 @@ def _error(message: str, debug: bool = False) -> int:
 
 def _stdout_open() -> bool:
     try:
-        return sys.stdout is not None and (sys.stdout is not sys.__stdout__ or os.fstat(1) is not None)
+        if sys.stdout is sys.__stdout__:
+            os.fstat(1)                      # a closed file descriptor 1 raises
+        return sys.stdout is not None
     except OSError:
         return False
 

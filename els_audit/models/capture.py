@@ -14,6 +14,8 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
+from ..console import text
+
 __all__ = ["capture_library_output", "summarise"]
 
 #: libraries that read model files; their loggers (children included) are captured, and the root
@@ -28,11 +30,11 @@ class _Collect(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.levelno < logging.WARNING:
             return
-        text = " ".join(record.getMessage().split())
+        line = text(record.getMessage())
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
-            text += f": {type(exc).__name__}: {' '.join(str(exc).split())}"
-        self.out.append(f"{record.name or 'root'}: {text}")
+            line += f": {type(exc).__name__}: {text(exc)}"
+        self.out.append(f"{record.name or 'root'}: {line}")
 
 
 def _library_loggers() -> list[logging.Logger]:
@@ -64,7 +66,7 @@ def capture_library_output() -> Iterator[list[str]]:
         with warnings.catch_warnings(record=True) as caught:   # the filters in force stay
             yield lines
         for w in caught:
-            lines.append(f"{w.category.__name__}: {' '.join(str(w.message).split())}")
+            lines.append(f"{w.category.__name__}: {text(w.message)}")
     finally:
         for lg, handlers, propagate in saved:
             lg.handlers = handlers

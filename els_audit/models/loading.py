@@ -324,7 +324,8 @@ def load_model(
     for k in overrides:
         if k not in SETTING_NAMES:
             raise ModelLoadError(typed, f"unknown setting {k!r}; known: {', '.join(SETTING_NAMES)}")
-    side = read_sidecar(find_sidecar(given)) if use_sidecar and find_sidecar(given) is not None else None
+    found = find_sidecar(given) if use_sidecar else None
+    side = read_sidecar(found) if found is not None else None
     forced_by = "--format" if format is not None else f"the sidecar {display_path(side.path, typed)}" if side else ""
     fmt = format if format is not None else (side.values.get("format") if side else None)
     zoo_cfg = _zoo_config_beside(given)
