@@ -30,10 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from els_audit.equivariance import equivariance_measured, equivariance_structure
-from els_audit.erf import effective_receptive_field
-from els_audit.receptive_field import receptive_field
-from els_audit.trace import trace_model
+from els_audit.probes import effective_receptive_field, equivariance_measured, equivariance_structure, receptive_field, trace_model
 from els_audit.models.zoo import AttentionUNet, PaperResNet, PaperUNet
 
 

@@ -18,20 +18,17 @@ if _sys.argv[:1] == ["-m"] or _sys.argv[0].replace("\\", "/").rsplit("/", 1)[-1]
 
 from .calibrate import CalibrationResult, calibrate_scales
 from .data import DATASETS, Dataset, DataSpecError, load_dataset
-from .equivariance import (MeasuredEquivarianceResult, StructuralEquivarianceResult, equivariance_measured,
-                           equivariance_structure)
-from .erf import ERFResult, effective_receptive_field
-from .graph import to_networkx
 from .models import LOADERS, Denoiser, LoadedModel, ModelLoadError, list_zoo_models, load_model, make_denoiser, zoo_model_path
 from .machines import ScoreDiagnostics, ScoreMachine, build_machine, scale_schedule_eps
 from .metrics import pearson_r, r_squared
 from .novelty import NoveltyResult, assess_novelty
 from .predict import PredictionResult, predict_samples
 from .published import closest_published
-from .receptive_field import ReceptiveFieldResult, probe_receptive_field, receptive_field
+from .probes import (ERFResult, MeasuredEquivarianceResult, ReceptiveFieldResult, StructuralEquivarianceResult, TraceError,
+                     TraceResult, effective_receptive_field, equivariance_measured, equivariance_structure,
+                     probe_receptive_field, receptive_field, to_networkx, trace_model)
 from .sampler import SampleResult, ddim_sample, initial_noise, time_grid
 from .schedules import SCHEDULES, NoiseSchedule, get_schedule
-from .trace import TraceError, TraceResult, trace_model
 
 __version__ = "0.1.0"
 

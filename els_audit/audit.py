@@ -644,11 +644,9 @@ def run_audit(config: AuditConfig, *, progress: Optional[ProgressFn] = None) -> 
 
 
 def _run(config: AuditConfig, progress: Optional[ProgressFn]) -> AuditResult:
-    from .equivariance import equivariance_measured, equivariance_structure
-    from .erf import effective_receptive_field
     from .models import load_model, make_denoiser
-    from .receptive_field import receptive_field
-    from .trace import trace_model
+    from .probes import (effective_receptive_field, equivariance_measured, equivariance_structure, receptive_field,
+                         to_networkx, trace_model)
 
     cfg = config
     if cfg.threads is not None:
@@ -746,7 +744,7 @@ def _run(config: AuditConfig, progress: Optional[ProgressFn]) -> AuditResult:
         structure = st.to_dict()
         structure["_global_paths"] = [gp.to_dict() for gp in rf.global_paths]
         try:
-            graph = tr.to_networkx()
+            graph = to_networkx(tr)
         except Exception as exc:  # noqa: BLE001 - the drawing is optional
             notes.append(f"graph view unavailable: {text(exc, 200)}")
         band = st                      # the shift test masks the structural band per axis

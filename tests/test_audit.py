@@ -194,7 +194,7 @@ def test_unknown_label_is_a_clear_error():
 
 
 def test_untraceable_network_gets_ls_and_a_warning(monkeypatch):
-    import els_audit.trace as trace
+    import els_audit.probes as trace
 
     def refuse(*a, **k):
         raise trace.TraceError("both tracers failed (test)")

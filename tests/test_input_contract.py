@@ -37,7 +37,7 @@ def no_probes(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the audit went on to the probes")
 
-    monkeypatch.setattr("els_audit.trace.trace_model", boom)
+    monkeypatch.setattr("els_audit.probes.trace_model", boom)
 
 
 def _summary(res, out):

@@ -9,7 +9,7 @@ import torch
 
 from els_audit.checks import Check
 from els_audit.serialize import dumps, json_float, json_safe
-from els_audit.trace import OpInfo
+from els_audit.probes import OpInfo
 
 
 def test_json_safe_converts_numpy_tuples_keys_and_non_finite():

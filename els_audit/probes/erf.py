@@ -43,9 +43,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .equivariance import _check_data, _check_image_shape, _draw_x0, _labels
-from .sampler import time_grid
-from .schedules import NoiseSchedule, get_schedule
+from .inputs import check_data, check_image_shape, check_labels, draw_x0
+from ..sampler import time_grid
+from ..schedules import NoiseSchedule, get_schedule
 
 __all__ = ["ERFResult", "effective_receptive_field", "erf_side", "DEFAULT_BACKEND", "BACKENDS"]
 
@@ -277,7 +277,7 @@ def effective_receptive_field(
     Returns:
         :class:`ERFResult`; the normalised maps [T, P, H, W] are in ``arrays()``.
     """
-    C, H, W = _check_image_shape(image_shape)
+    C, H, W = check_image_shape(image_shape)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if n_samples < 1 or batch_size < 1:
@@ -298,8 +298,8 @@ def effective_receptive_field(
             raise ValueError(f"pixel {name}={(h, w)} is outside the {H}x{W} image")
     pix = {k: (int(v[0]), int(v[1])) for k, v in pix.items()}
     sched = get_schedule(schedule)
-    data = _check_data(data, (C, H, W))
-    lab = _labels(label, n_samples)
+    data = check_data(data, (C, H, W))
+    lab = check_labels(label, n_samples)
     compute = _maps_autograd if backend == "autograd" else _maps_captum
     g = torch.Generator().manual_seed(int(seed))
     times = time_grid(steps)[:-1]                                                # t = 1 .. 1/T
@@ -313,7 +313,7 @@ def effective_receptive_field(
     maps_x0 = np.zeros((len(times), P, H, W), dtype=np.float64)
     for ti, t in enumerate(times):
         a_t, b_t = (float(v) for v in sched.alpha_sigma(float(t)))
-        x0 = _draw_x0(data, (C, H, W), n_samples, g)
+        x0 = draw_x0(data, (C, H, W), n_samples, g)
         z = torch.randn((n_samples, C, H, W), generator=g)
         x = a_t * x0 + b_t * z                                                   # (n, C, H, W)
         tv = torch.full((n_samples,), float(t))

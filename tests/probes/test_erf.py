@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from els_audit.erf import effective_receptive_field, erf_side
+from els_audit.probes import effective_receptive_field, erf_side
 
 from toy_models import ConvStack, eps_of, linear_chain
 

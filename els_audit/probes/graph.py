@@ -21,8 +21,9 @@ from typing import Union
 import networkx as nx
 import torch.fx as fx
 
-from .serialize import json_safe
-from .trace import META_IMAGE, META_ON_PATH, META_OP, META_SHAPE, TraceResult
+from ..serialize import json_safe
+from .meta import META_IMAGE, META_ON_PATH, META_OP, META_SHAPE
+from .trace import TraceResult
 
 __all__ = ["to_networkx", "NODE_ATTRS"]
 
@@ -34,7 +35,7 @@ def to_networkx(trace: Union[TraceResult, fx.GraphModule]) -> nx.DiGraph:
     """Build the ``DiGraph`` view of a traced (and possibly analysed) graph.
 
     Args:
-        trace: a :class:`~els_audit.trace.TraceResult` or its ``graph_module``.
+        trace: a :class:`~els_audit.probes.TraceResult` or its ``graph_module``.
 
     Returns:
         ``networkx.DiGraph`` with the attributes listed in the module docstring.

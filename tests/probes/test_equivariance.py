@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from els_audit.equivariance import (
-    EQ_RULES,
-    PSNR_CAP_DB,
-    eq_rule,
-    equivariance_measured,
-    equivariance_structure,
-)
-from els_audit.trace import trace_model
+from els_audit.probes import EQ_RULES, eq_rule, equivariance_measured, equivariance_structure, trace_model
+from els_audit.probes.measured import PSNR_CAP_DB
 
 from toy_models import (
     AttnNet,

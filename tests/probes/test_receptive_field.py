@@ -9,15 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from els_audit.receptive_field import (
-    RF_RULES,
-    AxisOp,
-    PeriodicMap,
-    probe_receptive_field,
-    receptive_field,
-    rf_rule,
-)
-from els_audit.trace import trace_model
+from els_audit.probes import RF_RULES, probe_receptive_field, receptive_field, rf_rule, trace_model
+from els_audit.probes.rf import AxisOp, PeriodicMap
 
 from toy_models import (
     AttnNet,
