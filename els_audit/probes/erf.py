@@ -43,7 +43,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .inputs import check_data, check_image_shape, check_labels, draw_x0
+from .inputs import check_data, check_image_shape, check_labels, noisy_inputs
 from ..sampler import time_grid
 from ..schedules import NoiseSchedule, get_schedule
 
@@ -312,10 +312,7 @@ def effective_receptive_field(
     maps = np.zeros((len(times), P, H, W), dtype=np.float64)
     maps_x0 = np.zeros((len(times), P, H, W), dtype=np.float64)
     for ti, t in enumerate(times):
-        a_t, b_t = (float(v) for v in sched.alpha_sigma(float(t)))
-        x0 = draw_x0(data, (C, H, W), n_samples, g)
-        z = torch.randn((n_samples, C, H, W), generator=g)
-        x = a_t * x0 + b_t * z                                                   # (n, C, H, W)
+        x, a_t, b_t = noisy_inputs(sched, float(t), data, (C, H, W), n_samples, g)      # (n, C, H, W)
         tv = torch.full((n_samples,), float(t))
         m_eps, m_x0 = compute(eps_fn, x, tv, lab, pix_t, batch_size, b_t)       # (P, H, W) each
         maps[ti] = (m_eps / n_samples).numpy()

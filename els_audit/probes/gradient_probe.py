@@ -7,6 +7,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from .inputs import draw_x0
 from .rf import ReceptiveFieldResult, receptive_field
 from .trace import TraceResult
 
@@ -73,7 +74,7 @@ def probe_receptive_field(trace: TraceResult, rf: Optional[ReceptiveFieldResult]
         raise ValueError("this TraceResult has no forward signature; re-trace with trace_model")
     support = torch.zeros(spatial, dtype=torch.bool)
     for _ in range(n_inputs):
-        x = torch.randn(trace.input_shape, generator=g).requires_grad_(True)
+        x = draw_x0(None, trace.input_shape[1:], trace.input_shape[0], g).requires_grad_(True)
         bound = trace.forward_signature.bind(*trace.example_args, **dict(trace.example_kwargs))
         bound.arguments[trace.image_arg] = x
         out = trace.run(*bound.args, **bound.kwargs)

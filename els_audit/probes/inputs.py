@@ -5,7 +5,23 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+from ..schedules import NoiseSchedule
+
 import torch
+
+
+def noisy_inputs(schedule: NoiseSchedule, t: float, data: Optional[torch.Tensor], image_shape: tuple, n: int,
+                 g: torch.Generator) -> tuple[torch.Tensor, float, float]:
+    """``n`` inputs of the forward process at time ``t``: ``x_t = a_t x0 + b_t z`` with x0 drawn
+    from ``data`` (else N(0, I)) and z ~ N(0, I), both from ``g`` (in that order).
+
+    Returns:
+        (x [n, *image_shape] float32, a_t, b_t).
+    """
+    a_t, b_t = (float(v) for v in schedule.alpha_sigma(float(t)))
+    x0 = draw_x0(data, image_shape, n, g)
+    z = torch.randn((n,) + tuple(image_shape), generator=g)
+    return a_t * x0 + b_t * z, a_t, b_t
 
 
 def check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..schedules import NoiseSchedule, get_schedule
-from .inputs import check_data, check_image_shape, check_labels, draw_x0
+from .inputs import check_data, check_image_shape, check_labels, noisy_inputs
 from .structure import StructuralEquivarianceResult
 
 #: PSNR reported for an exactly zero error (keeps the JSON finite).
@@ -179,10 +179,7 @@ def equivariance_measured(
     for ti, t in enumerate(times):
         if not 0.0 <= float(t) <= 1.0:
             raise ValueError(f"times must lie in [0, 1], got {t}")
-        a_t, b_t = (float(v) for v in sched.alpha_sigma(float(t)))
-        x0 = draw_x0(data, (C, H, W), n_samples, g)
-        z = torch.randn((n_samples, C, H, W), generator=g)
-        x = a_t * x0 + b_t * z                                                   # (n, C, H, W)
+        x, a_t, b_t = noisy_inputs(sched, float(t), data, (C, H, W), n_samples, g)      # (n, C, H, W)
         xs = torch.cat([x] + [torch.roll(x, s, dims=(-2, -1)) for s in sh])     # ((S+1) n, C, H, W)
         labs = None if lab is None else lab.repeat(len(sh) + 1)
         outs = []
