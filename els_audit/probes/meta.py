@@ -8,6 +8,7 @@
 ``els_image``   ``True`` when the node's value depends on the image input (through data
                 operands; shape queries such as ``x.shape`` do not count).
 ``els_on_path`` ``True`` when the node lies on a path from the image to the analysed output.
+``els_select`` for ``getattr(result, "values")`` on a multi-output result: which output it is.
 ``els_rf``      the receptive-field pass's :class:`els_audit.probes.rf.RFAnnotation`.
 ``els_eq``      the breakers the structural pass found at the node.
 """
@@ -18,5 +19,6 @@ META_VALUE = "els_value"
 META_VARY = "els_vary"
 META_IMAGE = "els_image"
 META_ON_PATH = "els_on_path"
+META_SELECT = "els_select"
 META_RF = "els_rf"
 META_EQ = "els_eq"

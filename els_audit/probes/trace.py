@@ -42,7 +42,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .meta import META_IMAGE, META_ON_PATH, META_OP, META_SHAPE, META_VALUE, META_VARY
+from .meta import META_IMAGE, META_ON_PATH, META_OP, META_SELECT, META_SHAPE, META_VALUE, META_VARY
 from .ops import OpContext, OpInfo, canonicalise, first_line, no_data, operand_nodes
 
 __all__ = ["TraceResult", "TraceError", "trace_model"]
@@ -84,6 +84,11 @@ class _Recorder(ShapeProp):
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         _record(n, result, vary=n not in self._skip_vary)
+        if n.op == "call_function" and n.target is getattr and isinstance(n.args[0], fx.Node):
+            # ``h.max(1).values``: which output of the multi-output op this attribute is.
+            src = self.env.get(n.args[0])
+            if isinstance(src, tuple):
+                n.meta[META_SELECT] = next((k for k, v in enumerate(src) if v is result), None)
         if n.op == "output":
             self.returned = result
         return result

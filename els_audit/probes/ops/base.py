@@ -124,9 +124,25 @@ OP_TABLE = RuleTable("canonical", describe=lambda t: f"op {target_name(t)}")
 register_op = OP_TABLE.register
 
 
+#: torch op tag -> canonicaliser, for aten ops no table entry names (``torch.Tag.pointwise``:
+#: every elementwise aten op, whatever its name).  See :func:`register_tag`.
+_TAG_RULES: dict[Any, Canonicaliser] = {}
+
+
+def register_tag(tag: Any) -> Callable[[Canonicaliser], Canonicaliser]:
+    """Decorator: ``fn`` canonicalises every aten op carrying ``tag`` that has no rule of its own."""
+    def deco(fn: Canonicaliser) -> Canonicaliser:
+        if tag in _TAG_RULES:
+            raise ValueError(f"tag {tag} already has a canonical rule ({_TAG_RULES[tag].__qualname__})")
+        _TAG_RULES[tag] = fn
+        return fn
+
+    return deco
+
+
 def lookup_rule(node: fx.Node, gm: fx.GraphModule) -> Optional[Canonicaliser]:
     """The canonicaliser of a graph node: by module class (a subclass that keeps its
-    parent's forward behaves like the parent), method name, function or aten packet."""
+    parent's forward behaves like the parent), method name, function or aten op."""
     if node.op == "call_module":
         cls = type(gm.get_submodule(node.target))
         for base in cls.__mro__:
@@ -135,13 +151,47 @@ def lookup_rule(node: fx.Node, gm: fx.GraphModule) -> Optional[Canonicaliser]:
                 return rule
         return None
     if node.op == "call_method":
-        return OP_TABLE.get(f"Tensor.{node.target}")
+        return rule_for_target(f"Tensor.{node.target}")
     if node.op == "call_function":
-        t = node.target
-        rule = OP_TABLE.get(t)
-        if rule is None and isinstance(t, torch._ops.OpOverload):
-            rule = OP_TABLE.get(t.overloadpacket)
+        return rule_for_target(node.target)
+    return None
+
+
+def rule_for_target(target: Any) -> Optional[Canonicaliser]:
+    """The canonicaliser of a function, aten op or ``"Tensor.<method>"``.
+
+    An aten op without an entry falls back on its tags (:func:`register_tag`).  An in-place variant (``aten.leaky_relu_``, ``Tensor.clamp_``) without a rule of its own
+    gets its out-of-place op's rule: it computes the same values into its first argument,
+    whose schema it shares.
+    """
+    rule = OP_TABLE.get(target)
+    if rule is None and isinstance(target, torch._ops.OpOverload):
+        rule = OP_TABLE.get(target.overloadpacket)
+    if rule is not None:
         return rule
+    name = _inplace_base(target)
+    if name is not None and isinstance(target, str):
+        return OP_TABLE.get(name)
+    if name is not None and target.namespace == "aten":
+        base = getattr(torch.ops.aten, name, None)
+        rule = OP_TABLE.get(base) if base is not None else None
+        if rule is not None:
+            return rule
+    if isinstance(target, torch._ops.OpOverload):
+        return next((fn for tag, fn in _TAG_RULES.items() if tag in target.tags), None)
+    return None
+
+
+def _inplace_base(target: Any) -> Optional[str]:
+    """``"leaky_relu"`` for ``aten.leaky_relu_`` (an op or packet) or ``"Tensor.clamp"`` for
+    ``"Tensor.clamp_"``; ``None`` for anything that is not an in-place variant."""
+    if isinstance(target, str):
+        return target[:-1] if target.startswith("Tensor.") and target.endswith("_") and not target.endswith("__") else None
+    if isinstance(target, torch._ops.OpOverload):
+        target = target.overloadpacket
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        name = target.__name__
+        return name[:-1] if name.endswith("_") and not name.endswith("__") and len(name) > 1 else None
     return None
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import OpContext, aten, register_op, target_name
+from .base import OpContext, aten, register_op, register_tag, target_name
 
 
 
@@ -65,6 +65,7 @@ _FIRST_ONLY = {"Tensor.type_as", aten.type_as}
 
 
 @register_op(*_POINTWISE_FNS, *_POINTWISE_MODULES, *[f"Tensor.{m}" for m in _POINTWISE_METHODS], *_POINTWISE_ATEN)
+@register_tag(torch.Tag.pointwise)
 def _c_pointwise(ctx: OpContext):
     operands = ctx.tensor_args()
     return "pointwise", {}, operands
@@ -199,12 +200,14 @@ def _c_softmax(ctx: OpContext):
 
 _REDUCE_FNS = [torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp,
                torch.prod, torch.norm, torch.linalg.vector_norm, torch.max, torch.min, torch.median,
-               torch.std_mean, torch.var_mean, torch.count_nonzero, torch.all, torch.any]
+               torch.std_mean, torch.var_mean, torch.count_nonzero, torch.all, torch.any, torch.aminmax,
+               torch.nanmean, torch.nansum, torch.nanmedian, torch.argmax, torch.argmin, torch.mode]
 _REDUCE_METHODS = ["mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod", "norm", "max", "min",
-                   "median", "all", "any"]
+                   "median", "all", "any", "aminmax", "nanmean", "nansum", "nanmedian", "argmax", "argmin", "mode"]
 _REDUCE_ATEN = [aten.mean, aten.sum, aten.amax, aten.amin, aten.std, aten.var, aten.logsumexp, aten.prod,
                 aten.norm, aten.linalg_vector_norm, aten.max, aten.min, aten.var_mean, aten.std_mean,
-                aten.median, aten.all, aten.any]
+                aten.median, aten.all, aten.any, aten.aminmax, aten.nanmean, aten.nansum, aten.nanmedian,
+                aten.argmax, aten.argmin, aten.mode]
 
 
 # Positional names of the reduction functions (second positional is the dim, except for

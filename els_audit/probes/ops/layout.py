@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from ..meta import META_SHAPE, META_VALUE
+from ..meta import META_SELECT, META_SHAPE, META_VALUE
 from .base import META_KIND, OpContext, aten, register_op, target_name
 
 
@@ -246,7 +246,7 @@ def _c_factory(ctx: OpContext):
     return "factory", {"op": name}, []
 
 
-_META_FNS = [getattr, torch._assert, torch.is_tensor, torch.numel, len, isinstance,
+_META_FNS = [torch._assert, torch.is_tensor, torch.numel, len, isinstance,
              aten.sym_size, aten.sym_numel, aten.sym_stride, aten._assert_tensor_metadata,
              aten._assert_async, aten._assert_scalar, aten.sym_constrain_range, aten.sym_constrain_range_for_size,
              aten._functional_assert_async]
@@ -257,6 +257,24 @@ _META_METHODS = ["size", "dim", "numel", "stride", "type", "item", "tolist", "ge
 @register_op(*_META_FNS, *[f"Tensor.{m}" for m in _META_METHODS if m != "type"])
 def _c_meta(ctx: OpContext):
     return META_KIND, {}, []
+
+
+@register_op(getattr)
+def _c_getattr(ctx: OpContext):
+    """An attribute that is a tensor: an output of a multi-output op (``.values``), the
+    transpose (``.T``, ``.mT``) or the data itself (``.data``); other attributes carry no data."""
+    src, attr = ctx.node.args[0], ctx.value(ctx.node.args[1])
+    if ctx.node.meta.get(META_SELECT) is not None:
+        return "select_output", {"index": int(ctx.node.meta[META_SELECT])}, [src]
+    if not ctx.is_tensor(ctx.node) or not ctx.is_tensor(src):
+        return META_KIND, {}, []
+    nd = len(ctx.shape(src))
+    if attr in ("T", "mT", "mH", "H"):
+        perm = list(range(nd))[::-1] if attr in ("T", "H") else list(range(nd - 2)) + [nd - 1, nd - 2]
+        return "permute", {"perm": perm}, [src]
+    if attr in ("data", "real"):
+        return "pointwise", {}, [src]
+    raise ValueError(f"attribute {attr!r} of a tensor is not modelled")
 
 
 NO_DATA_FNS = set(_FACTORY) | set(_META_FNS)
