@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from . import contract, rules  # noqa: F401 - registers the rules
 from .effects import Effect, Flow, GlobalMix, RFAnnotation, SpatialInfo
-from .engine import receptive_field
+from .engine import boundary_modes, receptive_field
 from .layout import RuleContext
 from .maps import AxisOp, PeriodicMap, Unsupported
 from .result import AxisField, GlobalPath, ReceptiveFieldResult, UnsupportedOp
@@ -15,4 +15,4 @@ from .table import RF_RULES, rf_rule
 
 __all__ = ["AxisOp", "PeriodicMap", "SpatialInfo", "Flow", "GlobalMix", "Effect", "RFAnnotation", "AxisField",
            "GlobalPath", "UnsupportedOp", "ReceptiveFieldResult", "Unsupported", "RuleContext", "RF_RULES",
-           "rf_rule", "receptive_field"]
+           "rf_rule", "receptive_field", "boundary_modes"]

@@ -178,6 +178,9 @@ def _rf_attention(ctx: RuleContext):
     return _einsum_effect(ctx, attention=True)
 
 
+_rf_attention.multi_output = True  # type: ignore[attr-defined] - returns one effect per output
+
+
 @rf_rule("select_output")
 def _rf_select_output(ctx: RuleContext):  # handled by the engine; listed so it is "known"
     raise AssertionError("select_output is resolved by the engine")

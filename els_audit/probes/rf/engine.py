@@ -31,15 +31,18 @@ Every node on the image path gets ``node.meta["els_rf"]`` (:class:`RFAnnotation`
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Optional, Union
+
+import torch.fx as fx
 
 
 from ..meta import META_IMAGE, META_ON_PATH, META_OP, META_RF, META_SHAPE
 from ..ops import OpInfo
 from ..trace import TraceResult
 from .effects import Effect, Flow, GlobalMix, RFAnnotation, SpatialInfo
-from .maps import PeriodicMap, Unsupported
+from .maps import AxisOp, PeriodicMap, Unsupported
 from .layout import RuleContext, image_layout, plain
 from .result import AxisField, GlobalPath, ReceptiveFieldResult, UnsupportedOp, as_number
 from .table import RF_RULES
@@ -64,7 +67,7 @@ def _conservative(ctx: RuleContext, reason: str) -> Union[Effect, tuple]:
         return Effect(layout, flows, (GlobalMix(axes, f"unsupported op: {reason}", False),), unsupported=reason)
 
     out = ctx.out_shape
-    if isinstance(out, tuple) and out and isinstance(out[0], tuple | type(None)):
+    if is_multi_output(out):
         return tuple(one(s) if s is not None else None for s in out)
     return one(out)
 
@@ -92,6 +95,56 @@ def _apply(node_name: str, eff: Effect, ins: list[Optional[SpatialInfo]]) -> Spa
     return SpatialInfo(eff.layout, maps, srcs)
 
 
+def is_multi_output(shape: Any) -> bool:
+    """``els_shape`` of a multi-output op: a tuple of shapes (or ``None`` for a non-tensor)."""
+    return isinstance(shape, tuple) and bool(shape) and isinstance(shape[0], tuple | type(None))
+
+
+def data_operands(node: fx.Node, op: OpInfo) -> list[fx.Node]:
+    """The tensor data operands of ``node``, in the canonical order (every input of an unknown op)."""
+    by_name = {a.name: a for a in node.all_input_nodes}
+    operands = [by_name[n] for n in op.operands if n in by_name] if op.kind != "unknown" else list(node.all_input_nodes)
+    return [o for o in operands if isinstance(o.meta.get(META_SHAPE), tuple)]
+
+
+def _rule_effect(rule, ctx: RuleContext) -> Union[Effect, tuple]:
+    """A rule's effect; for a multi-output op whose rule describes one output (a reduction
+    such as ``var_mean`` or ``max(x, dim)``), the rule is applied to each output's shape."""
+    if not is_multi_output(ctx.out_shape) or getattr(rule, "multi_output", False):
+        return rule(ctx)
+    effs = []
+    for shape in ctx.out_shape:
+        sub = copy.copy(ctx)
+        sub.out_shape = shape
+        effs.append(None if shape is None else rule(sub))
+    return tuple(effs)
+
+
+def _node_effect(ctx: RuleContext, unanalysed: list[str]) -> tuple[Union[Effect, tuple], str]:
+    """(effect, reason it is conservative or ``""``) of one node."""
+    op = ctx.op
+    if unanalysed:
+        reason = f"operand(s) {', '.join(unanalysed)} depend on the image but were not analysed"
+        return _conservative(ctx, reason), reason
+    rule = RF_RULES.get(op.kind)
+    if rule is None:
+        reason = op.note or f"no receptive-field rule for op kind {op.kind!r}"
+        return _conservative(ctx, reason), reason
+    try:
+        return _rule_effect(rule, ctx), ""
+    except Unsupported as exc:
+        return _conservative(ctx, str(exc)), str(exc)
+    except Exception as exc:  # noqa: BLE001 - a rule bug: name the node
+        raise RuntimeError(f"receptive-field rule {op.kind!r} failed on node {ctx.node.name} ({op.target}): "
+                           f"{type(exc).__name__}: {exc}") from exc
+
+
+def _apply_all(name: str, eff: Union[Effect, tuple], ins: list) -> Union[SpatialInfo, tuple]:
+    if isinstance(eff, tuple):
+        return tuple(_apply(name, e, ins) if e is not None else None for e in eff)
+    return _apply(name, eff, ins)
+
+
 def _run_pass(trace: TraceResult) -> tuple[dict, list[UnsupportedOp]]:
     gm = trace.graph_module
     infos: dict[str, Any] = {}
@@ -108,50 +161,61 @@ def _run_pass(trace: TraceResult) -> tuple[dict, list[UnsupportedOp]]:
             continue
         if op.kind == "meta":
             continue
-        by_name = {a.name: a for a in node.all_input_nodes}
-        operands = [by_name[n] for n in op.operands if n in by_name] if op.kind != "unknown" else list(node.all_input_nodes)
-        operands = [o for o in operands if isinstance(o.meta.get("els_shape"), tuple)]
-        ins = [infos.get(o.name) if isinstance(infos.get(o.name), SpatialInfo) else None for o in operands]
+        operands = data_operands(node, op)
         if op.kind == "select_output":
             src = infos.get(operands[0].name)
             k = op.params["index"]
             info = src[k] if isinstance(src, tuple) and k < len(src) else None
-            if info is None:
+            if info is not None:
+                infos[node.name] = info
+                node.meta[META_RF] = RFAnnotation(info, Effect(info.layout, tuple(Flow(0, a, "id") for a in info.axes())))
                 continue
-            infos[node.name] = info
-            node.meta[META_RF] = RFAnnotation(info, Effect(info.layout, tuple(Flow(0, a, "id") for a in info.axes())))
-            continue
+        ins = [infos.get(o.name) if isinstance(infos.get(o.name), SpatialInfo) else None for o in operands]
+        # NB: an image-dependent operand without an analysis would otherwise pass for an
+        # image-independent one (a "position embedding"): conservative instead.
+        unanalysed = [o.name for o, i in zip(operands, ins) if i is None and o.meta.get(META_IMAGE)
+                      and not is_multi_output(o.meta.get(META_SHAPE))]
         ctx = RuleContext(node, op, operands, ins)
-        rule = RF_RULES.get(op.kind)
-        reason = ""
-        if rule is None:
-            reason = op.note or f"no receptive-field rule for op kind {op.kind!r}"
-            eff: Any = _conservative(ctx, reason)
-        else:
-            try:
-                eff = rule(ctx)
-            except Unsupported as exc:
-                reason = str(exc)
-                eff = _conservative(ctx, reason)
-            except Exception as exc:  # noqa: BLE001 - a rule bug: name the node
-                raise RuntimeError(
-                    f"receptive-field rule {op.kind!r} failed on node {node.name} ({op.target}): "
-                    f"{type(exc).__name__}: {exc}") from exc
+        eff, reason = _node_effect(ctx, unanalysed)
         try:
-            if isinstance(eff, tuple):
-                info = tuple(_apply(node.name, e, ins) if e is not None else None for e in eff)
-            else:
-                info = _apply(node.name, eff, ins)
+            info = _apply_all(node.name, eff, ins)
         except Unsupported as exc:
             reason = str(exc)
             eff = _conservative(ctx, reason)
-            info = (tuple(_apply(node.name, e, ins) if e is not None else None for e in eff)
-                    if isinstance(eff, tuple) else _apply(node.name, eff, ins))
+            info = _apply_all(node.name, eff, ins)
         if reason and node.meta.get(META_ON_PATH):
             unsupported.append(UnsupportedOp(node.name, op.target, op.kind, reason))
         infos[node.name] = info
         node.meta[META_RF] = RFAnnotation(info, eff)
     return infos, unsupported
+
+
+def boundary_modes(trace: TraceResult) -> frozenset[str]:
+    """The boundary conditions the analysed output reads at the example's size: the
+    ``boundary`` of every index map on the image path whose taps leave the input
+    (``"zeros"``, ``"reflect"``, ``"replicate"``, ``"circular"``).  Empty for a network that
+    never reads past an edge.  Needs :func:`receptive_field` to have run on ``trace``."""
+    modes: set[str] = set()
+    for node in trace.graph.nodes:
+        ann = node.meta.get(META_RF)
+        if ann is None or ann.effect is None or not node.meta.get(META_ON_PATH):
+            continue
+        operands = data_operands(node, node.meta[META_OP])
+        effs = ann.effect if isinstance(ann.effect, tuple) else (ann.effect,)
+        infos = ann.info if isinstance(ann.info, tuple) else (ann.info,)
+        for eff, info in zip(effs, infos):
+            if eff is None or not isinstance(info, SpatialInfo):
+                continue
+            for f in eff.flows:
+                if not isinstance(f.transform, AxisOp) or f.transform.boundary == "none" or f.operand >= len(operands):
+                    continue
+                src = operands[f.operand].meta.get(META_RF)
+                src_info = src.info if src is not None else None
+                if not isinstance(src_info, SpatialInfo) or f.axis not in src_info.axes() or f.axis not in info.axes():
+                    continue
+                if f.transform.reads_outside(src_info.axes()[f.axis][1], info.axes()[f.axis][1]):
+                    modes.add(f.transform.boundary)
+    return frozenset(modes)
 
 
 def receptive_field(trace: TraceResult) -> ReceptiveFieldResult:

@@ -3,6 +3,7 @@ context, broadcasting and position-dependent operands."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch.fx as fx
@@ -10,7 +11,7 @@ import torch.fx as fx
 from ..meta import META_SHAPE, META_VARY
 from ..ops import OpInfo
 from .effects import Factor, Flow, Layout, SpatialInfo
-from .maps import Unsupported
+from .maps import AxisOp, Unsupported
 
 
 class RuleContext:
@@ -61,9 +62,29 @@ def image_layout(shape: tuple, axes: Sequence[str]) -> Layout:
     return tuple(lead + [plain(s, a) for s, a in zip(shape[len(shape) - nd:], axes)])
 
 
-def reshape_layout(layout: Layout, out_shape: Sequence[int]) -> Layout:
+def reshape_layout(layout: Layout, out_shape: Sequence[int]) -> tuple[Layout, dict[str, AxisOp]]:
+    """The layout after a reshape, and the index map it applies to each image axis it
+    splits or merges.
+
+    - *split* (space-to-depth: ``(h p) -> h, p``): the outer part keeps the axis, the inner
+      part becomes a plain (channel-like) factor; outer position o covers pixels
+      ``o p .. o p + p - 1`` (the map of ``PixelUnshuffle``).
+    - *merge* (depth-to-space: ``h, p -> (h p)``): a dim holding one image axis followed by
+      plain factors of total size r becomes that axis at r times the resolution; position q
+      reads position ``q // r`` (the map of ``PixelShuffle``).  A plain factor *before* the
+      axis (a batch of rows, ``(b h)``) is kept as is.
+    A reshape that splits and merges one axis at once, or that puts an axis's outer part
+    anywhere but first, is refused (:class:`Unsupported`).
+    """
     queue: list[Factor] = [f for facs in layout for f in facs if f[1] > 1]
     out: list[tuple[Factor, ...]] = []
+    ops: dict[str, AxisOp] = {}
+
+    def add(axis: str, op: AxisOp) -> None:
+        if axis in ops:
+            raise Unsupported(f"reshape to {tuple(out_shape)} splits and merges image axis {axis} at once")
+        ops[axis] = op
+
     for s in out_shape:
         s = int(s)
         if s == 1:
@@ -80,18 +101,34 @@ def reshape_layout(layout: Layout, out_shape: Sequence[int]) -> Layout:
                 got.append(queue.pop(0))
                 acc *= size
             elif size % need == 0:
+                inner = size // need
                 if name not in ("", "*"):
-                    raise Unsupported(f"reshape splits image axis {name} ({size} -> {need} x {size // need}): "
-                                      "patch reshapes are not modelled")
+                    add(name, AxisOp(1, inner, (tuple(range(inner)),), "none",
+                                     label=f"reshape splits {name} {size} -> {need} x {inner} (space-to-depth)"))
+                    queue[0] = ("", inner)
+                else:
+                    queue[0] = (name, inner)
                 got.append((name, need))
-                queue[0] = (name, size // need)
                 acc *= need
             else:
                 raise Unsupported(f"reshape to {tuple(out_shape)} mixes dims of sizes {size} and {need}")
-        out.append(canon(got))
+        out.append(_merge_depth(canon(got), add))
     if queue:
         raise Unsupported(f"reshape to {tuple(out_shape)} leaves factors {queue} unplaced")
-    return tuple(out)
+    return tuple(out), ops
+
+
+def _merge_depth(facs: tuple[Factor, ...], add: Callable[[str, AxisOp], None]) -> tuple[Factor, ...]:
+    """A dim ``(axis n, plain r...)`` becomes ``(axis n r)`` with the depth-to-space map."""
+    sp = [i for i, (name, _) in enumerate(facs) if name not in ("", "*")]
+    if len(sp) != 1 or sp[0] == len(facs) - 1:
+        return facs
+    i = sp[0]
+    name, n = facs[i]
+    r = math.prod(size for _, size in facs[i + 1:])
+    add(name, AxisOp(r, 1, tuple((0,) for _ in range(r)), "none",
+                     label=f"reshape merges {name} {n} x {r} -> {n * r} (depth-to-space)"))
+    return facs[:i] + ((name, n * r),)
 
 
 def id_flows(i: int, facs: Sequence[Factor]) -> list[Flow]:

@@ -65,6 +65,18 @@ class AxisOp:
         k, r = np.divmod(positions, self.n_out)
         return m[r] + (k * self.n_in)[:, None], valid[r]
 
+    @staticmethod
+    def _outside(q: np.ndarray, valid: np.ndarray, n_in: int) -> np.ndarray:
+        return valid & ((q < 0) | (q >= n_in))
+
+    def reads_outside(self, n_in: int, n_out: int) -> bool:
+        """Some output position (at these sizes) reads a tap past either end of the input,
+        i.e. the op's boundary condition matters (circular included)."""
+        if self.finite_taps is not None:
+            return any(not 0 <= t < n_in for row in self.finite_taps[:n_out] for t in row)
+        q, valid = self.taps_for(np.arange(n_out))
+        return bool(self._outside(q, valid, n_in).any())
+
     def finite(self, n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Taps on a finite axis of ``n_in`` -> ``n_out`` positions, boundary applied.
 
@@ -83,7 +95,7 @@ class AxisOp:
                 valid[o, : len(row)] = True
         else:
             q, valid = self.taps_for(np.arange(n_out))
-        out_of_range = valid & ((q < 0) | (q >= n_in))
+        out_of_range = self._outside(q, valid, n_in)
         touched = out_of_range.any(axis=1) & (self.boundary not in ("circular",))
         idx = q.copy()
         if self.boundary == "circular":

@@ -333,8 +333,8 @@ def _rf_reduce(ctx: RuleContext) -> Effect:
 @rf_rule("reshape")
 def _rf_reshape(ctx: RuleContext) -> Effect:
     info = ctx.ins[0]
-    layout = reshape_layout(info.layout, ctx.out_shape)
-    flows = [Flow(0, a, "id") for a in info.axes()]
+    layout, ops = reshape_layout(info.layout, ctx.out_shape)
+    flows = [Flow(0, a, ops.get(a, "id")) for a in info.axes()]
     return Effect(layout, tuple(flows))
 
 
@@ -417,6 +417,9 @@ def _rf_split(ctx: RuleContext) -> tuple:
             layout = info.layout[:d] + (plain(shp[d]),) + info.layout[d + 1:]
         effs.append(Effect(layout, tuple(Flow(0, a, "id") for a in info.axes())))
     return tuple(effs)
+
+
+_rf_split.multi_output = True  # type: ignore[attr-defined] - returns one effect per output
 
 
 @rf_rule("cat", "stack")
