@@ -173,6 +173,9 @@ class TraceResult:
         verified_max_abs_diff: max |graph(x) - module(x)| on the example inputs (the trace
             is checked against eager execution), ``None`` when outputs were not comparable.
         training_mode: the module was in training mode (dropout / batch statistics active).
+        output_abs_max: max |analysed output| on the example inputs (0: the output is
+            identically zero, e.g. a zero-initialised output layer; the numerical probes
+            then measure nothing).
         example_args / example_kwargs: the inputs used (kept for numerical probes).
     """
 
@@ -190,6 +193,7 @@ class TraceResult:
     op_counts: Mapping[str, int]
     verified_max_abs_diff: Optional[float]
     training_mode: bool
+    output_abs_max: Optional[float] = None
     example_args: tuple = field(repr=False, default=())
     example_kwargs: Mapping[str, Any] = field(repr=False, default_factory=dict)
     forward_signature: Optional[inspect.Signature] = field(repr=False, default=None)
@@ -230,6 +234,7 @@ class TraceResult:
             "op_counts": dict(self.op_counts),
             "verified_max_abs_diff": self.verified_max_abs_diff,
             "training_mode": self.training_mode,
+            "output_abs_max": self.output_abs_max,
         }
 
 
@@ -361,8 +366,55 @@ def trace_model(
     kwargs = dict(example_kwargs or {})
     sig = inspect.signature(module.forward)
     names, values, concrete = _flat_inputs(sig, example_args, kwargs)
+    img_name = _image_name(sig, names, values, image_arg)
+    image = values[names.index(img_name)]
+    inputs = _Inputs(sig, names, values, concrete, example_args, kwargs, img_name, image)
+    gm, rec, used, reason = _trace(module, inputs, tuple(leaf_modules), tracer)
+    image_ph = _find_image_placeholder(gm, used, names, img_name, example_args, kwargs, image)
+    if image_ph is None:
+        raise TraceError(f"the image argument {img_name!r} is not a graph input after tracing")
+    _annotate(gm, image_ph)
+    eps_node, leaves = _pick_output(gm, image, output_index)
+    counts, unknown = _mark_path(gm, eps_node)
+    diff, out_max = _verify(module, example_args, kwargs, rec.returned, leaves.index(eps_node))
+    return TraceResult(
+        graph_module=gm,
+        tracer=used,
+        tracer_reason=reason,
+        image_node=image_ph.name,
+        image_arg=img_name,
+        output_node=eps_node.name,
+        input_shape=tuple(image.shape),
+        output_shape=tuple(eps_node.meta[META_SHAPE]),
+        concrete_args=MappingProxyType({k: repr(v) for k, v in concrete.items()}),
+        spatial_axes=_AXIS_NAMES[image.dim() - 2],
+        unknown_ops=tuple(unknown),
+        op_counts=MappingProxyType(dict(sorted(counts.items()))),
+        verified_max_abs_diff=diff,
+        training_mode=bool(module.training),
+        output_abs_max=out_max,
+        example_args=tuple(example_args),
+        example_kwargs=MappingProxyType(kwargs),
+        forward_signature=sig,
+    )
 
-    # Which argument is the image.
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The example inputs, bound to ``forward``'s parameters."""
+
+    sig: inspect.Signature
+    names: list
+    values: list
+    concrete: dict
+    args: tuple
+    kwargs: dict
+    img_name: str
+    image: torch.Tensor
+
+
+def _image_name(sig: inspect.Signature, names: list[str], values: list, image_arg: Union[int, str, None]) -> str:
+    """Which ``forward`` parameter takes the image (B, C, *spatial)."""
     if image_arg is None:
         img_name = next((nm for nm, v in zip(names, values) if isinstance(v, torch.Tensor) and v.dim() >= 3), None)
         if img_name is None:
@@ -378,51 +430,50 @@ def trace_model(
     image = values[names.index(img_name)]
     if not isinstance(image, torch.Tensor) or image.dim() < 3 or image.dim() > 5:
         raise TraceError(f"the image argument {img_name!r} must be a tensor (B, C, *spatial) with 1-3 spatial dims")
-    nd = image.dim() - 2
+    return img_name
 
-    gm = None
-    used = ""
-    reason = ""
+
+def _trace(module: nn.Module, inp: _Inputs, leaves: tuple, tracer: str) -> tuple[fx.GraphModule, "_Recorder", str, str]:
+    """(graph, its recorder after the shape run, tracer used, why): symbolic tracing first,
+    ``torch.export`` (non-strict) where it fails."""
     fx_error: Optional[str] = None
     if tracer in ("auto", "fx"):
         try:
-            tr = _LeafTracer(tuple(leaf_modules))
-            graph = tr.trace(module, concrete_args=concrete or None)
+            tr = _LeafTracer(leaves)
+            graph = tr.trace(module, concrete_args=inp.concrete or None)
             gm = fx.GraphModule(tr.root, graph, type(module).__name__)
-            rec = _Recorder(gm, _find_image_placeholder(gm, "torch.fx.symbolic_trace", names, img_name, example_args, kwargs, image))
-            with torch.no_grad():
-                rec.propagate(*values)
             used = "torch.fx.symbolic_trace"
-            reason = "symbolic tracing succeeded" + (
-                f" with concrete args {sorted(concrete)}" if concrete else "")
+            rec = _record_run(gm, used, inp, inp.values)
+            return gm, rec, used, "symbolic tracing succeeded" + (
+                f" with concrete args {sorted(inp.concrete)}" if inp.concrete else "")
         except Exception as exc:  # noqa: BLE001 - any tracing failure falls back
             fx_error = first_line(exc)
-            gm = None
             if tracer == "fx":
                 raise TraceError(f"symbolic tracing failed: {fx_error}; try tracer='export'") from exc
-    if gm is None:
-        try:
-            ep = torch.export.export(module, tuple(example_args), kwargs or None, strict=False)
-            gm = ep.module()
-            rec = _Recorder(gm, _find_image_placeholder(gm, "torch.export", names, img_name, example_args, kwargs, image))
-            with torch.no_grad():
-                rec.propagate(*_graph_inputs(gm, "torch.export", sig, example_args, kwargs))
-            used = "torch.export"
-            reason = (f"symbolic tracing failed ({fx_error}); used torch.export" if fx_error
-                      else "torch.export requested")
-        except Exception as exc:  # noqa: BLE001
-            raise TraceError(
-                f"could not trace {type(module).__name__}: symbolic tracing: {fx_error or 'not tried'}; "
-                f"torch.export: {first_line(exc)}. Register the failing submodule as a leaf "
-                "(leaf_modules=...) or simplify its forward"
-            ) from exc
+    try:
+        ep = torch.export.export(module, tuple(inp.args), inp.kwargs or None, strict=False)
+        gm = ep.module()
+        used = "torch.export"
+        rec = _record_run(gm, used, inp, _graph_inputs(gm, used, inp.sig, inp.args, inp.kwargs))
+    except Exception as exc:  # noqa: BLE001
+        raise TraceError(
+            f"could not trace {type(module).__name__}: symbolic tracing: {fx_error or 'not tried'}; "
+            f"torch.export: {first_line(exc)}. Register the failing submodule as a leaf "
+            "(leaf_modules=...) or simplify its forward"
+        ) from exc
+    return gm, rec, used, (f"symbolic tracing failed ({fx_error}); used torch.export" if fx_error
+                           else "torch.export requested")
 
-    image_ph = _find_image_placeholder(gm, used, names, img_name, example_args, kwargs, image)
-    if image_ph is None:
-        raise TraceError(f"the image argument {img_name!r} is not a graph input after tracing")
 
-    # Canonical ops and data dependence, in topological order.
-    unknown: list[tuple[str, str]] = []
+def _record_run(gm: fx.GraphModule, used: str, inp: _Inputs, values: list) -> "_Recorder":
+    rec = _Recorder(gm, _find_image_placeholder(gm, used, inp.names, inp.img_name, inp.args, inp.kwargs, inp.image))
+    with torch.no_grad():
+        rec.propagate(*values)
+    return rec
+
+
+def _annotate(gm: fx.GraphModule, image_ph: fx.Node) -> None:
+    """Canonical ops and image dependence on every node, in topological order."""
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             node.meta[META_OP] = OpInfo("image" if node is image_ph else "input", node.name)
@@ -440,7 +491,9 @@ def trace_model(
         node.meta[META_OP] = info
         node.meta[META_IMAGE] = any(gm_node.meta.get(META_IMAGE, False) for gm_node in operand_nodes(node, info))
 
-    # The analysed output.
+
+def _pick_output(gm: fx.GraphModule, image: torch.Tensor, output_index: Optional[int]) -> tuple[fx.Node, list]:
+    """(the analysed output node, the graph's tensor output leaves)."""
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     leaves = [x for x in pytree.tree_leaves(out_node.args[0]) if isinstance(x, fx.Node) and OpContext.is_tensor(x)]
     img_leaves = [x for x in leaves if x.meta.get(META_IMAGE)]
@@ -449,11 +502,13 @@ def trace_model(
     if output_index is not None:
         if not 0 <= output_index < len(leaves):
             raise TraceError(f"output_index={output_index} but the model returns {len(leaves)} tensors")
-        eps_node = leaves[output_index]
-    else:
-        eps_node = next((x for x in img_leaves if x.meta[META_SHAPE] == tuple(image.shape)), img_leaves[0])
+        return leaves[output_index], leaves
+    return next((x for x in img_leaves if x.meta[META_SHAPE] == tuple(image.shape)), img_leaves[0]), leaves
 
-    # On-path marking: ancestors of the output through data operands, that depend on x.
+
+def _mark_path(gm: fx.GraphModule, eps_node: fx.Node) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Mark the ancestors of the output through data operands that depend on the image
+    (``els_on_path``); returns the op counts on the path and its unknown ops."""
     stack, seen = [eps_node], set()
     while stack:
         n = stack.pop()
@@ -465,6 +520,7 @@ def trace_model(
             if o.meta.get(META_IMAGE):
                 stack.append(o)
     counts: dict[str, int] = {}
+    unknown: list[tuple[str, str]] = []
     for n in gm.graph.nodes:
         on = n.name in seen and n.meta.get(META_IMAGE, False)
         n.meta[META_ON_PATH] = bool(on)
@@ -473,36 +529,23 @@ def trace_model(
             counts[k] = counts.get(k, 0) + 1
             if k == "unknown":
                 unknown.append((n.name, n.meta[META_OP].target))
+    return counts, unknown
 
-    # Check the trace against eager execution (the graph's outputs were kept by ShapeProp).
-    diff: Optional[float] = None
+
+def _verify(module: nn.Module, args: tuple, kwargs: dict, returned: Any, eps_index: int
+            ) -> tuple[Optional[float], Optional[float]]:
+    """(max |graph - eager| over the outputs, max |analysed output|) on the example inputs;
+    ``None`` where the outputs were not comparable."""
+    got_leaves = [x for x in pytree.tree_leaves(returned) if isinstance(x, torch.Tensor)]
+    out_max = float(got_leaves[eps_index].detach().abs().max()) if eps_index < len(got_leaves) else None
     try:
         with torch.no_grad():
-            ref = module(*example_args, **kwargs)
+            ref = module(*args, **kwargs)
         ref_leaves = [x for x in pytree.tree_leaves(ref) if isinstance(x, torch.Tensor)]
-        got_leaves = [x for x in pytree.tree_leaves(rec.returned) if isinstance(x, torch.Tensor)]
         if ref_leaves and len(ref_leaves) == len(got_leaves) and all(
                 r.shape == g.shape for r, g in zip(ref_leaves, got_leaves)):
-            diff = float(max((r.double() - g.double()).abs().max().item() for r, g in zip(ref_leaves, got_leaves)))
+            return float(max((r.double() - g.double()).abs().max().item()
+                             for r, g in zip(ref_leaves, got_leaves))), out_max
     except Exception:  # noqa: BLE001 - verification is best effort; reported as None
-        diff = None
-
-    return TraceResult(
-        graph_module=gm,
-        tracer=used,
-        tracer_reason=reason,
-        image_node=image_ph.name,
-        image_arg=img_name,
-        output_node=eps_node.name,
-        input_shape=tuple(image.shape),
-        output_shape=tuple(eps_node.meta[META_SHAPE]),
-        concrete_args=MappingProxyType({k: repr(v) for k, v in concrete.items()}),
-        spatial_axes=_AXIS_NAMES[nd],
-        unknown_ops=tuple(unknown),
-        op_counts=MappingProxyType(dict(sorted(counts.items()))),
-        verified_max_abs_diff=diff,
-        training_mode=bool(module.training),
-        example_args=tuple(example_args),
-        example_kwargs=MappingProxyType(kwargs),
-        forward_signature=sig,
-    )
+        pass
+    return None, out_max
