@@ -687,8 +687,11 @@ def _run(config: AuditConfig, progress: Optional[ProgressFn]) -> AuditResult:
     C, H, W = (int(s) for s in full.images.shape[1:])
     _check_scales_fit(cfg.scales, H, W)
     # NB: a seeded, class-balanced sample for the sanity check (data sets may be sorted by label)
-    check_images = full.images[balanced_subset_indices(full.labels, len(full), 16, cfg.data_seed)].to(device)
-    den = clock.stage("adapt", make_denoiser, loaded, check_images=check_images)
+    check_rows = balanced_subset_indices(full.labels, len(full), 16, cfg.data_seed)
+    check_images = full.images[check_rows].to(device)
+    # NB: a class-conditional model is checked with each image's own label
+    check_labels = torch.as_tensor(full.labels[check_rows], dtype=torch.long).to(device) if conditional else None
+    den = clock.stage("adapt", make_denoiser, loaded, check_images=check_images, check_labels=check_labels)
     # NB: a model trained on another data range (e.g. [0, 1]) diffuses x_t = a x0 + b eps in
     # ITS range, which is not an affine image of the [-1, 1] process (the noise does not
     # scale with the data).  So the whole audit runs in the model's range: the machines'

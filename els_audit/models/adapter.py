@@ -385,12 +385,12 @@ def _target(den: Denoiser, x0: torch.Tensor, eps: torch.Tensor, a: float, b: flo
 
 
 @torch.no_grad()
-def _error_ratio(den: Denoiser, x0: torch.Tensor, eps: torch.Tensor, t: float
+def _error_ratio(den: Denoiser, x0: torch.Tensor, eps: torch.Tensor, t: float, labels: Optional[torch.Tensor] = None
                  ) -> tuple[torch.Tensor, float, float, str]:
     """(model output, its mse, the trivial predictor's mse, its name) in the model's output space."""
     a, b = (float(v) for v in den.schedule.alpha_sigma(t))
     x_t = a * x0 + b * eps                                                      # (N, C, H, W)
-    out = den.output(x_t, torch.full((x0.shape[0],), t, dtype=x0.dtype, device=x0.device))
+    out = den.output(x_t, torch.full((x0.shape[0],), t, dtype=x0.dtype, device=x0.device), labels)
     target, trivial, name = _target(den, x0, eps, a, b)
     err = float((out - target).pow(2).mean()) if torch.isfinite(out).all() else math.inf
     return out, err, float((trivial - target).pow(2).mean()), name
@@ -401,6 +401,7 @@ def sanity_check(
     den: Denoiser,
     images: torch.Tensor,
     *,
+    labels: Optional[torch.Tensor] = None,
     t: float = 0.5,
     threshold: float = 0.8,
     seed: int = 0,
@@ -412,6 +413,7 @@ def sanity_check(
     Args:
         den: the denoiser.
         images: (N, C, H, W) clean training images in [-1, 1] (mapped to the model's range).
+        labels: (N,) int64 class labels of ``images`` for a class-conditional model, else None.
         t: the time to test at.
         threshold: pass when the output's mse < threshold * the trivial predictor's (eps,
             v, score: 0; x0: the better of 0 and the data mean).
@@ -432,11 +434,11 @@ def sanity_check(
     g = torch.Generator().manual_seed(seed)
     eps = torch.randn(x0.shape, generator=g, dtype=torch.float64).to(x0.dtype).to(x0.device)
     try:
-        out, err, zero, trivial = _error_ratio(den, x0, eps, t)
+        out, err, zero, trivial = _error_ratio(den, x0, eps, t, labels)
     except ModelLoadError:
         raise
     except Exception as exc:   # the first call on the user's images: say what does not fit
-        raise _call_failure(den, x0, t, exc) from None
+        raise _call_failure(den, x0, t, exc, labels) from None
     if not torch.isfinite(out).all():
         bad = int((~torch.isfinite(out)).sum())
         raise ModelLoadError(
@@ -455,7 +457,7 @@ def sanity_check(
         for name, value in alternatives:
             try:
                 alt = den.replace(**{name: value})
-                _, e2, z2, _ = _error_ratio(alt, alt.to_model_range(images), eps, t)
+                _, e2, z2, _ = _error_ratio(alt, alt.to_model_range(images), eps, t, labels)
             except Exception:  # an alternative the model cannot run is simply no candidate
                 continue
             alts.append((name, value, e2 / z2 if z2 > 0 else math.inf))
@@ -489,19 +491,27 @@ def sanity_check(
     raise ModelLoadError(den.where, problem, hint)
 
 
-def _call_failure(den: Denoiser, x0: torch.Tensor, t: float, exc: Exception) -> ModelLoadError:
-    """The one-line error for a model that cannot be called on the data's images: a channel
-    count or image size that another probe call accepts is named; else the library's words."""
+def _call_failure(den: Denoiser, x0: torch.Tensor, t: float, exc: Exception,
+                  labels: Optional[torch.Tensor] = None) -> ModelLoadError:
+    """The one-line error for a model that cannot be called on the data's images: a missing
+    class label, or a channel count or image size that another probe call accepts, is named;
+    else the library's words."""
     N, C, H, W = x0.shape
     tt = torch.full((1,), t, dtype=x0.dtype)
+    label = None if labels is None else labels[:1]
 
-    def runs(c: int, h: int, w: int) -> bool:
+    def runs(c: int, h: int, w: int, lab: Optional[torch.Tensor] = label) -> bool:
         try:
             with torch.no_grad():
-                den.output(torch.zeros((1, c, h, w), dtype=x0.dtype, device=x0.device), tt.to(x0.device))
+                den.output(torch.zeros((1, c, h, w), dtype=x0.dtype, device=x0.device), tt.to(x0.device), lab)
             return True
         except Exception:
             return False
+
+    if labels is None and runs(C, H, W, torch.zeros(1, dtype=torch.long, device=x0.device)):
+        return ModelLoadError(den.where, f"the model needs a class label and none was given "
+                                         f"({type(exc).__name__}: {text(exc, 120)})",
+                              "audit it as class-conditional: pass --conditional (labelled --data) or --label N")
 
     for c in (1, 3, 4, 2):
         if c != C and runs(c, H, W):
@@ -533,6 +543,7 @@ def make_denoiser(
     num_train_steps: Optional[int] = None,
     data_range: Union[Sequence[float], str, None] = None,
     check_images: Optional[torch.Tensor] = None,
+    check_labels: Optional[torch.Tensor] = None,
     check: bool = True,
     example_shape: Optional[tuple[int, int, int]] = None,
 ) -> Denoiser:
@@ -546,6 +557,8 @@ def make_denoiser(
         check_images: (N, C, H, W) clean training images in [-1, 1] for the sanity check
             (a few are enough); when None, only output shape and finiteness are checked
             on a random image of ``example_shape``.
+        check_labels: (N,) class labels of ``check_images`` for a class-conditional model
+            (the sanity check passes them to the model), else None.
         check: run the sanity check at all.
         example_shape: (C, H, W) for the probe call (default (1, 32, 32), or that of
             ``check_images``).
@@ -627,7 +640,7 @@ def make_denoiser(
     )
     if check:
         if check_images is not None:
-            sanity_check(den, check_images)
+            sanity_check(den, check_images, labels=check_labels)
         else:
             g = torch.Generator().manual_seed(0)
             x = torch.randn((2, *shape), generator=g)

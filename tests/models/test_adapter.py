@@ -300,3 +300,32 @@ def test_a_model_that_cannot_take_the_data_says_what_it_takes(mnist_batch):
 
     with pytest.raises(ModelLoadError, match="takes 3-channel images, but the data has 1 channel"):
         make_denoiser(PaperResNet(in_channels=3, width=8, n_layers=1).eval(), check_images=mnist_batch)
+
+
+class NeedsLabel(nn.Module):
+    """A class-conditional denoiser that cannot run without a label (a DiT's class embedder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.emb = nn.Embedding(10, 1)
+        self.seen: list = []
+
+    def forward(self, x, t, label):
+        self.seen.append(label.clone())
+        return self.conv(x) + self.emb(label)[:, :, None, None]
+
+
+def test_a_model_that_needs_a_label_says_so(mnist_batch):
+    with pytest.raises(ModelLoadError, match=r"needs a class label and none was given.*--conditional") as ei:
+        make_denoiser(NeedsLabel(), call_style="x-t", check_images=mnist_batch)
+    assert "\n" not in str(ei.value)
+
+
+def test_the_sanity_check_passes_the_labels_it_is_given(mnist_batch):
+    net = NeedsLabel()
+    labels = torch.arange(16) % 10
+    # random weights: the check runs (with the labels) and fails as untrained, not as a crash
+    with pytest.raises(ModelLoadError, match="sanity check failed"):
+        make_denoiser(net, call_style="x-t", check_images=mnist_batch, check_labels=labels)
+    assert net.seen and all(torch.equal(s, labels) for s in net.seen)
