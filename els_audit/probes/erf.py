@@ -64,11 +64,13 @@ MASSES = (0.5, 0.9, 0.99)
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
-def erf_side(mass_map: np.ndarray, pixel: Sequence[int], q: float) -> int:
+def erf_side(mass_map: np.ndarray, pixel: Sequence[int], q: float, wrap: bool = False) -> int:
     """Side of the smallest square centred on ``pixel`` holding a fraction ``q`` of the
     mass of ``mass_map`` (H, W).  Odd: ``2 r + 1`` for the smallest Chebyshev radius r
     with mass(dist <= r) >= q * total.  The square may stick out of the image (edge and
-    corner pixels); only the pixels inside count.  A zero map gives 1."""
+    corner pixels); only the pixels inside count -- unless ``wrap``: then the image is a
+    torus (a circularly padded network) and the square wraps around the edges.  A zero
+    map gives 1."""
     m = np.asarray(mass_map, dtype=np.float64)
     if m.ndim != 2:
         raise ValueError(f"mass_map must be (H, W), got shape {m.shape}")
@@ -79,7 +81,10 @@ def erf_side(mass_map: np.ndarray, pixel: Sequence[int], q: float) -> int:
         return 1
     H, W = m.shape
     hh, ww = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
-    d = np.maximum(np.abs(hh - int(pixel[0])), np.abs(ww - int(pixel[1])))     # (H, W) Chebyshev
+    dh, dw = np.abs(hh - int(pixel[0])), np.abs(ww - int(pixel[1]))
+    if wrap:
+        dh, dw = np.minimum(dh, H - dh), np.minimum(dw, W - dw)
+    d = np.maximum(dh, dw)                                                       # (H, W) Chebyshev
     by_r = np.bincount(d.ravel(), weights=m.ravel())
     cum = np.cumsum(by_r)
     # NB: a relative tolerance of 1e-9 absorbs float round-off in the cumulative sum.
@@ -105,6 +110,8 @@ class ERFResult:
             normalisation).
         backend: ``"autograd"`` or ``"captum"``.
         n_samples, seed, image_shape, schedule, data_source: the set-up.
+        geometry: ``"plane"`` (squares clipped at the edges) or ``"torus"`` (they wrap around,
+            for a circularly padded network).
     """
 
     times: tuple[float, ...]
@@ -124,6 +131,7 @@ class ERFResult:
     image_shape: tuple[int, int, int]
     schedule: str
     data_source: str
+    geometry: str = "plane"
     maps: np.ndarray = field(repr=False, compare=False, default=None)
     x0_maps: np.ndarray = field(repr=False, compare=False, default=None)
 
@@ -152,6 +160,7 @@ class ERFResult:
             "image_shape": list(self.image_shape),
             "schedule": self.schedule,
             "data_source": self.data_source,
+            "geometry": self.geometry,
         }
 
 
@@ -251,6 +260,7 @@ def effective_receptive_field(
     patch_from: str = "x0",
     backend: str = DEFAULT_BACKEND,
     batch_size: int = 256,
+    wrap: bool = False,
 ) -> ERFResult:
     """Effective receptive field of a denoiser at every step of the sampler grid.
 
@@ -273,6 +283,8 @@ def effective_receptive_field(
         backend: ``"autograd"`` or ``"captum"`` (same numbers; see :data:`DEFAULT_BACKEND`).
         batch_size: bounds the work per backward: ``batch_size // (pixels x channels)``
             inputs per forward (autograd), or that many replicated rows (captum).
+        wrap: measure the squares on the torus (for a network whose every boundary is
+            circular: an edge pixel's field continues on the opposite edge).
 
     Returns:
         :class:`ERFResult`; the normalised maps [T, P, H, W] are in ``arrays()``.
@@ -326,14 +338,14 @@ def effective_receptive_field(
     norm_x0, _ = normalise(maps_x0)
 
     def sides(nm: np.ndarray, q: float) -> dict:
-        return {n: tuple(erf_side(nm[ti, pi], pix[n], q) for ti in range(len(times))) for pi, n in enumerate(names)}
+        return {n: tuple(erf_side(nm[ti, pi], pix[n], q, wrap) for ti in range(len(times))) for pi, n in enumerate(names)}
 
     erf = {q: sides(norm, q) for q in MASSES}
     erf_x0 = {q: sides(norm_x0, q) for q in MASSES}
     centre = "centre" if "centre" in pix else names[0]
     ci = names.index(centre)
     src = norm_x0 if patch_from == "x0" else norm
-    patch = tuple(int(min(k_max, max(lo_k, erf_side(src[ti, ci], pix[centre], els_mass)))) for ti in range(len(times)))
+    patch = tuple(int(min(k_max, max(lo_k, erf_side(src[ti, ci], pix[centre], els_mass, wrap)))) for ti in range(len(times)))
     what = "x0_hat" if patch_from == "x0" else "eps"
     rule = (f"k_t = side of the smallest square centred on the {centre} pixel holding {els_mass:.0%} of "
             f"sum|d {what}[{centre}]/dx| (odd by construction), clamped to [{lo_k}, {k_max}]")
@@ -351,6 +363,7 @@ def effective_receptive_field(
         image_shape=(C, H, W),
         schedule=getattr(sched, "name", str(schedule)),
         data_source="training images" if data is not None else "N(0, I)",
+        geometry="torus" if wrap else "plane",
         maps=norm.astype(np.float32),
         x0_maps=norm_x0.astype(np.float32),
     )

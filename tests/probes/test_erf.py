@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 from els_audit.probes import effective_receptive_field, erf_side
 
@@ -174,3 +175,31 @@ def test_paper_unet_erf_runs_and_is_json_safe():
     assert len(res.predicted_patch) == 2 and all(k % 2 == 1 and 3 <= k <= 7 for k in res.predicted_patch)
     assert all(res.erf50[p][i] <= res.erf90[p][i] <= res.erf99[p][i] for p in res.pixels for i in range(2))
     json.dumps(res.to_dict(), allow_nan=False)
+
+
+def test_erf_side_on_the_torus_by_hand():
+    m = np.zeros((8, 8))
+    m[0, 0] = 1.0
+    m[7, 7] = 1.0           # next to the corner on the torus, 7 away on the plane
+    m[0, 1] = 2.0
+    assert erf_side(m, (0, 0), 1.0) == 15 and erf_side(m, (0, 0), 1.0, wrap=True) == 3
+    assert erf_side(m, (0, 0), 0.75, wrap=False) == 3 and erf_side(m, (0, 0), 0.75, wrap=True) == 3
+
+
+def test_circular_stack_is_measured_on_the_torus():
+    # 4 circular convs with kernel outer(k, k), k = [1, 2, 1]: a linear map whose field is 9 px
+    # wide everywhere on the torus (at the corner too); on the plane the corner's mass would
+    # seem to spread over the whole 32 px image.
+    k = torch.tensor([1.0, 2.0, 1.0])
+    convs = [nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular", bias=False) for _ in range(4)]
+    for c in convs:
+        with torch.no_grad():
+            c.weight.copy_(torch.outer(k, k)[None, None])
+    seq = nn.Sequential(*convs)
+    eps = lambda x, t, label: seq(x)  # noqa: E731
+    torus = effective_receptive_field(eps, (1, 32, 32), steps=1, n_samples=1, wrap=True)
+    plane = effective_receptive_field(eps, (1, 32, 32), steps=1, n_samples=1)
+    for name in ("centre", "edge", "corner"):
+        assert torus.erf99[name] == torus.erf99["centre"] and torus.erf99[name][0] <= 9
+    assert plane.erf99["corner"][0] > 50    # the wrapped mass sits 31 px away on the plane
+    assert torus.geometry == "torus" and torus.to_dict()["geometry"] == "torus" and plane.geometry == "plane"
