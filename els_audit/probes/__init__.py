@@ -22,13 +22,13 @@ from .graph import to_networkx
 from .kinds import OP_KINDS
 from .measured import MeasuredEquivarianceResult, equivariance_measured
 from .ops import OP_TABLE, OpInfo, register_op
-from .rf import RF_RULES, ReceptiveFieldResult, receptive_field, rf_rule
+from .rf import RF_RULES, ReceptiveFieldResult, boundary_modes, receptive_field, rf_rule
 from .structure import VERDICTS, StructuralEquivarianceResult, equivariance_structure
 from .trace import TraceError, TraceResult, trace_model
 
 __all__ = [
     "trace_model", "TraceResult", "TraceError", "OpInfo", "OP_TABLE", "register_op", "OP_KINDS",
-    "receptive_field", "ReceptiveFieldResult", "RF_RULES", "rf_rule",
+    "receptive_field", "ReceptiveFieldResult", "RF_RULES", "rf_rule", "boundary_modes",
     "equivariance_structure", "StructuralEquivarianceResult", "Breaker", "EQ_RULES", "eq_rule", "VERDICTS",
     "equivariance_measured", "MeasuredEquivarianceResult",
     "effective_receptive_field", "ERFResult", "erf_side",
