@@ -33,10 +33,9 @@ import json
 import os
 import platform
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -44,14 +43,14 @@ import torch
 from . import __version__
 from .calibrate import CalibrationResult, calibrate_scales, candidates_near, default_candidates
 from .checks import Check, Rule, builtin_checks, evaluate_rules, exit_code, parse_rule
-from .console import text
-from .data import Dataset, balanced_subset_indices, load_dataset
+from .errors import AuditError
 from .machines import build_machine
 from .models.capture import capture_library_output, summarise
 from .novelty import DEFAULT_THRESHOLD, NoveltyResult, assess_novelty
 from .predict import PredictionResult, predict_samples
 from .published import PublishedMatch, closest_published
 from .serialize import json_safe
+from .stages import Clock, Inputs, Probes, ProgressFn, load_inputs, run_probes
 
 __all__ = [
     "AuditConfig",
@@ -66,9 +65,15 @@ __all__ = [
     "FULL_FIDELITY",
     "MACHINE_CHOICES",
     "SCALE_MODES",
+    "ONLY_CHOICES",
 ]
 
 MACHINE_CHOICES = ("auto", "ELS", "bbELS", "LS")
+#: ``--only``: run a part of the audit (``structure``: trace, receptive field, verdict, field
+#: probe, ERF and shift tests; no sanity check, no machines)
+ONLY_CHOICES = ("structure",)
+#: the summary sections a structure-only audit writes (``--fail-on`` rules must gate on these)
+STRUCTURE_SECTIONS = ("name", "model", "data", "structure", "erf", "equivariance", "config")
 SCALE_MODES = ("auto", "erf", "calibrate")
 TIME_INPUT_ALIASES = {"unit": "unit", "index": "index", "sigma": "sigma"}
 
@@ -88,11 +93,6 @@ FULL_FIDELITY = {
 }
 
 
-class AuditError(ValueError):
-    """The audit cannot run with this input; the message is one line saying what to do."""
-
-
-ProgressFn = Callable[[str], None]
 
 
 # ---------------------------------------------------------------------------------------
@@ -163,6 +163,9 @@ class AuditConfig:
         fail_on: ``--fail-on`` rules (text).
         threads: torch threads (``None`` = leave torch's setting).
         device: ``cpu`` or ``cuda`` (the network; machines run where the data lives).
+        only: ``None`` (the whole audit) or ``"structure"``: the architecture review (see
+            :data:`ONLY_CHOICES`); the summary then has no machine, prediction, novelty or
+            published section.
     """
 
     model: str
@@ -197,6 +200,7 @@ class AuditConfig:
     fail_on: tuple[str, ...] = ()
     threads: Optional[int] = None
     device: str = "cpu"
+    only: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -238,6 +242,14 @@ class AuditConfig:
         object.__setattr__(self, "fail_on", tuple(self.fail_on))
         for r in self.fail_on:
             parse_rule(r)  # raises RuleError (a ValueError) with a one-line message
+        if self.only is not None and self.only not in ONLY_CHOICES:
+            raise AuditError(f"--only must be one of {', '.join(ONLY_CHOICES)}; got {self.only!r}")
+        if self.only == "structure":
+            for rule in self.rules:
+                if rule.path.split(".")[0] not in STRUCTURE_SECTIONS:
+                    raise AuditError(f"--fail-on {rule.text}: {rule.path} is not computed by --only structure; gate "
+                                     f"on what it computes ({', '.join(STRUCTURE_SECTIONS[3:6])}: e.g. band_width, "
+                                     f"period) or run the whole audit")
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -404,7 +416,17 @@ class AuditResult:
         nearest_images: (B, C, H, W) the nearest training image of each network sample.
         dictionary_images: (N, C, H, W) the machines' dictionary (for the mosaic).
         timings: stage -> seconds.  versions: package versions.  warnings: notes.
+
+    A structure-only audit (``config.only == "structure"``) has no choice, scales,
+    calibration, prediction, novelty or published result (``None`` / empty), and its
+    summary no ``machine``, ``prediction``, ``novelty`` or ``published`` section.
     """
+
+    @property
+    def scope(self) -> str:
+        """``"full"`` or ``"structure"`` (summary.json's ``scope``)."""
+        return "structure" if self.prediction is None else "full"
+
 
     config: AuditConfig
     model: dict
@@ -415,17 +437,17 @@ class AuditResult:
     structure: dict
     erf: Any
     equivariance: Any
-    choice: MachineChoice
-    scales: tuple[int, ...]
-    scales_predicted: tuple[int, ...]
-    scales_source: str
-    calibration: Optional[CalibrationResult]
-    calibration_other: Optional[CalibrationResult]
-    prediction: PredictionResult
-    novelty: NoveltyResult
-    published: Optional[PublishedMatch]
-    checks: tuple[Check, ...]
-    exit_code: int
+    choice: Optional[MachineChoice] = None
+    scales: tuple[int, ...] = ()
+    scales_predicted: tuple[int, ...] = ()
+    scales_source: str = ""
+    calibration: Optional[CalibrationResult] = None
+    calibration_other: Optional[CalibrationResult] = None
+    prediction: Optional[PredictionResult] = None
+    novelty: Optional[NoveltyResult] = None
+    published: Optional[PublishedMatch] = None
+    checks: tuple[Check, ...] = ()
+    exit_code: int = 0
     graph: Any = field(repr=False, default=None)
     nearest_images: Optional[np.ndarray] = field(repr=False, default=None)
     timings: dict = field(default_factory=dict)
@@ -435,10 +457,9 @@ class AuditResult:
 
     def summary_core(self) -> dict:
         """summary.json without the checks (the checks are computed from this)."""
-        pred = self.prediction.to_dict()
-        nov = self.novelty.to_dict()
-        return json_safe({
+        d = {
             "schema": "els-audit/summary/1",
+            "scope": self.scope,
             "name": self.name,
             "model": self.model,
             "denoiser": self.denoiser,
@@ -450,6 +471,17 @@ class AuditResult:
             },
             "erf": None if self.erf is None else self.erf.to_dict(),
             "equivariance": None if self.equivariance is None else self.equivariance.to_dict(),
+            "config": self.config.to_dict(),
+            "versions": dict(self.versions),
+            "timings": {k: round(float(v), 3) for k, v in self.timings.items()},
+            "warnings": list(self.warnings),
+        }
+        if self.scope == "full":
+            d.update(self._machine_sections())
+        return json_safe(d)
+
+    def _machine_sections(self) -> dict:
+        return {
             "machine": {
                 **self.choice.to_dict(),
                 "scales": list(self.scales),
@@ -460,15 +492,11 @@ class AuditResult:
                 "calibration_other": None if self.calibration_other is None else self.calibration_other.to_dict(),
                 "n_dictionary_images": int(self.data.get("dictionary", {}).get("N", 0)),
             },
-            "prediction": pred,
+            "prediction": self.prediction.to_dict(),
             "published": None if self.published is None else self.published.to_dict(),
-            "novelty": nov,
-            "config": self.config.to_dict(),
+            "novelty": self.novelty.to_dict(),
             "full_fidelity": dict(FULL_FIDELITY),
-            "versions": dict(self.versions),
-            "timings": {k: round(float(v), 3) for k, v in self.timings.items()},
-            "warnings": list(self.warnings),
-        })
+        }
 
     def to_dict(self) -> dict:
         """summary.json (JSON-safe; validated by ``els_audit/summary_schema.json``)."""
@@ -478,9 +506,10 @@ class AuditResult:
         return json_safe(d)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """Raw arrays for ``arrays.npz``: seeds, x_T, the three samples, maps, calibration."""
-        out = dict(self.prediction.arrays())
-        for k, v in self.novelty.arrays().items():
+        """Raw arrays for ``arrays.npz``: seeds, x_T, the three samples, maps, calibration
+        (a structure-only audit: the ERF and shift-test maps)."""
+        out = dict(self.prediction.arrays()) if self.prediction is not None else {}
+        for k, v in (self.novelty.arrays() if self.novelty is not None else {}).items():
             out.setdefault(k, v)
         if self.calibration is not None:
             out.update(self.calibration.arrays())
@@ -494,8 +523,9 @@ class AuditResult:
             out["equivariance_error_maps"] = self.equivariance.arrays()["error_maps"]
         if self.nearest_images is not None:
             out["nearest_training_images"] = self.nearest_images
-        out["scales"] = np.asarray(self.scales)
-        out["scales_predicted"] = np.asarray(self.scales_predicted)
+        if self.scope == "full":
+            out["scales"] = np.asarray(self.scales)
+            out["scales_predicted"] = np.asarray(self.scales_predicted)
         return out
 
 
@@ -515,52 +545,6 @@ def versions() -> dict:
                 m = None
         out[mod] = getattr(m, "__version__", None) if m is not None else None
     return out
-
-
-@torch.no_grad()
-def _label_effect(den, images: torch.Tensor, classes: list[int], seed: int = 0) -> Optional[float]:
-    """How far the model's output moves when only the class label changes: on noisy training
-    images at t = 0.5, ``|eps(x, t, y) - eps(x, t, y')| / |eps(x, t, y)|`` with y' the next
-    class after y.  0 when the model ignores its label (``None`` with fewer than 2 classes)."""
-    if len(classes) < 2:
-        return None
-    n = images.shape[0]
-    y = torch.tensor([classes[i % len(classes)] for i in range(n)], dtype=torch.long, device=images.device)
-    y2 = torch.tensor([classes[(i + 1) % len(classes)] for i in range(n)], dtype=torch.long, device=images.device)
-    a, b = (float(v) for v in den.schedule.alpha_sigma(0.5))
-    g = torch.Generator().manual_seed(seed)
-    x_t = a * den.to_model_range(images) + b * torch.randn(images.shape, generator=g).to(images)  # (n, C, H, W)
-    t = torch.full((n,), 0.5, dtype=images.dtype, device=images.device)
-    e1, e2 = den.eps(x_t, t, y), den.eps(x_t, t, y2)                                            # (n, C, H, W)
-    return float((e1 - e2).norm() / e1.norm().clamp_min(1e-12))
-
-
-def _check_scales_fit(scales: Union[str, tuple[int, ...]], H: int, W: int) -> None:
-    """Refuse given patch sizes past 2 max(H, W) - 1: from there on every pixel's window holds
-    the whole image at every offset, so the machine is the IS machine and larger only costs."""
-    if isinstance(scales, str):
-        return
-    cap = 2 * max(H, W) - 1
-    big = sorted({k for k in scales if k > cap})
-    if big:
-        raise AuditError(f"--scales {','.join(map(str, big))}: patch sizes above {cap} (2 x {max(H, W)} - 1 for "
-                         f"{H}x{W} images) see the whole image from every pixel, where the machine already equals "
-                         f"IS; give sizes up to {cap}")
-
-
-def _data_spec(cfg: AuditConfig, loaded) -> tuple[str, str]:
-    """The data spec and where it came from (the argument, else the model's zoo config; an
-    empty ``--data`` counts as none given, and the checks warn about it)."""
-    if cfg.data and cfg.data.strip():
-        return cfg.data, "argument"
-    if loaded.data_hint and loaded.data_hint_trusted:
-        return loaded.data_hint, loaded.data_hint_source
-    if loaded.data_hint:
-        raise AuditError(f"{cfg.model}: the {loaded.data_hint_source} names data by path ({loaded.data_hint!r}); a "
-                         f"downloaded config may not choose which of your files are read: pass --data yourself "
-                         f"(or --trust-model if you trust the config)")
-    raise AuditError(f"{cfg.model}: no training data named; pass --data SPEC (e.g. --data mnist5k:size=32 or "
-                     f"--data path/to/train.npz): the ELS machine needs the training images or a sample of them")
 
 
 def _arch_family(module, structure: dict) -> Optional[str]:
@@ -583,40 +567,6 @@ def _padding_of(structure: dict) -> Optional[str]:
     if any(b.get("kind") == "boundary" for b in structure.get("breakers") or []):
         return "zeros"
     return "circular"
-
-
-class _Clock:
-    def __init__(self, progress: Optional[ProgressFn]):
-        self.progress = progress
-        self.timings: dict[str, float] = {}
-        self.t0 = time.perf_counter()
-
-    def say(self, msg: str) -> None:
-        if self.progress is not None:
-            self.progress(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}")
-
-    def stage(self, name: str, fn, *a, slow: bool = False, **kw):
-        """Run one stage and time it; announce it when ``slow``, report it when it took >= 1 s."""
-        if slow:
-            self.say(f"{name} ...")
-        t = time.perf_counter()
-        out = fn(*a, **kw)
-        self.timings[name] = time.perf_counter() - t
-        if slow or self.timings[name] >= 1.0:
-            self.say(f"{name} done in {self.timings[name]:.1f}s")
-        return out
-
-    def steps(self, every: float = 2.0):
-        """A ``progress(stage, done, total)`` for the library stages, at most every ``every`` s."""
-        last = {"t": 0.0}
-
-        def f(stage: str, done: int, total: int) -> None:
-            now = time.perf_counter()
-            if done == total or now - last["t"] >= every:
-                last["t"] = now
-                self.say(f"  {stage} step {done}/{total}")
-
-        return f
 
 
 # ---------------------------------------------------------------------------------------
@@ -644,139 +594,63 @@ def run_audit(config: AuditConfig, *, progress: Optional[ProgressFn] = None) -> 
 
 
 def _run(config: AuditConfig, progress: Optional[ProgressFn]) -> AuditResult:
-    from .models import load_model, make_denoiser
-    from .probes import (effective_receptive_field, equivariance_measured, equivariance_structure, receptive_field,
-                         to_networkx, trace_model)
-
     cfg = config
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise AuditError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-    clock = _Clock(progress)
-    notes: list[str] = []
+    clock = Clock(progress)
+    structure_only = cfg.only == "structure"
+    inp = load_inputs(cfg, clock, sanity=not structure_only)                          # 1. load
+    probes = run_probes(cfg, clock, inp)                                              # 2. probes
+    if structure_only:
+        inp.notes.append(STRUCTURE_ONLY_NOTE)
+        return _with_checks(AuditResult(**_probe_fields(cfg, clock, inp, probes)), cfg, clock)
+    return _machine_stages(cfg, clock, inp, probes)
 
-    # 1. load ------------------------------------------------------------------------------
-    loaded = clock.stage("load model", load_model, cfg.model, arch=cfg.arch, arch_kwargs=cfg.arch_kwargs,
-                         format=cfg.format, state_dict_key=cfg.state_dict_key, trust_model=cfg.trust_model,
-                         schedule=cfg.schedule, time_input=cfg.time_input, prediction=cfg.prediction,
-                         call_style=cfg.call_style, num_train_steps=cfg.num_train_steps, data_range=cfg.data_range)
-    spec, spec_source = _data_spec(cfg, loaded)
-    full: Dataset = clock.stage("load data", load_dataset, spec)
-    if len(full) < 3:
-        raise AuditError(f"data {spec!r} holds {len(full)} image(s); the audit needs at least 3")
-    conditional = cfg.conditional or cfg.label is not None
-    if conditional and full.labels is None:
-        raise AuditError(f"--conditional/--label need labelled data, but {spec!r} has no labels; "
-                         f"drop the flag or pass labelled data")
-    if cfg.label is not None and cfg.label not in full.label_counts():
-        raise AuditError(f"--label {cfg.label}: no training image has that label; labels present: "
-                         f"{', '.join(map(str, full.label_counts()))}")
-    if cfg.data_limit is not None and cfg.data_limit < len(full):
-        rows = balanced_subset_indices(full.labels, len(full), cfg.data_limit, cfg.data_seed)
-        dic = full.take(rows, note=f"dictionary: seeded class-balanced subset of {cfg.data_limit}, "
-                                   f"seed {cfg.data_seed}")
-    else:
-        dic = full
-    module = loaded.module
-    if hasattr(module, "eval"):
-        module.eval()
-    device = torch.device(cfg.device)
-    if cfg.device == "cuda" and hasattr(module, "to"):
-        module.to(device)
-    C, H, W = (int(s) for s in full.images.shape[1:])
-    _check_scales_fit(cfg.scales, H, W)
-    # NB: a seeded, class-balanced sample for the sanity check (data sets may be sorted by label)
-    check_rows = balanced_subset_indices(full.labels, len(full), 16, cfg.data_seed)
-    check_images = full.images[check_rows].to(device)
-    # NB: a class-conditional model is checked with each image's own label
-    check_labels = torch.as_tensor(full.labels[check_rows], dtype=torch.long).to(device) if conditional else None
-    den = clock.stage("adapt", make_denoiser, loaded, check_images=check_images, check_labels=check_labels)
-    # NB: a model trained on another data range (e.g. [0, 1]) diffuses x_t = a x0 + b eps in
-    # ITS range, which is not an affine image of the [-1, 1] process (the noise does not
-    # scale with the data).  So the whole audit runs in the model's range: the machines'
-    # dictionary and the copy test use the training images mapped into it (the machines and
-    # Pearson r do not care about the range; the locality thresholds scale with it).
-    in_model_range = tuple(den.data_range) != (-1.0, 1.0)
-    if in_model_range:
-        notes.append(f"the model works in data range {den.data_range}: samples, machines and the copy test use "
-                     f"the training images mapped into that range")
-    train_images = den.to_model_range(full.images) if in_model_range else full.images         # (N, C, H, W)
-    dict_images = den.to_model_range(dic.images) if in_model_range else dic.images            # (n, C, H, W)
-    sched = den.schedule
 
-    def eps_fn(x, t, label=None):
-        with torch.no_grad():
-            out = den.eps(x.to(device), t.to(device), None if label is None else label.to(device))
-        return out.to(x.device, x.dtype)
+#: what a structure-only audit's numbers mean (the weights may be untrained: no sanity check ran)
+STRUCTURE_ONLY_NOTE = (
+    "structure-only audit (--only structure): no sanity check ran, so the weights may be untrained, and no machine "
+    "was fitted.  The receptive field, breakers and verdict are the architecture's and hold for any weights; the "
+    "ERF and the shift tests measure these weights: on random weights the ERF shows how far the architecture's "
+    "sensitivity reaches at initialisation, not the patch sizes a trained model will use")
 
-    def eps_grad(x, t, label=None):  # the ERF probe needs gradients
-        return den.eps(x.to(device), t.to(device), None if label is None else label.to(device)).to(x.device)
 
-    # labels per seed
-    classes = sorted(full.label_counts()) if conditional else []
-    label_effect = _label_effect(den, check_images, classes) if conditional else None
-    if cfg.label is not None:
-        eval_labels: Optional[list[int]] = [cfg.label] * cfg.seeds
-        cal_labels: Optional[list[int]] = [cfg.label] * cfg.calibration_seeds
-    elif conditional:
-        eval_labels = [classes[i % len(classes)] for i in range(cfg.seeds)]
-        cal_labels = [classes[i % len(classes)] for i in range(cfg.calibration_seeds)]
-    else:
-        eval_labels = cal_labels = None
+def _probe_fields(cfg: AuditConfig, clock: Clock, inp: Inputs, probes: Probes) -> dict:
+    """The :class:`AuditResult` fields every audit has: inputs and probes."""
+    den_d = inp.den.to_dict()
+    den_d.pop("model", None)
+    den_d["label_effect"] = inp.label_effect
+    data_d = inp.full.to_dict()
+    data_d["spec_source"] = inp.spec_source
+    data_d["dictionary"] = {"N": len(inp.dic), "limit": cfg.data_limit, "seed": cfg.data_seed,
+                            "label_counts": None if inp.dic.labels is None else
+                            {str(k): v for k, v in inp.dic.label_counts().items()},
+                            "conditional": inp.conditional}
+    return dict(config=cfg, model=inp.loaded.to_dict(), denoiser=den_d, data=data_d, trace=probes.trace,
+                receptive_field=probes.receptive_field, structure=dict(probes.structure), erf=probes.erf,
+                equivariance=probes.equivariance, graph=probes.graph, timings=dict(clock.timings),
+                versions=versions(), warnings=tuple(inp.notes) + tuple(inp.loaded.notes), name=model_name(cfg.model))
 
-    # 2. probes ------------------------------------------------------------------------------
-    trace_d = rf_d = None
-    graph = None
-    structure: dict
-    try:
-        g = torch.Generator().manual_seed(0)
-        ex_x = torch.randn((2, C, H, W), generator=g).to(device)
-        ex_t = den.model_time(torch.tensor([0.3, 0.7])).to(device)
-        lab = torch.tensor(eval_labels[:2] if eval_labels and len(eval_labels) >= 2 else
-                           (eval_labels or [0]) * 2, dtype=torch.long).to(device) if conditional else None
-        if not isinstance(module, torch.nn.Module):
-            raise AuditError(f"the model is a {type(module).__name__}, not an nn.Module")
-        if callable(den.call_style) and not isinstance(den.call_style, str):
-            raise AuditError("a custom call_style callable cannot be traced")
-        args, kw = den.call_args(ex_x, ex_t, lab)
-        tr = clock.stage("trace", trace_model, module, args, kw)
-        rf = clock.stage("receptive field", receptive_field, tr)
-        st = clock.stage("equivariance structure", equivariance_structure, tr, rf)
-        trace_d, rf_d = tr.to_dict(), rf.to_dict()
-        structure = st.to_dict()
-        structure["_global_paths"] = [gp.to_dict() for gp in rf.global_paths]
-        try:
-            graph = to_networkx(tr)
-        except Exception as exc:  # noqa: BLE001 - the drawing is optional
-            notes.append(f"graph view unavailable: {text(exc, 200)}")
-        band = st                      # the shift test masks the structural band per axis
-    except AuditError as exc:
-        structure = {"error": str(exc)}
-        band = 0
-    except Exception as exc:  # noqa: BLE001 - a network we cannot trace is audited without structure
-        structure = {"error": f"{type(exc).__name__}: {text(exc, 300)}"}
-        band = 0
-    if structure.get("error"):
-        notes.append(f"structural analysis unavailable: {structure['error']}")
-        # NB: keep the stable keys: the verdict is "unknown", never a guess
-        structure.update({"verdict": ["unknown"], "verdict_line": "unknown", "breakers": [], "partial": True})
 
-    # NB: the probes draw x0 from data given in [-1, 1]; for a model in another range they
-    # draw x0 ~ N(0, I) instead (they only need inputs of the right scale).
-    data_for_probe = None if in_model_range else full.images
-    erf_labels = None if not conditional else torch.tensor((eval_labels * cfg.erf_samples)[:cfg.erf_samples])
-    erf = clock.stage("effective receptive field", effective_receptive_field, eps_grad, (C, H, W), steps=cfg.steps,
-                      schedule=sched, data=data_for_probe, n_samples=cfg.erf_samples, seed=0,
-                      label=None if not conditional else erf_labels,
-                      slow=True)
-    meq = clock.stage("measured equivariance", equivariance_measured, eps_fn, (C, H, W), band=band, seed=0,
-                      n_samples=2, data=data_for_probe, schedule=sched,
-                      label=None if not conditional else torch.tensor((eval_labels * 2)[:2]))
-    # NB: the ERF's predicted patch is listed in sampler order (t = 1 first); scales use
-    # index 0 = least noise, so it is reversed.
-    predicted = tuple(int(k) for k in reversed(erf.predicted_patch))
+def _with_checks(res: AuditResult, cfg: AuditConfig, clock: Clock) -> AuditResult:
+    """The result with its built-in checks and ``--fail-on`` rules evaluated (and its exit code)."""
+    core = res.summary_core()
+    checks = builtin_checks(core) + evaluate_rules(cfg.rules, core)
+    res = dataclasses.replace(res, checks=checks, exit_code=exit_code(checks))
+    clock.say("checks: " + ", ".join(f"{c.name}={c.status}" for c in checks))
+    return res
 
+
+def _machine_stages(cfg: AuditConfig, clock: Clock, inp: Inputs, probes: Probes) -> AuditResult:
+    """Stages 3-7: the machine, its scales, the prediction, novelty and the checks."""
+    C, H, W = inp.shape
+    full, dic, den, conditional = inp.full, inp.dic, inp.den, inp.conditional
+    sched, eps_fn, notes = den.schedule, inp.eps_fn, inp.notes
+    train_images, dict_images = inp.train_images, inp.dict_images
+    eval_labels, cal_labels = inp.eval_labels, inp.cal_labels
+    structure, predicted = {**probes.structure, "_global_paths": probes.global_paths}, probes.predicted
     # 3. machine ----------------------------------------------------------------------------
     choice = choose_machine(structure, cfg.machine, cfg.dictionary)
     clock.say(f"machine: {choice.kind} ({choice.reason})")
@@ -824,33 +698,14 @@ def _run(config: AuditConfig, progress: Optional[ProgressFn]) -> AuditResult:
 
     # published -----------------------------------------------------------------------------
     try:
-        published = closest_published(spec, _arch_family(module, structure), _padding_of(structure), conditional)
+        published = closest_published(inp.spec, _arch_family(inp.loaded.module, structure), _padding_of(structure),
+                                      conditional)
     except ValueError as exc:
         published = None
         notes.append(f"no published comparison: {exc}")
 
-    model_d = loaded.to_dict()
-    den_d = den.to_dict()
-    den_d.pop("model", None)
-    den_d["label_effect"] = label_effect
-    data_d = full.to_dict()
-    data_d["spec_source"] = spec_source
-    data_d["dictionary"] = {"N": len(dic), "limit": cfg.data_limit, "seed": cfg.data_seed,
-                            "label_counts": None if dic.labels is None else
-                            {str(k): v for k, v in dic.label_counts().items()},
-                            "conditional": conditional}
-    structure_public = {k: v for k, v in structure.items() if not k.startswith("_")}
-    res = AuditResult(
-        config=cfg, model=model_d, denoiser=den_d, data=data_d, trace=trace_d, receptive_field=rf_d,
-        structure=structure_public, erf=erf, equivariance=meq, choice=choice, scales=tuple(scales),
-        scales_predicted=predicted, scales_source=source, calibration=calibration, calibration_other=other,
-        prediction=prediction,
-        novelty=novelty, published=published, checks=(), exit_code=0, graph=graph, nearest_images=nearest,
-        timings=dict(clock.timings), versions=versions(), warnings=tuple(notes) + tuple(loaded.notes),
-        name=model_name(cfg.model),
-    )
-    core = res.summary_core()
-    checks = builtin_checks(core) + evaluate_rules(cfg.rules, core)
-    res = dataclasses.replace(res, checks=checks, exit_code=exit_code(checks))
-    clock.say("checks: " + ", ".join(f"{c.name}={c.status}" for c in checks))
-    return res
+    fields = _probe_fields(cfg, clock, inp, probes)
+    res = AuditResult(**fields, choice=choice, scales=tuple(scales), scales_predicted=predicted, scales_source=source,
+                      calibration=calibration, calibration_other=other, prediction=prediction, novelty=novelty,
+                      published=published, nearest_images=nearest)
+    return _with_checks(res, cfg, clock)

@@ -17,7 +17,9 @@ Rules can also come from a TOML file (for registries)::
 
     fail_on = ["memorized_fraction>0.05", "median_r<0.8"]
 
-Statuses: ``pass``, ``warn`` (reported, exit code 0) and ``fail`` (exit code 1).
+Statuses: ``pass``, ``warn`` (reported, exit code 0) and ``fail`` (exit code 1).  The
+built-in checks only warn, except ``field_probe``: a gradient probe that contradicts the
+theoretical receptive field fails the run.
 """
 
 from __future__ import annotations
@@ -245,7 +247,8 @@ def evaluate_rules(rules: Sequence[Rule], summary: Mapping[str, Any]) -> tuple[C
 
 
 def builtin_checks(summary: Mapping[str, Any]) -> tuple[Check, ...]:
-    """Warnings an audit always reports (they never fail the run).
+    """Checks an audit always reports: warnings, except ``field_probe``, which fails when
+    the gradient of the network contradicts its own structural analysis.
 
     Reads the summary dict (not the objects), so the same checks apply to a stored
     summary.json.
@@ -270,6 +273,7 @@ def builtin_checks(summary: Mapping[str, Any]) -> tuple[Check, ...]:
         out.append(Check("structure_complete", "warn" if partial else "pass", not partial, None,
                          "unsupported ops: " + ", ".join(str(u) for u in st.get("unsupported_ops", []))
                          if partial else "every op on the image path has a rule"))
+        out += _probe_checks(st)
         nonlocal_ = "non-local" in (st.get("verdict") or [])
         out.append(Check("locality", "warn" if nonlocal_ else "pass", not nonlocal_, None,
                          "the network mixes information over the whole image (global ops); a local machine "
@@ -297,6 +301,32 @@ def builtin_checks(summary: Mapping[str, Any]) -> tuple[Check, ...]:
                          f"{mf:.1%} of the network's samples are near-copies of a training image "
                          f"(training images among themselves: {thr:.1%})"))
     return tuple(out)
+
+
+def _probe_checks(st: Mapping[str, Any]) -> list[Check]:
+    """The gradient check of the theoretical field (a failure: the analysis contradicts the
+    network, so the verdict and the machine choice cannot be trusted) and a zero output."""
+    out: list[Check] = []
+    fp = st.get("field_probe") or {}
+    if fp:
+        bad = [(name, row) for name, row in (fp.get("pixels") or {}).items() if not row.get("inside")]
+        out.append(Check("field_probe", "fail" if bad else "pass", not bad, None,
+                         ("the gradient of the output reaches outside the theoretical receptive field at "
+                          + "; ".join(f"the {name} pixel {tuple(row['pixel'])} (support {row['support']}, field "
+                                      f"{row['predicted']})" for name, row in bad)
+                          + ": the structural analysis is wrong for this network, so its verdict and the machine "
+                            "choice cannot be trusted; please report it with the model's architecture")
+                         if bad else "the gradient support at the centre, an edge and a corner lies inside the "
+                                     "theoretical field"))
+    out_max = _number((st.get("trace") or {}).get("output_abs_max"))
+    if out_max is not None:
+        zero = out_max == 0.0
+        out.append(Check("output_nonzero", "warn" if zero else "pass", out_max, 0,
+                         "the model's output is identically zero on the example inputs (a zero-initialised output "
+                         "layer?): the receptive field and the verdict are the architecture's, but the gradient "
+                         "probe and the ERF measure nothing; audit trained weights" if zero else
+                         f"max |output| {out_max:.3g} on the example inputs"))
+    return out
 
 
 def _input_checks(summary: Mapping[str, Any]) -> list[Check]:

@@ -108,6 +108,9 @@ class _Command(click.Command):
               help="auto scales: try the ERF prediction +-2*spread.")
 @click.option("--memorized-threshold", type=float, default=1 / 3, show_default="1/3",
               help="Nearest/second-nearest distance ratio below which a sample counts as memorised.")
+@click.option("--only", type=click.Choice(["structure"]), default=None,
+              help="Run part of the audit: 'structure' = trace, receptive field, breakers, verdict and the ERF "
+                   "(no sanity check, no machines; works on untrained weights).")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="Report folder (default: reports/<model name>).")
 @click.option("--json", "json_out", metavar="PATH|-", default=None, help="Also write summary JSON here ('-' = stdout).")
@@ -201,7 +204,8 @@ def _config(opts: dict):
     passed = {k: opts[k] for k in ("model", "data", "trust_model", "arch", "state_dict_key", "schedule", "time_input",
                                    "prediction", "call_style", "num_train_steps", "data_range", "steps", "seeds",
                                    "calibration_seeds", "seed_offset", "conditional", "label", "machine", "dictionary",
-                                   "criterion", "compare_criteria", "spread", "memorized_threshold", "threads", "device")}
+                                   "criterion", "compare_criteria", "spread", "memorized_threshold", "threads", "device",
+                                   "only")}
     return AuditConfig(**passed, data_limit=None if opts["data_limit"] == 0 else opts["data_limit"],
                        arch_kwargs=parse_arch_kwargs(opts["arch_kwargs"]), format=opts["format_"],
                        scales=parse_scales(opts["scales"]), fail_on=tuple(rules))

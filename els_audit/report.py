@@ -108,14 +108,28 @@ def _gray(ax, img: np.ndarray, title: str = "", lo: float = -1.0, hi: float = 1.
 # ---------------------------------------------------------------------------------------
 def _verdict(r, s: dict) -> str:
     st = s["structure"]
-    pred = s["prediction"]
-    nov = s["novelty"]
     verdict = st.get("verdict_line") or ("unknown: " + str(st.get("error", "")))
     n_warn = sum(c.status == "warn" for c in r.checks)
-    status = ("fail", "a --fail-on rule failed") if r.exit_code else (
+    failed = ", ".join(c.name for c in r.checks if c.status == "fail")
+    status = ("fail", f"a check failed ({failed})") if r.exit_code else (
         ("warn", f"checks pass, with {n_warn} warning{'s' if n_warn > 1 else ''}") if n_warn else ("pass", "checks pass"))
-    rows = [
-        ("structure", _e(verdict)),
+    rows = [("structure", _e(verdict))] + (_machine_rows(r, s) if s.get("scope") != "structure" else [
+        ("scope", "structure only (<code>--only structure</code>): no sanity check, no machine, no prediction")])
+    out = [f'<p class="big {status[0]}">Result: <b>{_e(status[1])}</b> (exit code {r.exit_code})</p>',
+           _table(["", ""], [(f"<b>{_e(a)}</b>", b) for a, b in rows])]
+    out.append("<h3>Checks</h3>")
+    out.append(_table(["check", "status", "value", "threshold", "meaning"],
+                      [(_e(c.name), _e(c.status), _e(_fmt(c.value)), _e(_fmt(c.threshold)), _e(c.message))
+                       for c in r.checks], [c.status for c in r.checks]))
+    if s.get("scope") != "structure":
+        out.append(_fidelity_line(s))
+    return "".join(out)
+
+
+def _machine_rows(r, s: dict) -> list[tuple[str, str]]:
+    pred = s["prediction"]
+    nov = s["novelty"]
+    return [
         ("machine", f"<b>{_e(r.choice.kind)}</b> — {_e(r.choice.reason)}"
          + "".join(f"<br><span class=muted>caveat: {_e(c)}</span>" for c in r.choice.caveats)),
         ("median r (fitted machine vs network)", f"<b>{_fmt(pred.get('median_r'))}</b>; true R² "
@@ -126,22 +140,18 @@ def _verdict(r, s: dict) -> str:
         ("memorised samples", f"{_fmt(nov.get('memorized_fraction'), 3)} (ratio test, threshold "
          f"{_fmt(nov.get('threshold'), 3)})"),
     ]
-    out = [f'<p class="big {status[0]}">Result: <b>{_e(status[1])}</b> (exit code {r.exit_code})</p>',
-           _table(["", ""], [(f"<b>{_e(a)}</b>", b) for a, b in rows])]
-    out.append("<h3>Checks</h3>")
-    out.append(_table(["check", "status", "value", "threshold", "meaning"],
-                      [(_e(c.name), _e(c.status), _e(_fmt(c.value)), _e(_fmt(c.threshold)), _e(c.message))
-                       for c in r.checks], [c.status for c in r.checks]))
+
+
+def _fidelity_line(s: dict) -> str:
     cfg = s["config"]
     ff = s["full_fidelity"]
-    out.append(f"<p class=muted>This run: {cfg['steps']} steps, {cfg['seeds']} seeds, "
+    return (f"<p class=muted>This run: {cfg['steps']} steps, {cfg['seeds']} seeds, "
                f"{cfg['calibration_seeds']} calibration seeds, dictionary of "
                f"{s['machine']['n_dictionary_images']} of {s['data']['N']} images, scales {_e(cfg['scales'])}. "
                f"Full fidelity: {ff['steps']} steps, {ff['seeds']} seeds, {ff['calibration_seeds']} calibration "
                f"seeds, the whole data set as dictionary, --scales {ff['scales']} "
                f"(<code>--steps {ff['steps']} --seeds {ff['seeds']} --calibration-seeds "
                f"{ff['calibration_seeds']} --data-limit 0 --scales {ff['scales']}</code>). {_e(ff['note'])}</p>")
-    return "".join(out)
 
 
 def _graph_figure(graph) -> Optional[str]:
@@ -267,6 +277,13 @@ def _erf_section(r) -> str:
                 ax.set_ylabel(names[pi], fontsize=8)
     fig.suptitle("ERF maps: log10 of normalised |d eps[p]/dx| (3 decades)", fontsize=9)
     out = [_img(fig, "effective receptive field maps")]
+    if getattr(erf, "geometry", "plane") == "torus":
+        out.append("<p class=muted>Every boundary of this network is circular: the squares are measured on the "
+                   "torus (an edge pixel's field continues on the opposite edge).</p>")
+    if r.scope == "structure":
+        out.append("<p class=muted>Structure-only audit: these maps measure the weights as given. On untrained "
+                   "(random) weights they show how far the architecture's sensitivity reaches at initialisation, "
+                   "not the patch sizes a trained model uses; compare them with the theoretical field.</p>")
     fig, ax = plt.subplots(figsize=(6, 3), dpi=80)
     for n in names:
         ax.plot(erf.times, erf.erf90[n], marker="o", ms=3, label=f"ERF90 {n}")
@@ -501,7 +518,7 @@ def render_html(result) -> str:
         external reference).
     """
     s = result.to_dict()
-    title = f"els-audit: {result.name}"
+    title = f"els-audit: {result.name}" + (" (structure only)" if s.get("scope") == "structure" else "")
     parts = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
         '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
@@ -513,12 +530,14 @@ def render_html(result) -> str:
         "<h2 id=architecture>Architecture</h2>", _architecture(result, s),
         "<h2 id=erf>Effective receptive field per step</h2>", _erf_section(result),
         "<h2 id=equivariance>Equivariance</h2>", _equivariance_section(result),
-        "<h2 id=scales>Scales</h2>", _scales_section(result, s),
-        "<h2 id=gallery>Seed gallery</h2>", _gallery(result),
-        "<h2 id=scatter>r(machine) vs r(IS)</h2>", _scatter(result),
-        "<h2 id=novelty>Novelty</h2>", _novelty_section(result, s),
-        "<h2 id=published>Beside the paper</h2>", _published_section(s),
-        "<h2 id=settings>Settings, versions and hashes</h2>", _settings_section(s),
-        "</body></html>",
     ]
+    if s.get("scope") != "structure":
+        parts += [
+            "<h2 id=scales>Scales</h2>", _scales_section(result, s),
+            "<h2 id=gallery>Seed gallery</h2>", _gallery(result),
+            "<h2 id=scatter>r(machine) vs r(IS)</h2>", _scatter(result),
+            "<h2 id=novelty>Novelty</h2>", _novelty_section(result, s),
+            "<h2 id=published>Beside the paper</h2>", _published_section(s),
+        ]
+    parts += ["<h2 id=settings>Settings, versions and hashes</h2>", _settings_section(s), "</body></html>"]
     return "\n".join(parts)
