@@ -48,6 +48,8 @@ class _LN(nn.Module):
             h = h - torch.max(h, dim=1, keepdim=True)[0]
         elif self.how == "min_method":
             h = h - h.min(1, keepdim=True).values
+        elif self.how == "normalize":  # lucidrains' RMSNorm over channels
+            h = F.normalize(h, dim=1) * 8 ** 0.5
         elif self.how == "aminmax":
             lo, hi = torch.aminmax(h, dim=1, keepdim=True)
             h = (h - lo) / (hi - lo + 1e-5)
@@ -55,7 +57,7 @@ class _LN(nn.Module):
 
 
 @pytest.mark.parametrize("tracer", ["fx", "export"])
-@pytest.mark.parametrize("how", ["var_mean", "std_mean", "max", "min_method", "aminmax"])
+@pytest.mark.parametrize("how", ["var_mean", "std_mean", "max", "min_method", "aminmax", "normalize"])
 def test_multi_output_statistics_over_channels_stay_local(how, tracer):
     tr, rf, st = _probe(_LN(how), tracer=tracer)
     assert st.verdict == ("equivariant",), st.verdict_line

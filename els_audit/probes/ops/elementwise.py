@@ -166,6 +166,15 @@ def _c_layernorm_module(ctx: OpContext):
     return _norm(inp, range(nd - k, nd), nd, type(ctx.module).__name__)
 
 
+@register_op(F.normalize)
+def _c_normalize(ctx: OpContext):
+    """``F.normalize(x, p, dim)``: x divided by its norm along ``dim`` (RMSNorm over channels)."""
+    b = ctx.bind(("input", "p", "dim", "eps"), {"p": 2.0, "dim": 1})
+    nd = len(ctx.shape(b["input"]))
+    dims = b["dim"] if isinstance(b["dim"], (list, tuple)) else [b["dim"]]
+    return _norm(b["input"], [int(d) for d in dims], nd, "normalize")
+
+
 @register_op(F.layer_norm, F.rms_norm, aten.layer_norm, aten.native_layer_norm, aten.rms_norm, aten._fused_rms_norm)
 def _c_layernorm_fn(ctx: OpContext):
     if isinstance(ctx.node.target, (torch._ops.OpOverload,)):
