@@ -244,6 +244,38 @@ def _maps_captum(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, lab: Optional[
     return acc_eps, acc_x0
 
 
+def _check_settings(steps: int, n_samples: int, batch_size: int, backend: str, els_mass: float, min_patch: int,
+                    patch_from: str) -> None:
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if n_samples < 1 or batch_size < 1:
+        raise ValueError(f"n_samples and batch_size must be >= 1, got {n_samples}, {batch_size}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not 0.0 < els_mass <= 1.0:
+        raise ValueError(f"els_mass must be in (0, 1], got {els_mass}")
+    if min_patch < 1 or min_patch % 2 == 0:
+        raise ValueError(f"min_patch must be a positive odd number, got {min_patch}")
+    if patch_from not in ("x0", "eps"):
+        raise ValueError(f"patch_from must be 'x0' or 'eps', got {patch_from!r}")
+
+
+def _check_pixels(pixels: Optional[Mapping[str, Sequence[int]]], H: int, W: int) -> dict[str, tuple[int, int]]:
+    pix = dict(pixels) if pixels is not None else _default_pixels(H, W)
+    if not pix:
+        raise ValueError("pixels is empty; pass e.g. {'centre': (H // 2, W // 2)}")
+    for name, (h, w) in pix.items():
+        if not (0 <= int(h) < H and 0 <= int(w) < W):
+            raise ValueError(f"pixel {name}={(h, w)} is outside the {H}x{W} image")
+    return {k: (int(v[0]), int(v[1])) for k, v in pix.items()}
+
+
+def _normalise(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each (T, P) map divided by its mass (zero maps stay zero); and the masses."""
+    mass = m.sum(axis=(2, 3))                                                    # (T, P)
+    return np.where(mass[..., None, None] > 0, m / np.maximum(mass[..., None, None], 1e-300), 0.0), mass
+
+
 def effective_receptive_field(
     eps_fn: EpsFn,
     image_shape: Sequence[int],
@@ -290,25 +322,8 @@ def effective_receptive_field(
         :class:`ERFResult`; the normalised maps [T, P, H, W] are in ``arrays()``.
     """
     C, H, W = check_image_shape(image_shape)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if n_samples < 1 or batch_size < 1:
-        raise ValueError(f"n_samples and batch_size must be >= 1, got {n_samples}, {batch_size}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not 0.0 < els_mass <= 1.0:
-        raise ValueError(f"els_mass must be in (0, 1], got {els_mass}")
-    if min_patch < 1 or min_patch % 2 == 0:
-        raise ValueError(f"min_patch must be a positive odd number, got {min_patch}")
-    if patch_from not in ("x0", "eps"):
-        raise ValueError(f"patch_from must be 'x0' or 'eps', got {patch_from!r}")
-    pix = dict(pixels) if pixels is not None else _default_pixels(H, W)
-    if not pix:
-        raise ValueError("pixels is empty; pass e.g. {'centre': (H // 2, W // 2)}")
-    for name, (h, w) in pix.items():
-        if not (0 <= int(h) < H and 0 <= int(w) < W):
-            raise ValueError(f"pixel {name}={(h, w)} is outside the {H}x{W} image")
-    pix = {k: (int(v[0]), int(v[1])) for k, v in pix.items()}
+    _check_settings(steps, n_samples, batch_size, backend, els_mass, min_patch, patch_from)
+    pix = _check_pixels(pixels, H, W)
     sched = get_schedule(schedule)
     data = check_data(data, (C, H, W))
     lab = check_labels(label, n_samples)
@@ -330,12 +345,8 @@ def effective_receptive_field(
         maps[ti] = (m_eps / n_samples).numpy()
         maps_x0[ti] = (m_x0 / n_samples).numpy()
 
-    def normalise(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mass = m.sum(axis=(2, 3))                                                # (T, P)
-        return np.where(mass[..., None, None] > 0, m / np.maximum(mass[..., None, None], 1e-300), 0.0), mass
-
-    norm, mass = normalise(maps)
-    norm_x0, _ = normalise(maps_x0)
+    norm, mass = _normalise(maps)
+    norm_x0, _ = _normalise(maps_x0)
 
     def sides(nm: np.ndarray, q: float) -> dict:
         return {n: tuple(erf_side(nm[ti, pi], pix[n], q, wrap) for ti in range(len(times))) for pi, n in enumerate(names)}

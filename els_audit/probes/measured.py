@@ -140,6 +140,38 @@ def equivariance_measured(
         raise ValueError(f"band_tol must be > 0, got {band_tol}")
     if not times:
         raise ValueError("times is empty; pass e.g. times=(0.1, 0.5, 0.9)")
+    sh = _shifts(shifts, band)
+    band_t = _band(band)
+    sched = get_schedule(schedule)
+    data = check_data(data, (C, H, W))
+    lab = check_labels(label, n_samples)
+    g = torch.Generator().manual_seed(int(seed))
+    rows: list[list[tuple]] = [[] for _ in range(7)]       # psnr, psnr_m, rel, rel_m, max, max_m, eff band
+    maps = np.zeros((len(times), len(sh), H, W), dtype=np.float32)
+    for ti, t in enumerate(times):
+        if not 0.0 <= float(t) <= 1.0:
+            raise ValueError(f"times must lie in [0, 1], got {t}")
+        x, _, _ = noisy_inputs(sched, float(t), data, (C, H, W), n_samples, g)      # (n, C, H, W)
+        f0, pairs = _shift_diffs(eps_fn, x, float(t), sh, lab, batch_size)
+        scores = [_scores(ref, d, _interior(H, band_t[0], s[0])[:, None] & _interior(W, band_t[1], s[1])[None, :])
+                  for s, (ref, d) in zip(sh, pairs)]
+        for k in range(6):
+            rows[k].append(tuple(sc[k] for sc in scores))
+        for si, (_, d) in enumerate(pairs):
+            maps[ti, si] = d.abs().mean(dim=(0, 1)).to(torch.float32).numpy()
+        # NB: judged on the sample-mean |diff| map, scaled by the RMS of eps.
+        tol = band_tol * math.sqrt(float(f0.pow(2).mean()) or 1.0)
+        rows[6].append(tuple(_effective_band(maps[ti, si], s, tol) for si, s in enumerate(sh)))
+    return MeasuredEquivarianceResult(
+        times=tuple(float(t) for t in times), shifts=tuple(sh), band=band_t,
+        psnr_db=tuple(rows[0]), psnr_masked_db=tuple(rows[1]), rel_err=tuple(rows[2]), rel_err_masked=tuple(rows[3]),
+        max_abs=tuple(rows[4]), max_abs_masked=tuple(rows[5]), effective_band=tuple(rows[6]),
+        band_tol=float(band_tol), n_samples=int(n_samples), seed=int(seed), error_maps=maps,
+    )
+
+
+def _shifts(shifts: Optional[Sequence[Union[int, Sequence[int]]]], band: Any) -> list[tuple[int, int]]:
+    """(dy, dx) pairs; default 1 .. max(4, P) diagonal, P the structural period."""
     if shifts is None:
         P = band.period_all if isinstance(band, StructuralEquivarianceResult) else 1
         shifts = tuple(range(1, max(4, P) + 1))
@@ -153,6 +185,11 @@ def equivariance_measured(
             raise ValueError(f"a shift is an int or a (dy, dx) pair, got {s!r}")
     if not sh:
         raise ValueError("shifts is empty; pass e.g. shifts=(1, 2, 3, 4)")
+    return sh
+
+
+def _band(band: Any) -> tuple[int, int]:
+    """(B_H, B_W) from an int, a pair, or a structural result's band."""
     if isinstance(band, StructuralEquivarianceResult):
         axes = list(band.band)
         bh = max(band.band.get(axes[0], (0, 0))) if len(axes) >= 1 else 0
@@ -164,76 +201,55 @@ def equivariance_measured(
         band_t = (int(band[0]), int(band[1]))
     if min(band_t) < 0:
         raise ValueError(f"band must be >= 0, got {band_t}")
-    sched = get_schedule(schedule)
-    data = check_data(data, (C, H, W))
-    lab = check_labels(label, n_samples)
-    g = torch.Generator().manual_seed(int(seed))
+    return band_t
 
-    def interior(n: int, b: int, shift: int) -> torch.Tensor:
-        o = torch.arange(n)
-        src = torch.remainder(o - shift, n)
-        return (o >= b) & (o < n - b) & (src >= b) & (src < n - b)
 
-    psnr, psnr_m, rel, rel_m, mx, mx_m, eff_band = [], [], [], [], [], [], []
-    maps = np.zeros((len(times), len(sh), H, W), dtype=np.float32)
-    for ti, t in enumerate(times):
-        if not 0.0 <= float(t) <= 1.0:
-            raise ValueError(f"times must lie in [0, 1], got {t}")
-        x, a_t, b_t = noisy_inputs(sched, float(t), data, (C, H, W), n_samples, g)      # (n, C, H, W)
-        xs = torch.cat([x] + [torch.roll(x, s, dims=(-2, -1)) for s in sh])     # ((S+1) n, C, H, W)
-        labs = None if lab is None else lab.repeat(len(sh) + 1)
-        outs = []
-        with torch.no_grad():
-            for i in range(0, xs.shape[0], batch_size):
-                xb = xs[i: i + batch_size]
-                tb = torch.full((xb.shape[0],), float(t))
-                lb = None if labs is None else labs[i: i + batch_size]
-                outs.append(eps_fn(xb, tb, lb).detach().to(torch.float64))
-        f = torch.cat(outs)                                                      # ((S+1) n, C, H, W)
-        if f.shape != xs.shape:
-            raise ValueError(f"eps_fn returned shape {tuple(f.shape[1:])} for inputs {tuple(xs.shape[1:])}")
-        f0 = f[:n_samples]
-        row = [[], [], [], [], [], []]
-        for si, s in enumerate(sh):
-            ref = torch.roll(f0, s, dims=(-2, -1))
-            diff = f[(si + 1) * n_samples: (si + 2) * n_samples] - ref             # (n, C, H, W)
-            keep = interior(H, band_t[0], s[0])[:, None] & interior(W, band_t[1], s[1])[None, :]  # (H, W)
-            mse = float(diff.pow(2).mean())
-            denom = float(ref.pow(2).mean()) or 1.0
-            row[0].append(_psnr(mse))
-            row[2].append(math.sqrt(mse / denom))
-            row[4].append(float(diff.abs().max()))
-            dm = diff[..., keep]
-            if dm.numel():
-                mse_m = float(dm.pow(2).mean())
-                denom_m = float(ref[..., keep].pow(2).mean()) or 1.0
-                row[1].append(_psnr(mse_m))
-                row[3].append(math.sqrt(mse_m / denom_m))
-                row[5].append(float(dm.abs().max()))
-            else:  # the band covers the whole image: nothing left to measure
-                row[1].append(None)
-                row[3].append(None)
-                row[5].append(None)
-            maps[ti, si] = diff.abs().mean(dim=(0, 1)).to(torch.float32).numpy()
-        for lst, vals in zip((psnr, psnr_m, rel, rel_m, mx, mx_m), row):
-            lst.append(tuple(vals))
-        # Effective band per shift: the smallest B whose masked error map stays below
-        # tolerance.  NB: judged on the sample-mean |diff| map, scaled by the RMS of eps.
-        tol = band_tol * math.sqrt(float(f0.pow(2).mean()) or 1.0)
-        found = []
-        for si, s in enumerate(sh):
-            b_found = None
-            for B in range(0, (min(H, W) + 1) // 2):
-                keep = (interior(H, B, s[0])[:, None] & interior(W, B, s[1])[None, :]).numpy()
-                if keep.any() and maps[ti, si][keep].max() <= tol:
-                    b_found = B
-                    break
-            found.append(b_found)
-        found = tuple(found)
-        eff_band.append(found)
-    return MeasuredEquivarianceResult(
-        times=tuple(float(t) for t in times), shifts=tuple(sh), band=band_t,
-        psnr_db=tuple(psnr), psnr_masked_db=tuple(psnr_m), rel_err=tuple(rel), rel_err_masked=tuple(rel_m),
-        max_abs=tuple(mx), max_abs_masked=tuple(mx_m), effective_band=tuple(eff_band), band_tol=float(band_tol),
-        n_samples=int(n_samples), seed=int(seed), error_maps=maps,
-    )
+def _interior(n: int, b: int, shift: int) -> torch.Tensor:
+    """Positions at least ``b`` from the edges both where they are and where the shift took them from."""
+    o = torch.arange(n)
+    src = torch.remainder(o - shift, n)
+    return (o >= b) & (o < n - b) & (src >= b) & (src < n - b)
+
+
+def _shift_diffs(eps_fn: Callable, x: torch.Tensor, t: float, sh: list[tuple[int, int]], lab: Optional[torch.Tensor],
+                 batch_size: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(f(x), [(roll(f(x), s), f(roll(x, s)) - roll(f(x), s)) for each shift]), float64."""
+    n = x.shape[0]
+    xs = torch.cat([x] + [torch.roll(x, s, dims=(-2, -1)) for s in sh])     # ((S+1) n, C, H, W)
+    labs = None if lab is None else lab.repeat(len(sh) + 1)
+    outs = []
+    with torch.no_grad():
+        for i in range(0, xs.shape[0], batch_size):
+            xb = xs[i: i + batch_size]
+            lb = None if labs is None else labs[i: i + batch_size]
+            outs.append(eps_fn(xb, torch.full((xb.shape[0],), t), lb).detach().to(torch.float64))
+    f = torch.cat(outs)                                                      # ((S+1) n, C, H, W)
+    if f.shape != xs.shape:
+        raise ValueError(f"eps_fn returned shape {tuple(f.shape[1:])} for inputs {tuple(xs.shape[1:])}")
+    f0 = f[:n]
+    refs = [torch.roll(f0, s, dims=(-2, -1)) for s in sh]
+    return f0, [(ref, f[(si + 1) * n: (si + 2) * n] - ref) for si, ref in enumerate(refs)]
+
+
+def _scores(ref: torch.Tensor, diff: torch.Tensor, keep: torch.Tensor) -> tuple:
+    """(psnr, psnr masked, rel err, rel err masked, max, max masked) of one shift (``ref`` the
+    shifted output); the masked numbers are ``None`` when the band leaves no pixel."""
+    mse = float(diff.pow(2).mean())
+    denom = float(ref.pow(2).mean()) or 1.0
+    dm = diff[..., keep]
+    if not dm.numel():  # the band covers the whole image: nothing left to measure
+        return _psnr(mse), None, math.sqrt(mse / denom), None, float(diff.abs().max()), None
+    mse_m = float(dm.pow(2).mean())
+    denom_m = float(ref[..., keep].pow(2).mean()) or 1.0
+    return (_psnr(mse), _psnr(mse_m), math.sqrt(mse / denom), math.sqrt(mse_m / denom_m), float(diff.abs().max()),
+            float(dm.abs().max()))
+
+
+def _effective_band(err_map: np.ndarray, s: tuple[int, int], tol: float) -> Optional[int]:
+    """The smallest B whose masked error map stays below ``tol`` (``None``: no band short of the image)."""
+    H, W = err_map.shape
+    for B in range(0, (min(H, W) + 1) // 2):
+        keep = (_interior(H, B, s[0])[:, None] & _interior(W, B, s[1])[None, :]).numpy()
+        if keep.any() and err_map[keep].max() <= tol:
+            return B
+    return None

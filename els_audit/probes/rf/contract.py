@@ -43,112 +43,143 @@ def _parse_equation(eq: str, shapes: list[Optional[tuple]]) -> tuple[list[list[s
     return letters, out
 
 
-def _einsum_effect(ctx: RuleContext, attention: bool) -> Effect:
-    eq = ctx.params["equation"]
-    n_specs = len(eq.split("->")[0].split(","))
-    n_ops = len(ctx.ins)
-    # Operands beyond the specs are addends (the bias of addmm / linear); specs beyond the
-    # operands are implicit parameters (nn.Linear's weight): image-independent, varying.
-    spec_shapes = [ctx.shapes[i] if i < n_ops else None for i in range(n_specs)]
-    letters, out_letters = _parse_equation(eq, spec_shapes)
-    sizes: dict[str, int] = {}
-    for i, lets in enumerate(letters):
-        if spec_shapes[i] is None:
-            continue
-        for L, s in zip(lets, spec_shapes[i]):
-            sizes[L] = max(sizes.get(L, 1), int(s))
-    for L, s in zip(out_letters, ctx.out_shape):
-        sizes[L] = max(sizes.get(L, 1), int(s))
+class _Einsum:
+    """One contraction read as an einsum: its letters per operand dim, sizes, and operand infos.
 
-    def info_of(i: int) -> Optional[SpatialInfo]:
-        return ctx.ins[i] if i < n_ops else None
+    Operands beyond the equation's specs are addends (the bias of addmm / linear); specs
+    beyond the operands are implicit parameters (nn.Linear's weight): image-independent.
+    """
 
-    def size_of(i: int, d: int) -> int:
-        return int(spec_shapes[i][d]) if spec_shapes[i] is not None else sizes.get(letters[i][d], 1)
+    def __init__(self, ctx: RuleContext, attention: bool):
+        self.ctx = ctx
+        eq = ctx.params["equation"]
+        self.n_specs = len(eq.split("->")[0].split(","))
+        self.n_ops = len(ctx.ins)
+        self.spec_shapes = [ctx.shapes[i] if i < self.n_ops else None for i in range(self.n_specs)]
+        self.letters, self.out_letters = _parse_equation(eq, self.spec_shapes)
+        self.sizes: dict[str, int] = {}
+        for i, lets in enumerate(self.letters):
+            for L, s in zip(lets, self.spec_shapes[i] or ()):
+                self.sizes[L] = max(self.sizes.get(L, 1), int(s))
+        for L, s in zip(self.out_letters, ctx.out_shape):
+            self.sizes[L] = max(self.sizes.get(L, 1), int(s))
+        self.what = "attention" if attention else ctx.params.get("op", "contraction")
+        self.flows: list[Flow] = []
+        self.mixes: list[GlobalMix] = []
 
-    what = "attention" if attention else ctx.params.get("op", "contraction")
-    # NB: the output keeps the local map of the operand whose dim it inherits (for
-    # attention, the query's position); the positions that are summed over (keys,
-    # values) are global flows.  So attention's local part is the query path.
-    flows: list[Flow] = []
-    mixes: list[GlobalMix] = []
-    layout: list[tuple[Factor, ...]] = []
-    used_axes: set[str] = set()
-    for j, L in enumerate(out_letters):
-        s = int(ctx.out_shape[j])
-        srcs = [(i, d) for i, lets in enumerate(letters) for d, l in enumerate(lets)
-                if l == L and info_of(i) is not None and size_of(i, d) > 1
-                and not all(n == "*" for n, _ in info_of(i).layout[d])]
-        chosen: Optional[tuple[Factor, ...]] = None
-        for i, d in srcs:
-            facs = info_of(i).layout[d]
-            if chosen is None or (spatial(facs) and not spatial(chosen)):
-                chosen = facs
-        if chosen is None:
-            chosen = plain(s)
-        sp = spatial(chosen)
-        if sp and used_axes.intersection(sp):
-            # The same image axis on two output dims (attention scores q k^T): keep the
-            # first, the second indexes *other* positions -> mixing.
+    def info_of(self, i: int) -> Optional[SpatialInfo]:
+        return self.ctx.ins[i] if i < self.n_ops else None
+
+    def size_of(self, i: int, d: int) -> int:
+        shape = self.spec_shapes[i]
+        return int(shape[d]) if shape is not None else self.sizes.get(self.letters[i][d], 1)
+
+    def effect(self) -> Effect:
+        layout = self.output_layout()
+        self.contracted()
+        position = self.positions(layout)
+        self.addends(layout, position)
+        return Effect(tuple(layout), tuple(self.flows), tuple(self.mixes), tuple(position))
+
+    def output_layout(self) -> list[tuple[Factor, ...]]:
+        """Each output dim inherits the layout of an operand dim with its letter.
+
+        NB: the output keeps the local map of the operand whose dim it inherits (for
+        attention, the query's position); the positions that are summed over (keys, values)
+        are global flows.  So attention's local part is the query path.
+        """
+        layout: list[tuple[Factor, ...]] = []
+        used_axes: set[str] = set()
+        for j, L in enumerate(self.out_letters):
+            srcs = [(i, d) for i, lets in enumerate(self.letters) for d, l in enumerate(lets)
+                    if l == L and self.info_of(i) is not None and self.size_of(i, d) > 1
+                    and not all(n == "*" for n, _ in self.info_of(i).layout[d])]
+            chosen: Optional[tuple[Factor, ...]] = None
             for i, d in srcs:
-                if spatial(info_of(i).layout[d]):
-                    flows.extend(global_flows(i, info_of(i).layout[d]))
-            mixes.append(GlobalMix(tuple(sp), f"{what}: pairwise over positions ({','.join(sp)})", True))
-            chosen = plain(s)
-        else:
-            for i, d in srcs:
-                facs = info_of(i).layout[d]
-                if not spatial(facs):
-                    continue
-                if facs == chosen:
-                    flows.extend(id_flows(i, facs))
-                else:
-                    flows.extend(global_flows(i, facs))
-                    mixes.append(GlobalMix(tuple(spatial(facs)), f"{what}: operands with different layouts", True))
-            used_axes.update(sp)
-        layout.append(chosen)
+                facs = self.info_of(i).layout[d]
+                if chosen is None or (spatial(facs) and not spatial(chosen)):
+                    chosen = facs
+            chosen = chosen if chosen is not None else plain(int(self.ctx.out_shape[j]))
+            sp = spatial(chosen)
+            if sp and used_axes.intersection(sp):
+                # The same image axis on two output dims (attention scores q k^T): keep the
+                # first, the second indexes *other* positions -> mixing.
+                for i, d in srcs:
+                    if spatial(self.info_of(i).layout[d]):
+                        self.flows.extend(global_flows(i, self.info_of(i).layout[d]))
+                self.mixes.append(GlobalMix(tuple(sp), f"{self.what}: pairwise over positions ({','.join(sp)})", True))
+                chosen = plain(int(self.ctx.out_shape[j]))
+            else:
+                for i, d in srcs:
+                    facs = self.info_of(i).layout[d]
+                    if not spatial(facs):
+                        continue
+                    if facs == chosen:
+                        self.flows.extend(id_flows(i, facs))
+                    else:
+                        self.flows.extend(global_flows(i, facs))
+                        self.mixes.append(GlobalMix(tuple(spatial(facs)), f"{self.what}: operands with different layouts",
+                                                    True))
+                used_axes.update(sp)
+            layout.append(chosen)
+        return layout
 
-    contracted = [L for L in dict.fromkeys(l for lets in letters for l in lets) if L not in out_letters]
-    for L in contracted:
-        holders = [(i, d) for i, lets in enumerate(letters) for d, l in enumerate(lets) if l == L and size_of(i, d) > 1]
-        sp_axes: list[str] = []
-        for i, d in holders:
-            info = info_of(i)
-            if info is not None and spatial(info.layout[d]):
-                flows.extend(global_flows(i, info.layout[d]))
-                sp_axes.extend(spatial(info.layout[d]))
-        if sp_axes:
-            equivariant = all(info_of(i) is not None for i, _ in holders)
-            why = (f"{what} over positions ({','.join(dict.fromkeys(sp_axes))})" if equivariant else
-                   f"{what} with fixed weights over flattened space ({','.join(dict.fromkeys(sp_axes))}): "
-                   "position-dependent")
-            mixes.append(GlobalMix(tuple(dict.fromkeys(sp_axes)), why, equivariant))
+    def contracted(self) -> None:
+        """Letters summed over: a sum over positions is global (equivariant when every
+        operand holding it is image data; fixed weights over flattened space are not)."""
+        for L in dict.fromkeys(l for lets in self.letters for l in lets):
+            if L in self.out_letters:
+                continue
+            holders = [(i, d) for i, lets in enumerate(self.letters) for d, l in enumerate(lets)
+                       if l == L and self.size_of(i, d) > 1]
+            sp_axes: list[str] = []
+            for i, d in holders:
+                info = self.info_of(i)
+                if info is not None and spatial(info.layout[d]):
+                    self.flows.extend(global_flows(i, info.layout[d]))
+                    sp_axes.extend(spatial(info.layout[d]))
+            if sp_axes:
+                axes = tuple(dict.fromkeys(sp_axes))
+                equivariant = all(self.info_of(i) is not None for i, _ in holders)
+                why = (f"{self.what} over positions ({','.join(axes)})" if equivariant else
+                       f"{self.what} with fixed weights over flattened space ({','.join(axes)}): position-dependent")
+                self.mixes.append(GlobalMix(axes, why, equivariant))
 
-    position = []
-    for i in range(n_specs):
-        if i < n_ops and info_of(i) is None:
-            lets = letters[i]
+    def positions(self, layout: list) -> list:
+        """Image-independent operands that vary along an output dim carrying image axes."""
+        position = []
+        for i in range(min(self.n_specs, self.n_ops)):
+            if self.info_of(i) is not None:
+                continue
+            lets = self.letters[i]
 
             def dim_map(j: int, lets=lets) -> Optional[int]:
-                L = out_letters[j]
+                L = self.out_letters[j]
                 return lets.index(L) if L in lets else None
 
-            p = position_check(ctx, i, tuple(layout), dim_map, f"enters {what}")
+            p = position_check(self.ctx, i, tuple(layout), dim_map, f"enters {self.what}")
             if p:
                 position.append(p)
-    # Addends (bias of addmm): elementwise against the output.
-    for i in range(n_specs, n_ops):
-        off = len(ctx.out_shape) - len(ctx.shapes[i])
-        info = ctx.ins[i]
-        if info is None:
-            p = position_check(ctx, i, tuple(layout), lambda j, off=off: j - off, "added")
-            if p:
-                position.append(p)
-        else:
+        return position
+
+    def addends(self, layout: list, position: list) -> None:
+        """Addends (the bias of addmm): elementwise against the output."""
+        ctx = self.ctx
+        for i in range(self.n_specs, self.n_ops):
+            off = len(ctx.out_shape) - len(ctx.shapes[i])
+            info = ctx.ins[i]
+            if info is None:
+                p = position_check(ctx, i, tuple(layout), lambda j, off=off: j - off, "added")
+                if p:
+                    position.append(p)
+                continue
             for d, facs in enumerate(info.layout):
                 if spatial(facs):
-                    flows.extend(id_flows(i, facs) if facs == layout[d + off] else global_flows(i, facs))
-    return Effect(tuple(layout), tuple(flows), tuple(mixes), tuple(position))
+                    self.flows.extend(id_flows(i, facs) if facs == layout[d + off] else global_flows(i, facs))
+
+
+def _einsum_effect(ctx: RuleContext, attention: bool) -> Effect:
+    return _Einsum(ctx, attention).effect()
 
 
 @rf_rule("einsum")
