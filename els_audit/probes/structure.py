@@ -334,6 +334,8 @@ def _breakers(nodes: list[fx.Node], seeds: dict[str, list[Seed]], masks: _MaskPa
                 for a, arr in out_masks.items():
                     total[a] |= arr[r]
                 bw = max([max(v) for v in band.values()] or [0])
+                if bw == 0 and not masks.spread[r]:
+                    continue  # a padding the network crops away again never reaches the output
                 amount = {"band": band, "band_width": bw, "spreads_globally": bool(masks.spread[r])}
             elif s.kind == "unsupported":
                 amount = {"scope": "unknown (treated as whole image)", "axes": list(s.axes)}

@@ -180,3 +180,35 @@ def test_unpatchify_as_the_last_op_is_at_full_scale(tracer):
     assert a.phases == ((0, 1), (-1, 0))     # pixel 2k reads 2k..2k+1, pixel 2k+1 reads 2k..2k+1
     assert st.verdict_line == "period-2"
     _exact_at(tr, rf, [(0, 0), (7, 8), (15, 15)])
+
+
+class _QKVConv1d(nn.Module):
+    """guided-diffusion's attention input: a kernel-1 conv1d over the flattened positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.i = nn.Conv2d(1, 4, 3, padding=1, padding_mode="circular")
+        self.c = nn.Conv1d(4, 4, 1)
+
+    def forward(self, x, t):
+        x = self.i(x)
+        b, c, h, w = x.shape
+        return self.c(x.reshape(b, c, h * w)).reshape(b, c, h, w)
+
+
+class _CropWithShapes(nn.Module):
+    """NCSN++'s upfirdn2d crops with bounds computed from ``x.shape`` (graph nodes under fx)."""
+
+    def forward(self, x, t):
+        y = F.pad(x, [1, 1, 1, 1])
+        return y[:, :, 1:y.shape[2] - 1, 1:y.shape[3] - 1]
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+@pytest.mark.parametrize("net,size", [(_QKVConv1d, 3), (_CropWithShapes, 1)])
+def test_pointwise_over_flattened_positions_and_shape_computed_crops(net, size, tracer):
+    tr, rf, st = _probe(net(), tracer=tracer)
+    assert tr.unknown_ops == () and not st.partial
+    assert st.verdict == ("equivariant",) and st.breakers == ()   # the cropped padding never reaches the output
+    assert rf.size("H") == size
+    _exact_at(tr, rf, [(8, 8), (0, 0)])

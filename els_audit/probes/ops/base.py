@@ -221,6 +221,8 @@ class OpContext:
             return type(x)(self.value(v) for v in x) if not isinstance(x, torch.Size) else tuple(x)
         if isinstance(x, dict):
             return {k: self.value(v) for k, v in x.items()}
+        if isinstance(x, slice):  # x[:, 1:x.shape[2] - 1]: bounds computed in the graph
+            return slice(self.value(x.start), self.value(x.stop), self.value(x.step))
         return x
 
     def shape(self, x: Any) -> Optional[tuple]:

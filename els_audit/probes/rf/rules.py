@@ -49,12 +49,17 @@ def _spatial_op_effect(ctx: RuleContext, nd: int, axis_ops: Sequence[Callable[[i
     for k in range(nd):
         d = L - nd + k
         facs = info.layout[d]
-        ax = _axis_of(facs, what)
         n_in, n_out = in_shape[d], out_shape[d]
+        op = axis_ops[k](n_in, n_out)
+        if n_in == n_out and op.n_in == op.n_out == 1 and op.taps == ((0,),):
+            # NB: an identity along this dim (a kernel-1 conv over flattened positions, as in
+            # guided-diffusion's qkv conv1d): positions map to themselves, whatever the dim holds
+            flows.extend(id_flows(i, facs))
+            continue
+        ax = _axis_of(facs, what)
         if ax is None:
             layout[d] = plain(n_out)
             continue
-        op = axis_ops[k](n_in, n_out)
         flows.append(Flow(i, ax, op))
         layout[d] = plain(n_out, ax)
     c = L - nd - 1
