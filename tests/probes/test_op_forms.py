@@ -212,3 +212,50 @@ def test_pointwise_over_flattened_positions_and_shape_computed_crops(net, size, 
     assert st.verdict == ("equivariant",) and st.breakers == ()   # the cropped padding never reaches the output
     assert rf.size("H") == size
     _exact_at(tr, rf, [(8, 8), (0, 0)])
+
+
+class _InContextTokens(nn.Module):
+    """U-ViT / in-context conditioning: a time token and a register token around the image
+    tokens, a position embedding over all of them, attention, long skip, then the extra
+    tokens dropped (by slicing or split) and the tokens unpatchified with einops."""
+
+    def __init__(self, drop="slice", p=2, d=16, n=64):
+        super().__init__()
+        self.drop, self.p, self.n = drop, p, n
+        self.embed = nn.Conv2d(1, d, p, stride=p)
+        self.time = nn.Linear(1, d)
+        self.reg = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, n + 2, d))
+        self.ln = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.skip = nn.Linear(2 * d, d)
+        self.out = nn.Linear(d, p * p)
+        self.final = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        b = x.shape[0]
+        tok = self.embed(x).flatten(2).transpose(1, 2)                            # (b, n, d)
+        z = torch.cat((self.time(t[:, None])[:, None, :], tok, self.reg.expand(b, -1, -1)), dim=1) + self.pos
+        h = self.ln(z)
+        z = self.skip(torch.cat((z, z + self.attn(h, h, h, need_weights=False)[0]), dim=-1))
+        if self.drop == "slice":
+            z = z[:, 1:1 + self.n, :]
+        else:
+            z = z.split([1, self.n, 1], dim=1)[1]
+        z = self.out(z)                                                            # (b, n, p p)
+        side = int(self.n ** 0.5)
+        y = z.reshape(b, side, side, self.p, self.p).permute(0, 1, 3, 2, 4).reshape(b, 1, side * self.p, side * self.p)
+        return self.final(y)
+
+
+@pytest.mark.parametrize("drop", ["slice", "split"])
+def test_extra_tokens_around_the_image_tokens(drop):
+    tr, rf, st = _probe(_InContextTokens(drop))
+    assert not st.partial and tr.unknown_ops == ()
+    kinds = {b.kind for b in st.breakers}
+    assert kinds == {"boundary", "global-op", "position-embedding", "stride"}     # not the time token
+    assert st.verdict == ("boundary-broken", "period-2", "non-local")
+    # the local path: patch embed k2 s2, then the final 3x3 conv at full resolution
+    assert [(a.size, a.scale, a.period) for a in rf.axes] == [(4, "1", 2), (4, "1", 2)]
+    for p in [(8, 8), (0, 0), (15, 7)]:
+        assert probe_receptive_field(tr, rf, pixel=p, n_inputs=2).inside

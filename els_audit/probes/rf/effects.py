@@ -10,6 +10,35 @@ from .maps import AxisOp, PeriodicMap
 
 Factor = tuple[str, int]  # (name, size): name is an axis ("H"), "" (non-spatial) or "*" (broadcast copy)
 Layout = tuple[tuple[Factor, ...], ...]
+#: the name prefix of a *token* factor: positions that hold image factors between extra
+#: tokens (``torch.cat((time_token, tokens), dim=1)`` in U-ViT / in-context conditioning)
+TOKENS = "+"
+
+
+def token_factor(before: int, after: int, inner: tuple[Factor, ...]) -> Factor:
+    """A dim of ``before`` extra tokens, the image factors ``inner``, then ``after`` extra tokens."""
+    size = before + after
+    n = 1
+    for _, s in inner:
+        n *= s
+    return (f"{TOKENS}{before}{TOKENS}{after}|" + ";".join(f"{a}:{s}" for a, s in inner), size + n)
+
+
+def parse_tokens(name: str) -> tuple[int, int, tuple[Factor, ...]]:
+    """(before, after, inner factors) of a token factor's name."""
+    head, inner = name[len(TOKENS):].split("|", 1)
+    before, after = head.split(TOKENS)
+    facs = tuple((a, int(s)) for a, s in (f.rsplit(":", 1) for f in inner.split(";"))) if inner else ()
+    return int(before), int(after), facs
+
+
+def factor_axes(name: str, size: int) -> list[tuple[str, int]]:
+    """The image axes a factor carries, with their sizes (none for ``""`` / ``"*"``)."""
+    if name in ("", "*"):
+        return []
+    if name.startswith(TOKENS):
+        return [(a, s) for a, s in parse_tokens(name)[2] if a not in ("", "*")]
+    return [(name, size)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -36,8 +65,8 @@ class SpatialInfo:
         out = {}
         for d, facs in enumerate(self.layout):
             for name, size in facs:
-                if name not in ("", "*"):
-                    out[name] = (d, size)
+                for a, s in factor_axes(name, size):
+                    out[a] = (d, s)
         return out
 
     def layout_str(self) -> str:
@@ -46,8 +75,16 @@ class SpatialInfo:
             if not facs:
                 parts.append("1")
             else:
-                parts.append("".join(n if n not in ("", "*") else ("." if n == "" else "*") for n, _ in facs))
+                parts.append("".join(_show(n, s) for n, s in facs))
         return ",".join(parts)
+
+
+def _show(name: str, size: int) -> str:
+    if name in ("", "*"):
+        return "." if name == "" else "*"
+    if name.startswith(TOKENS):
+        return TOKENS + "".join(a for a, _ in factor_axes(name, size))
+    return name
 
 
 @dataclass(frozen=True)

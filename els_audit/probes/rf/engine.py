@@ -43,7 +43,7 @@ from ..ops import OpInfo
 from ..trace import TraceResult
 from .effects import Effect, Flow, GlobalMix, RFAnnotation, SpatialInfo
 from .maps import AxisOp, PeriodicMap, Unsupported
-from .layout import RuleContext, image_layout, plain
+from .layout import RuleContext, image_layout, plain, spatial
 from .result import AxisField, GlobalPath, ReceptiveFieldResult, UnsupportedOp, as_number
 from .table import RF_RULES
 
@@ -87,7 +87,7 @@ def _apply(node_name: str, eff: Effect, ins: list[Optional[SpatialInfo]]) -> Spa
             continue
         new = m if f.transform == "id" else m.apply(f.transform)
         maps[f.axis] = maps[f.axis].union(new) if f.axis in maps else new
-    present = {n for facs in eff.layout for n, _ in facs}
+    present = {a for facs in eff.layout for a in spatial(facs)}
     maps = {a: m for a, m in maps.items() if a in present and not m.is_empty()}
     srcs = frozenset().union(*(i.global_srcs for i in ins if i is not None))
     if glob or eff.mixes:

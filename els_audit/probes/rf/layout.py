@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from ..meta import META_SHAPE, META_VARY
 from ..ops import OpInfo
-from .effects import Factor, Flow, Layout, SpatialInfo
+from .effects import TOKENS, Factor, Flow, Layout, SpatialInfo, factor_axes
 from .maps import AxisOp, Unsupported
 
 
@@ -34,7 +34,7 @@ class RuleContext:
 
 # -- layout helpers ------------------------------------------------------------------------
 def spatial(facs: Sequence[Factor]) -> list[str]:
-    return [n for n, _ in facs if n not in ("", "*")]
+    return [a for n, size in facs for a, _ in factor_axes(n, size)]
 
 
 def canon(facs: Sequence[Factor]) -> tuple[Factor, ...]:
@@ -102,6 +102,8 @@ def reshape_layout(layout: Layout, out_shape: Sequence[int]) -> tuple[Layout, di
                 acc *= size
             elif size % need == 0:
                 inner = size // need
+                if name.startswith(TOKENS):
+                    raise Unsupported(f"reshape to {tuple(out_shape)} splits a token dim that holds extra tokens")
                 if name not in ("", "*"):
                     add(name, AxisOp(1, inner, (tuple(range(inner)),), "none",
                                      label=f"reshape splits {name} {size} -> {need} x {inner} (space-to-depth)"))
@@ -121,7 +123,7 @@ def reshape_layout(layout: Layout, out_shape: Sequence[int]) -> tuple[Layout, di
 def _merge_depth(facs: tuple[Factor, ...], add: Callable[[str, AxisOp], None]) -> tuple[Factor, ...]:
     """A dim ``(axis n, plain r...)`` becomes ``(axis n r)`` with the depth-to-space map."""
     sp = [i for i, (name, _) in enumerate(facs) if name not in ("", "*")]
-    if len(sp) != 1 or sp[0] == len(facs) - 1:
+    if len(sp) != 1 or sp[0] == len(facs) - 1 or facs[sp[0]][0].startswith(TOKENS):
         return facs
     i = sp[0]
     name, n = facs[i]

@@ -8,7 +8,7 @@ from fractions import Fraction
 from typing import Callable, Optional, Sequence
 
 
-from .effects import Effect, Factor, Flow, GlobalMix
+from .effects import TOKENS, Effect, Factor, Flow, GlobalMix, parse_tokens, token_factor
 from .maps import AxisOp, Unsupported
 from .layout import (RuleContext, broadcast, global_flows, id_flows, plain, reshape_layout, spatial)
 from .table import rf_rule
@@ -18,6 +18,8 @@ def _axis_of(facs: Sequence[Factor], what: str) -> Optional[str]:
     sp = spatial(facs)
     if not sp:
         return None
+    if any(n.startswith(TOKENS) for n, _ in facs):
+        raise Unsupported(f"{what} along a token dim that holds extra tokens")
     if len(facs) != 1:
         raise Unsupported(f"{what} over a dim that merges axes {sp}")
     return sp[0]
@@ -395,6 +397,11 @@ def _rf_index(ctx: RuleContext) -> Effect:
         if spec[0] == "select":
             continue
         _, _, start, stop, step = spec
+        tok = _token_range(facs, start, n) if step == 1 and sp and n != ctx.shapes[0][d] else None
+        if tok is not None:  # x[:, 1:] drops the extra tokens again: the image factors, or none
+            layout.append(tok if tok else plain(n))
+            flows.extend(id_flows(0, tok))
+            continue
         if not sp or (start == 0 and step == 1 and n == ctx.shapes[0][d]):
             layout.append(facs if n == ctx.shapes[0][d] else plain(n))
             flows.extend(id_flows(0, facs))
@@ -405,38 +412,70 @@ def _rf_index(ctx: RuleContext) -> Effect:
     return Effect(tuple(layout), tuple(flows), tuple(mixes))
 
 
+def _token_range(facs: Sequence[Factor], start: int, n: int) -> Optional[tuple[Factor, ...]]:
+    """For a token dim: the image factors when positions ``start .. start + n`` are exactly
+    the image tokens, ``()`` when they are only extra tokens, ``None`` otherwise."""
+    if len(facs) != 1 or not facs[0][0].startswith(TOKENS):
+        return None
+    before, after, inner = parse_tokens(facs[0][0])
+    n_img = facs[0][1] - before - after
+    if start == before and n == n_img:
+        return inner
+    if start + n <= before or start >= before + n_img:
+        return ()
+    return None
+
+
 @rf_rule("split")
 def _rf_split(ctx: RuleContext) -> tuple:
     info = ctx.ins[0]
     d = ctx.params["dim"]
-    if spatial(info.layout[d]):
+    sizes = [None if shp is None else (1 if ctx.params.get("unbind") else shp[d]) for shp in ctx.out_shape]
+    starts = [sum(s or 0 for s in sizes[:k]) for k in range(len(sizes))]
+    tokens = [_token_range(info.layout[d], a, s) if s is not None else None for a, s in zip(starts, sizes)]
+    if spatial(info.layout[d]) and (ctx.params.get("unbind") or any(t is None for t, s in zip(tokens, sizes) if s)):
         raise Unsupported(f"split / chunk along image axes {spatial(info.layout[d])}")
     effs = []
-    for shp in ctx.out_shape:
+    for shp, tok in zip(ctx.out_shape, tokens):
         if shp is None:
             effs.append(None)
             continue
         if ctx.params.get("unbind"):
             layout = info.layout[:d] + info.layout[d + 1:]
         else:
-            layout = info.layout[:d] + (plain(shp[d]),) + info.layout[d + 1:]
-        effs.append(Effect(layout, tuple(Flow(0, a, "id") for a in info.axes())))
+            layout = info.layout[:d] + (tok if tok else plain(shp[d]),) + info.layout[d + 1:]
+        effs.append(Effect(layout, tuple(Flow(0, a, "id") for a in info.axes() if a in spatial(
+            [f for facs in layout for f in facs]))))
     return tuple(effs)
 
 
 _rf_split.multi_output = True  # type: ignore[attr-defined] - returns one effect per output
 
 
+def _with_tokens(facs: tuple[Factor, ...], before: int, after: int) -> Factor:
+    """The token factor of image factors ``facs`` with extra tokens around them."""
+    if len(facs) == 1 and facs[0][0].startswith(TOKENS):
+        b0, a0, inner = parse_tokens(facs[0][0])
+        return token_factor(before + b0, after + a0, inner)
+    return token_factor(before, after, tuple(facs))
+
+
 @rf_rule("cat", "stack")
 def _rf_cat(ctx: RuleContext) -> Effect:
     d = ctx.params["dim"]
     if ctx.op.kind == "cat":
-        for info in ctx.ins:
-            if info is not None and spatial(info.layout[d]):
-                raise Unsupported(f"concatenation along image axes {spatial(info.layout[d])}")
+        holders = [i for i, info in enumerate(ctx.ins) if info is not None and spatial(info.layout[d])]
+        if len(holders) > 1 or (holders and len(ctx.ins[holders[0]].layout[d]) != 1
+                                and any(n.startswith(TOKENS) for n, _ in ctx.ins[holders[0]].layout[d])):
+            raise Unsupported(f"concatenation along image axes {spatial(ctx.ins[holders[0]].layout[d])}")
         layout, flows, position = broadcast(ctx, skip_dim=d, why="concatenated")
         layout = list(layout)
         layout[d] = plain(ctx.out_shape[d])
+        if holders:  # extra tokens before / after the image tokens (a time or class token)
+            h = holders[0]
+            layout[d] = (_with_tokens(ctx.ins[h].layout[d], sum(ctx.shapes[i][d] for i in range(h)),
+                                      sum(ctx.shapes[i][d] for i in range(h + 1, len(ctx.ins)))),)
+            flows = list(flows) + id_flows(h, ctx.ins[h].layout[d])
         return Effect(tuple(layout), tuple(flows), (), tuple(position))
     # stack: every operand gets a new dim d
     sub = copy.copy(ctx)
