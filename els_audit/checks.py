@@ -308,8 +308,13 @@ def _probe_checks(st: Mapping[str, Any]) -> list[Check]:
     network, so the verdict and the machine choice cannot be trusted) and a zero output."""
     out: list[Check] = []
     fp = st.get("field_probe") or {}
-    if fp:
-        bad = [(name, row) for name, row in (fp.get("pixels") or {}).items() if not row.get("inside")]
+    rows = (fp.get("pixels") or {}) if fp else {}
+    if rows and all(_no_support(row) for row in rows.values()):
+        out.append(Check("field_probe", "warn", None, None,
+                         "the output's gradient is zero everywhere at the probed pixels (a zero-initialised or "
+                         "constant output layer?): the gradient check of the receptive field checked nothing"))
+    elif fp:
+        bad = [(name, row) for name, row in rows.items() if not row.get("inside")]
         out.append(Check("field_probe", "fail" if bad else "pass", not bad, None,
                          ("the gradient of the output reaches outside the theoretical receptive field at "
                           + "; ".join(f"the {name} pixel {tuple(row['pixel'])} (support {row['support']}, field "
@@ -327,6 +332,12 @@ def _probe_checks(st: Mapping[str, Any]) -> list[Check]:
                          "probe and the ERF measure nothing; audit trained weights" if zero else
                          f"max |output| {out_max:.3g} on the example inputs"))
     return out
+
+
+def _no_support(row: Mapping[str, Any]) -> bool:
+    """The probe found no pixel the output depends on (support (-1, -1) on every axis)."""
+    sup = row.get("support") or {}
+    return bool(sup) and all(list(v)[0] < 0 for v in sup.values())
 
 
 def _input_checks(summary: Mapping[str, Any]) -> list[Check]:

@@ -92,6 +92,11 @@ def test_a_zero_output_and_a_contradicted_field_are_reported():
     checks = {c.name: c for c in builtin_checks(summary)}
     assert checks["field_probe"].status == "fail" and "centre pixel (8, 8)" in checks["field_probe"].message
     assert checks["output_nonzero"].status == "warn" and "identically zero" in checks["output_nonzero"].message
+    # a zero gradient everywhere: the probe checked nothing, which is said, not passed
+    nothing = {"pixel": [0, 0], "inside": True, "support": {"H": [-1, -1], "W": [-1, -1]}, "predicted": {}}
+    summary["structure"]["field_probe"] = {"agrees": True, "pixels": {"centre": nothing, "corner": nothing}}
+    checks = {c.name: c for c in builtin_checks(summary)}
+    assert checks["field_probe"].status == "warn" and "checked nothing" in checks["field_probe"].message
 
 
 def test_class_conditional_dit_structure_only(tmp_path):
