@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .breakers import EQ_RULES, Breaker, eq_rule
 from .erf import ERFResult, effective_receptive_field, erf_side
-from .gradient_probe import ProbeResult, probe_receptive_field
+from .gradient_probe import ProbeResult, probe_receptive_field, probe_receptive_fields
 from .graph import to_networkx
 from .kinds import OP_KINDS
 from .measured import MeasuredEquivarianceResult, equivariance_measured
@@ -32,5 +32,5 @@ __all__ = [
     "equivariance_structure", "StructuralEquivarianceResult", "Breaker", "EQ_RULES", "eq_rule", "VERDICTS",
     "equivariance_measured", "MeasuredEquivarianceResult",
     "effective_receptive_field", "ERFResult", "erf_side",
-    "probe_receptive_field", "ProbeResult", "to_networkx",
+    "probe_receptive_field", "probe_receptive_fields", "ProbeResult", "to_networkx",
 ]

@@ -70,19 +70,22 @@ def fold(lo: int, hi: int, n: int, modes: frozenset[str]) -> np.ndarray:
     return mask
 
 
-def _support(trace: TraceResult, pixel: tuple[int, ...], n_inputs: int, seed: int) -> torch.Tensor:
+def _supports(trace: TraceResult, pixels: list[tuple[int, ...]], n_inputs: int, seed: int) -> list[torch.Tensor]:
+    """Per pixel, where |d out[pixel] / d x| > 0 (union over inputs): one forward per input,
+    one backward per pixel on it."""
     nd = len(trace.spatial_axes)
     g = torch.Generator().manual_seed(seed)
-    support = torch.zeros(trace.input_shape[-nd:], dtype=torch.bool)
+    supports = [torch.zeros(trace.input_shape[-nd:], dtype=torch.bool) for _ in pixels]
     for _ in range(n_inputs):
         x = draw_x0(None, trace.input_shape[1:], trace.input_shape[0], g).requires_grad_(True)
         bound = trace.forward_signature.bind(*trace.example_args, **dict(trace.example_kwargs))
         bound.arguments[trace.image_arg] = x
         out = trace.run(*bound.args, **bound.kwargs)
-        sel = out[(slice(None),) * (out.dim() - nd) + pixel]
-        (grad,) = torch.autograd.grad(sel.sum(), x)
-        support |= grad.abs().sum(dim=tuple(range(grad.dim() - nd))) > 0
-    return support
+        for k, pixel in enumerate(pixels):
+            sel = out[(slice(None),) * (out.dim() - nd) + pixel]
+            (grad,) = torch.autograd.grad(sel.sum(), x, retain_graph=k < len(pixels) - 1)
+            supports[k] |= grad.abs().sum(dim=tuple(range(grad.dim() - nd))) > 0
+    return supports
 
 
 def probe_receptive_field(trace: TraceResult, rf: Optional[ReceptiveFieldResult] = None, *,
@@ -103,18 +106,35 @@ def probe_receptive_field(trace: TraceResult, rf: Optional[ReceptiveFieldResult]
     Returns:
         :class:`ProbeResult`.
     """
+    nd = len(trace.spatial_axes)
+    spatial = tuple(trace.input_shape[-nd:])
+    pixel = tuple(int(p) for p in (pixel if pixel is not None else [s // 2 for s in spatial]))
+    return probe_receptive_fields(trace, rf, [pixel], n_inputs=n_inputs, seed=seed)[0]
+
+
+def probe_receptive_fields(trace: TraceResult, rf: Optional[ReceptiveFieldResult], pixels: Sequence[Sequence[int]],
+                           *, n_inputs: int = 3, seed: int = 0) -> list[ProbeResult]:
+    """:func:`probe_receptive_field` at several output pixels, sharing the forward passes."""
     if n_inputs < 1:
         raise ValueError(f"n_inputs must be >= 1, got {n_inputs}")
     if trace.forward_signature is None:
         raise ValueError("this TraceResult has no forward signature; re-trace with trace_model")
     rf = rf or receptive_field(trace)
     nd = len(trace.spatial_axes)
-    spatial = tuple(trace.input_shape[-nd:])
-    pixel = tuple(int(p) for p in (pixel if pixel is not None else [s // 2 for s in spatial]))
-    if len(pixel) != nd or any(not 0 <= p < s for p, s in zip(pixel, trace.output_shape[-nd:])):
-        raise ValueError(f"pixel {pixel} is not inside the output {trace.output_shape[-nd:]}")
-    support = _support(trace, pixel, n_inputs, seed)
+    pixels = [tuple(int(p) for p in pix) for pix in pixels]
+    for pixel in pixels:
+        if len(pixel) != nd or any(not 0 <= p < s for p, s in zip(pixel, trace.output_shape[-nd:])):
+            raise ValueError(f"pixel {pixel} is not inside the output {trace.output_shape[-nd:]}")
     modes = boundary_modes(trace)
+    return [_judge(trace, rf, pixel, support, modes, n_inputs)
+            for pixel, support in zip(pixels, _supports(trace, pixels, n_inputs, seed))]
+
+
+def _judge(trace: TraceResult, rf: ReceptiveFieldResult, pixel: tuple[int, ...], support: torch.Tensor,
+           modes: frozenset[str], n_inputs: int) -> ProbeResult:
+    """The support of one pixel against its theoretical field folded onto the image."""
+    nd = len(trace.spatial_axes)
+    spatial = tuple(trace.input_shape[-nd:])
     box = torch.ones(spatial, dtype=torch.bool)
     predicted: dict[str, tuple[int, int]] = {}
     for k, a in enumerate(trace.spatial_axes):
