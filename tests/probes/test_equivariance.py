@@ -14,6 +14,7 @@ from els_audit.probes import EQ_RULES, eq_rule, equivariance_measured, equivaria
 from els_audit.probes.measured import PSNR_CAP_DB
 
 from toy_models import (
+    tiny_diffusers_unet,
     AttnNet,
     CoordNet,
     ConvStack,
@@ -198,13 +199,7 @@ def test_eq_rule_table_refuses_duplicates():
 
 
 def test_diffusers_unet_structure():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    m = diffusers.UNet2DModel(
-        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(4, 8), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=2, attention_head_dim=4,
-    ).eval()
+    m = tiny_diffusers_unet(16)
     tr = trace_model(m, (torch.randn(2, 1, 16, 16), torch.tensor([10, 500])), {"return_dict": False})
     eq = equivariance_structure(tr)
     # one stride-2 conv downsampler (2 blocks), zero padding, attention + GroupNorm

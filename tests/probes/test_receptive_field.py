@@ -13,6 +13,7 @@ from els_audit.probes import RF_RULES, probe_receptive_field, receptive_field, r
 from els_audit.probes.rf import AxisOp, PeriodicMap
 
 from toy_models import (
+    tiny_diffusers_unet,
     AttnNet,
     ChannelLastLinearNet,
     ControlFlowNet,
@@ -336,13 +337,7 @@ def test_attention_unet_global_kinds():
 
 
 def test_diffusers_unet_global_kinds():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    m = diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 8), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=2, attention_head_dim=4,
-    ).eval()
+    m = tiny_diffusers_unet(8)
     tr = trace_model(m, (torch.randn(2, 1, 8, 8), torch.tensor([10, 500])), {"return_dict": False})
     rf = receptive_field(tr)
     assert rf.is_global and not rf.partial

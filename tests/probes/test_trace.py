@@ -12,6 +12,7 @@ from els_audit.probes import OP_TABLE, TraceError, register_op, to_networkx, tra
 from els_audit.probes.meta import META_IMAGE, META_OP, META_SHAPE
 
 from toy_models import (
+    tiny_diffusers_unet,
     AttnNet,
     ControlFlowNet,
     ConvStack,
@@ -167,13 +168,7 @@ def test_networkx_view_reads_annotations():
 
 
 def test_diffusers_unet_traces_through_export():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    m = diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 8), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=2, attention_head_dim=4,
-    ).eval()
+    m = tiny_diffusers_unet(8)
     x = torch.randn(2, 1, 8, 8)
     tr = trace_model(m, (x, torch.tensor([10, 500])), {"return_dict": False})
     assert tr.tracer == "torch.export"

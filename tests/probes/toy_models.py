@@ -357,3 +357,17 @@ def linear_chain(n_layers: int = 2, kernel_1d: Sequence[float] = (1.0, 2.0, 1.0)
             return self.seq(x)
 
     return _Chain().eval()
+
+
+def tiny_diffusers_unet(size: int = 8):
+    """A seeded two-level diffusers UNet2DModel with attention at the low level (1 channel);
+    skips the test when diffusers is not installed."""
+    import pytest
+
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=size, in_channels=1, out_channels=1, block_out_channels=(4, 8), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=2, attention_head_dim=4,
+    ).eval()

@@ -16,22 +16,16 @@ from .base import META_KIND, OpContext, aten, register_op, target_name
 
 
 # -- concatenation -------------------------------------------------------------------------
-@register_op(torch.cat, torch.concat, torch.concatenate, aten.cat, aten.concat)
-def _c_cat(ctx: OpContext):
+@register_op(torch.cat, torch.concat, torch.concatenate, aten.cat, aten.concat, torch.stack, aten.stack)
+def _c_join(ctx: OpContext):
     args = list(ctx.node.args)
     tensors = args[0] if args else ctx.node.kwargs.get("tensors")
     dim = ctx.value(args[1]) if len(args) > 1 else ctx.value(ctx.node.kwargs.get("dim", 0))
     nd = len(ctx.out_shape)
-    return "cat", {"dim": int(dim) % nd}, [t for t in tensors if ctx.is_tensor(t)]
-
-
-@register_op(torch.stack, aten.stack)
-def _c_stack(ctx: OpContext):
-    args = list(ctx.node.args)
-    tensors = args[0] if args else ctx.node.kwargs.get("tensors")
-    dim = ctx.value(args[1]) if len(args) > 1 else ctx.value(ctx.node.kwargs.get("dim", 0))
-    nd = len(ctx.out_shape)
-    return "stack", {"dim": int(dim) % nd}, [t for t in tensors if ctx.is_tensor(t)]
+    target = ctx.node.target
+    target = target.overloadpacket if isinstance(target, torch._ops.OpOverload) else target
+    kind = "stack" if target in (torch.stack, aten.stack) else "cat"
+    return kind, {"dim": int(dim) % nd}, [t for t in tensors if ctx.is_tensor(t)]
 
 
 # -- shape ops -----------------------------------------------------------------------------

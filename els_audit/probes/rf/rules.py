@@ -290,30 +290,27 @@ def _rf_batchnorm(ctx: RuleContext) -> Effect:
     return Effect(info.layout, tuple(flows), mixes)
 
 
-@rf_rule("norm")
-def _rf_norm(ctx: RuleContext) -> Effect:
+def _mix_over(ctx: RuleContext, dims: Sequence[int], reason: str) -> Effect:
+    """Statistics over ``dims`` (a norm, a softmax): every position keeps its own value and
+    also sees all positions along the image axes those dims carry."""
     info = ctx.ins[0]
-    dims = ctx.params["normalized_dims"]
     flows = [f for facs in info.layout for f in id_flows(0, facs)]
-    axes = [a for d in dims for a in spatial(info.layout[d])]
+    axes = [a for d in dims if d < len(info.layout) for a in spatial(info.layout[d])]
     mixes: tuple = ()
     if axes:
         flows += [Flow(0, a, "global") for a in axes]
-        mixes = (GlobalMix(tuple(axes), f"{ctx.params.get('norm', 'norm')} statistics over {','.join(axes)}", True),)
+        mixes = (GlobalMix(tuple(axes), f"{reason} over {','.join(axes)}", True),)
     return Effect(info.layout, tuple(flows), mixes)
+
+
+@rf_rule("norm")
+def _rf_norm(ctx: RuleContext) -> Effect:
+    return _mix_over(ctx, ctx.params["normalized_dims"], f"{ctx.params.get('norm', 'norm')} statistics")
 
 
 @rf_rule("softmax")
 def _rf_softmax(ctx: RuleContext) -> Effect:
-    info = ctx.ins[0]
-    d = ctx.params["dim"]
-    flows = [f for facs in info.layout for f in id_flows(0, facs)]
-    axes = spatial(info.layout[d]) if d < len(info.layout) else []
-    mixes: tuple = ()
-    if axes:
-        flows += [Flow(0, a, "global") for a in axes]
-        mixes = (GlobalMix(tuple(axes), f"softmax over {','.join(axes)}", True),)
-    return Effect(info.layout, tuple(flows), mixes)
+    return _mix_over(ctx, [ctx.params["dim"]], "softmax")
 
 
 @rf_rule("reduce")
