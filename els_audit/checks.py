@@ -274,6 +274,11 @@ def builtin_checks(summary: Mapping[str, Any]) -> tuple[Check, ...]:
                          "unsupported ops: " + ", ".join(str(u) for u in st.get("unsupported_ops", []))
                          if partial else "every op on the image path has a rule"))
         out += _probe_checks(st)
+        mass = [v for vs in ((summary.get("erf") or {}).get("gradient_mass") or {}).values() for v in vs]
+        if mass and not any(_number(v) for v in mass):
+            out.append(Check("erf_measured", "warn", 0.0, None,
+                             "the effective receptive field found no gradient of the output with respect to the "
+                             "input at any step: its maps and predicted patch sizes mean nothing"))
         nonlocal_ = "non-local" in (st.get("verdict") or [])
         out.append(Check("locality", "warn" if nonlocal_ else "pass", not nonlocal_, None,
                          "the network mixes information over the whole image (global ops); a local machine "
@@ -309,7 +314,10 @@ def _probe_checks(st: Mapping[str, Any]) -> list[Check]:
     out: list[Check] = []
     fp = st.get("field_probe") or {}
     rows = (fp.get("pixels") or {}) if fp else {}
-    if rows and all(_no_support(row) for row in rows.values()):
+    if fp.get("error"):
+        out.append(Check("field_probe", "warn", None, None,
+                         f"the gradient check of the receptive field could not run ({fp['error']})"))
+    elif rows and all(_no_support(row) for row in rows.values()):
         out.append(Check("field_probe", "warn", None, None,
                          "the output's gradient is zero everywhere at the probed pixels (a zero-initialised or "
                          "constant output layer?): the gradient check of the receptive field checked nothing"))

@@ -321,8 +321,11 @@ def _structure(cfg, clock: Clock, inp: Inputs) -> tuple:
     st = clock.stage("equivariance structure", equivariance_structure, tr, rf)
     structure = st.to_dict()
     structure["boundary_modes"] = sorted(boundary_modes(tr))
-    with frozen(tr.graph_module):
-        structure["field_probe"] = clock.stage("field probe", _field_probe, tr, rf, probe_receptive_fields)
+    try:
+        with frozen(tr.graph_module):
+            structure["field_probe"] = clock.stage("field probe", _field_probe, tr, rf, probe_receptive_fields)
+    except Exception as exc:  # noqa: BLE001 - a graph that cannot be differentiated keeps its verdict
+        structure["field_probe"] = {"error": f"{type(exc).__name__}: {text(exc, 200)}"}
     try:
         graph = to_networkx(tr)
     except Exception as exc:  # noqa: BLE001 - the drawing is optional

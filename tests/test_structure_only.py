@@ -126,3 +126,29 @@ def test_structure_only_in_python():
                               only="structure"))
     assert r.scope == "structure" and r.prediction is None and r.exit_code == 0
     assert r.to_dict()["structure"]["verdict"] == ["equivariant"]
+
+
+def test_a_field_probe_that_cannot_run_keeps_the_verdict(tmp_path):
+    # the output is detached from the input: no gradient to check, the verdict still stands
+    (tmp_path / "mine.py").write_text(
+        "import torch.nn as nn\n"
+        "class Detached(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.c = nn.Conv2d(1, 1, 3, padding=1, padding_mode='circular')\n"
+        "    def forward(self, x, t):\n"
+        "        return self.c(x).detach()\n")
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("mine_detached", tmp_path / "mine.py")
+    mod = module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.save(mod.Detached().state_dict(), tmp_path / "w.pt")
+    out = tmp_path / "rep"
+    res = _runner().invoke(main, [str(tmp_path / "w.pt"), "--arch", f"{tmp_path / 'mine.py'}:Detached", *DATA,
+                                  "--only", "structure", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["structure"]["verdict"] == ["equivariant"] and "error" in s["structure"]["field_probe"]
+    status = {c["name"]: c["status"] for c in s["checks"]}
+    assert status["field_probe"] == "warn" and status["erf_measured"] == "warn"

@@ -206,6 +206,8 @@ def _maps_autograd(eps_fn: EpsFn, x: torch.Tensor, t: torch.Tensor, lab: Optiona
         out = eps_fn(xb, t[i: i + chunk], None if lab is None else lab[i: i + chunk])
         if out.shape != xb.shape:
             raise ValueError(f"eps_fn returned shape {tuple(out.shape)} for inputs {tuple(xb.shape)}")
+        if not out.requires_grad:  # detached from the input (no_grad inside, integer output): no gradient
+            continue
         nb = xb.shape[0]
         for j, (p, c) in enumerate(jobs):
             sel = out[:, c, pix[p, 0], pix[p, 1]]                                # (b,)
