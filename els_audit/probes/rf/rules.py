@@ -449,12 +449,14 @@ def _rf_split(ctx: RuleContext) -> tuple:
 _rf_split.multi_output = True  # type: ignore[attr-defined] - returns one effect per output
 
 
-def _with_tokens(facs: tuple[Factor, ...], before: int, after: int) -> Factor:
+def _with_tokens(facs: tuple[Factor, ...], before: int, after: int) -> tuple[Factor, ...]:
     """The token factor of image factors ``facs`` with extra tokens around them."""
+    if before == after == 0:
+        return facs
     if len(facs) == 1 and facs[0][0].startswith(TOKENS):
         b0, a0, inner = parse_tokens(facs[0][0])
-        return token_factor(before + b0, after + a0, inner)
-    return token_factor(before, after, tuple(facs))
+        return (token_factor(before + b0, after + a0, inner),)
+    return (token_factor(before, after, tuple(facs)),)
 
 
 @rf_rule("cat", "stack")
@@ -470,8 +472,8 @@ def _rf_cat(ctx: RuleContext) -> Effect:
         layout[d] = plain(ctx.out_shape[d])
         if holders:  # extra tokens before / after the image tokens (a time or class token)
             h = holders[0]
-            layout[d] = (_with_tokens(ctx.ins[h].layout[d], sum(ctx.shapes[i][d] for i in range(h)),
-                                      sum(ctx.shapes[i][d] for i in range(h + 1, len(ctx.ins)))),)
+            layout[d] = _with_tokens(ctx.ins[h].layout[d], sum(ctx.shapes[i][d] for i in range(h)),
+                                     sum(ctx.shapes[i][d] for i in range(h + 1, len(ctx.ins))))
             flows = list(flows) + id_flows(h, ctx.ins[h].layout[d])
         return Effect(tuple(layout), tuple(flows), (), tuple(position))
     # stack: every operand gets a new dim d
