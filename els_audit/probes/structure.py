@@ -1,5 +1,6 @@
 """Stage 3 of the architecture probes: where and how much a network breaks translation
-equivariance -- structurally (from the traced graph) and measured (shift tests).
+equivariance, read off the traced graph (the shift tests that measure it are in
+:mod:`els_audit.probes.measured`).
 
 References:
 - Kamb & Ganguli, ICML 2025 (theory.md sections 2-3): the ELS machine models circular
@@ -31,9 +32,6 @@ Structural analysis (:func:`equivariance_structure`) reads the receptive-field p
   ``dense-over-space``: fixed weights over flattened positions.  These break equivariance
   everywhere.
 - ``unsupported``: an op no rule models (the result is partial).
-
-Measured analysis (:func:`equivariance_measured`) runs the eps callable on circularly
-shifted inputs.
 """
 
 

@@ -16,7 +16,11 @@ pools, transposed convs, nearest / linear upsampling, pixel (un)shuffle and padd
 index maps (:class:`AxisOp`: output ``o`` reads input taps ``taps(o)``), applied exactly per
 phase; adds and concatenations take the union of their branches.  Layout tracking
 (which tensor dim carries which image axis, through view / flatten / permute) lets the
-same engine follow attention written as ``flatten -> Linear -> bmm -> softmax``.
+same engine follow attention written as ``flatten -> Linear -> bmm -> softmax``, patchify
+and unpatchify written as reshapes (a split axis is space-to-depth, an axis merged with the
+plain factors after it depth-to-space: the maps of PixelUnshuffle / PixelShuffle), and
+extra tokens concatenated around the image tokens (a *token factor*, until they are sliced
+or split off again).
 
 Ops that mix all positions along an axis (attention, softmax or statistics over space,
 global pooling, a Linear over flattened space) become *global flows*: they are reported as
