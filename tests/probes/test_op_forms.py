@@ -259,3 +259,25 @@ def test_extra_tokens_around_the_image_tokens(drop):
     assert [(a.size, a.scale, a.period) for a in rf.axes] == [(4, "1", 2), (4, "1", 2)]
     for p in [(8, 8), (0, 0), (15, 7)]:
         assert probe_receptive_field(tr, rf, pixel=p, n_inputs=2).inside
+
+
+class _ClassToken(nn.Module):
+    """A class token attends over the image tokens and its summary is added back everywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 4, 3, padding=1, padding_mode="circular")
+        self.cls = nn.Parameter(torch.randn(1, 1, 4))
+        self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+
+    def forward(self, x, t):
+        h = self.c(x)
+        tok = torch.cat((self.cls.expand(h.shape[0], -1, -1), h.flatten(2).transpose(1, 2)), 1)
+        tok = tok + self.attn(tok, tok, tok, need_weights=False)[0]
+        return h + tok[:, 0][:, :, None, None]
+
+
+def test_reading_the_class_token_is_a_global_summary_not_a_fixed_position():
+    _, rf, st = _probe(_ClassToken())
+    assert st.verdict == ("equivariant", "non-local") and not st.partial
+    assert [b.kind for b in st.breakers] == ["global-op"] and rf.size("H") == 3

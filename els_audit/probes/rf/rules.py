@@ -383,6 +383,8 @@ def _rf_index(ctx: RuleContext) -> Effect:
         facs = info.layout[d]
         sp = spatial(facs)
         n = 0 if spec[0] == "select" else len(range(spec[2], spec[3], spec[4]))
+        if spec[0] == "select" and _token_range(facs, spec[2], 1) == ():
+            continue  # an extra token (a class token): no image position is picked
         if sp and (spec[0] == "select" or n == 1):
             # Picking one position along an image axis: every output reads that fixed
             # position, wherever it is.
