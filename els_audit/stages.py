@@ -302,7 +302,7 @@ def run_probes(cfg, clock: Clock, inp: Inputs) -> Probes:
 def _structure(cfg, clock: Clock, inp: Inputs) -> tuple:
     """(trace, receptive field, structure dicts, global paths, networkx graph, the structural
     result for the shift test's band)."""
-    from .probes import (boundary_modes, equivariance_structure, probe_receptive_fields, receptive_field,
+    from .probes import (boundary_modes, equivariance_structure, receptive_field,
                          to_networkx, trace_model)
 
     C, H, W = inp.shape
@@ -323,7 +323,7 @@ def _structure(cfg, clock: Clock, inp: Inputs) -> tuple:
     structure["boundary_modes"] = sorted(boundary_modes(tr))
     try:
         with frozen(tr.graph_module):
-            structure["field_probe"] = clock.stage("field probe", _field_probe, tr, rf, probe_receptive_fields)
+            structure["field_probe"] = clock.stage("field probe", _field_probe, tr, rf)
     except Exception as exc:  # noqa: BLE001 - a graph that cannot be differentiated keeps its verdict
         structure["field_probe"] = {"error": f"{type(exc).__name__}: {text(exc, 200)}"}
     try:
@@ -334,7 +334,7 @@ def _structure(cfg, clock: Clock, inp: Inputs) -> tuple:
     return tr.to_dict(), rf.to_dict(), structure, [gp.to_dict() for gp in rf.global_paths], graph, st
 
 
-def _field_probe(tr, rf, probe) -> dict:
+def _field_probe(tr, rf) -> dict:
     """The gradient support of the output at the centre, an edge and a corner against the
     theoretical field there (``agrees``: every support inside its field).  One forward on
     the example's batch of random images (B >= 2 inputs), one backward per pixel."""
@@ -344,5 +344,8 @@ def _field_probe(tr, rf, probe) -> dict:
     for name, frac in FIELD_PROBE_PIXELS.items():
         fracs = (frac[0],) * (nd - 1) + (frac[1],)           # H (and D) like the row, W like the column
         pixels[name] = tuple(min(int(f * n), n - 1) for f, n in zip(fracs, out))
-    rows = {name: r.to_dict() for name, r in zip(pixels, probe(tr, rf, list(pixels.values()), n_inputs=1))}
+    from .probes import probe_receptive_fields
+
+    results = probe_receptive_fields(tr, rf, list(pixels.values()), n_inputs=1)
+    rows = {name: r.to_dict() for name, r in zip(pixels, results)}
     return {"agrees": all(r["inside"] for r in rows.values()), "pixels": rows}

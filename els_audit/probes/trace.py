@@ -79,6 +79,7 @@ class _Recorder(ShapeProp):
 
     def __init__(self, gm: fx.GraphModule, image_ph: Optional[fx.Node]):
         super().__init__(gm)
+        self.image_ph = image_ph
         self._skip_vary = _maybe_image_dependent(gm, image_ph)
 
     def run_node(self, n: fx.Node) -> Any:
@@ -370,7 +371,7 @@ def trace_model(
     image = values[names.index(img_name)]
     inputs = _Inputs(sig, names, values, concrete, example_args, kwargs, img_name, image)
     gm, rec, used, reason = _trace(module, inputs, tuple(leaf_modules), tracer)
-    image_ph = _find_image_placeholder(gm, used, names, img_name, example_args, kwargs, image)
+    image_ph = rec.image_ph
     if image_ph is None:
         raise TraceError(f"the image argument {img_name!r} is not a graph input after tracing")
     _annotate(gm, image_ph)

@@ -443,8 +443,7 @@ def _rf_split(ctx: RuleContext) -> tuple:
             layout = info.layout[:d] + info.layout[d + 1:]
         else:
             layout = info.layout[:d] + (tok if tok else plain(shp[d]),) + info.layout[d + 1:]
-        effs.append(Effect(layout, tuple(Flow(0, a, "id") for a in info.axes() if a in spatial(
-            [f for facs in layout for f in facs]))))
+        effs.append(Effect(layout, tuple(Flow(0, a, "id") for a in info.axes())))
     return tuple(effs)
 
 
