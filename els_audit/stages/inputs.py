@@ -1,68 +1,18 @@
-"""The first two stages of an audit, shared by the full audit and the structure-only one.
-
-1. :func:`load_inputs`: the model, the data, the denoiser adapter (with the sanity check
-   unless the audit is structure-only) and the labels each seed gets;
-2. :func:`run_probes`: trace, theoretical receptive field, structural verdict, the gradient
-   check of the field, the effective receptive field per step and the shift tests.
-
-Each returns a plain dataclass; :mod:`els_audit.audit` composes them with the machine stages.
-"""
+"""Stage 1 of an audit: the model, the data, the denoiser adapter (with the sanity check
+unless the audit is structure-only) and the labels each seed gets."""
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
-from .console import text
-from .data import Dataset, balanced_subset_indices, load_dataset
-from .errors import AuditError
-
-ProgressFn = Callable[[str], None]
+from ..data import Dataset, balanced_subset_indices, load_dataset
+from ..errors import AuditError
+from .clock import Clock
 
 
-class Clock:
-    """Times the stages and reports progress lines (``[  12.3s] trace done``)."""
-
-    def __init__(self, progress: Optional[ProgressFn]):
-        self.progress = progress
-        self.timings: dict[str, float] = {}
-        self.t0 = time.perf_counter()
-
-    def say(self, msg: str) -> None:
-        if self.progress is not None:
-            self.progress(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}")
-
-    def stage(self, name: str, fn, *a, slow: bool = False, **kw):
-        """Run one stage and time it; announce it when ``slow``, report it when it took >= 1 s."""
-        if slow:
-            self.say(f"{name} ...")
-        t = time.perf_counter()
-        out = fn(*a, **kw)
-        self.timings[name] = time.perf_counter() - t
-        if slow or self.timings[name] >= 1.0:
-            self.say(f"{name} done in {self.timings[name]:.1f}s")
-        return out
-
-    def steps(self, every: float = 2.0):
-        """A ``progress(stage, done, total)`` for the library stages, at most every ``every`` s."""
-        last = {"t": 0.0}
-
-        def f(stage: str, done: int, total: int) -> None:
-            now = time.perf_counter()
-            if done == total or now - last["t"] >= every:
-                last["t"] = now
-                self.say(f"  {stage} step {done}/{total}")
-
-        return f
-
-
-# ---------------------------------------------------------------------------------------
-# 1. inputs
-# ---------------------------------------------------------------------------------------
 @dataclass
 class Inputs:
     """What the audit runs on.
@@ -112,7 +62,7 @@ class Inputs:
 def load_inputs(cfg, clock: Clock, *, sanity: bool = True) -> Inputs:
     """Load the model and the data, adapt the model (``sanity``: with the sanity check on a
     seeded class-balanced sample of the data) and assign labels to seeds."""
-    from .models import load_model, make_denoiser
+    from ..models import load_model, make_denoiser
 
     loaded = clock.stage("load model", load_model, cfg.model, arch=cfg.arch, arch_kwargs=cfg.arch_kwargs,
                          format=cfg.format, state_dict_key=cfg.state_dict_key, trust_model=cfg.trust_model,
@@ -223,129 +173,3 @@ def data_spec(cfg, loaded) -> tuple[str, str]:
                          f"(or --trust-model if you trust the config)")
     raise AuditError(f"{cfg.model}: no training data named; pass --data SPEC (e.g. --data mnist5k:size=32 or "
                      f"--data path/to/train.npz): the ELS machine needs the training images or a sample of them")
-
-
-# ---------------------------------------------------------------------------------------
-# 2. probes
-# ---------------------------------------------------------------------------------------
-@dataclass
-class Probes:
-    """The probes' results.  ``structure`` is the structural result as a dict (``{"error":
-    ...}`` with an ``unknown`` verdict when the network could not be traced), with the
-    gradient check of the field (``field_probe``) and the boundary conditions read."""
-
-    trace: Optional[dict]
-    receptive_field: Optional[dict]
-    structure: dict
-    global_paths: list
-    graph: Any
-    erf: Any
-    equivariance: Any
-    predicted: tuple[int, ...]
-
-
-@contextmanager
-def frozen(module: Any):
-    """No parameter of ``module`` requires a gradient inside (the probes need gradients with
-    respect to the input only; the weights' gradients cost about a sixth of each backward);
-    the flags are restored after."""
-    params = list(module.parameters()) if isinstance(module, torch.nn.Module) else []
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield module
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-
-
-#: output pixels the gradient check of the theoretical field probes (as fractions of the size)
-FIELD_PROBE_PIXELS = {"centre": (0.5, 0.5), "edge": (0.5, 0.0), "corner": (0.0, 0.0)}
-
-
-def run_probes(cfg, clock: Clock, inp: Inputs) -> Probes:
-    """Trace and analyse the network; measure its ERF and its equivariance."""
-    from .probes import effective_receptive_field, equivariance_measured
-
-    C, H, W = inp.shape
-    trace_d = rf_d = graph = None
-    global_paths: list = []
-    band: Any = 0
-    try:
-        trace_d, rf_d, structure, global_paths, graph, band = _structure(cfg, clock, inp)
-    except AuditError as exc:
-        structure = {"error": str(exc)}
-    except Exception as exc:  # noqa: BLE001 - a network we cannot trace is audited without structure
-        structure = {"error": f"{type(exc).__name__}: {text(exc, 300)}"}
-    if structure.get("error"):
-        inp.notes.append(f"structural analysis unavailable: {structure['error']}")
-        # NB: keep the stable keys: the verdict is "unknown", never a guess
-        structure.update({"verdict": ["unknown"], "verdict_line": "unknown", "breakers": [], "partial": True})
-    # NB: the probes draw x0 from data given in [-1, 1]; for a model in another range they
-    # draw x0 ~ N(0, I) instead (they only need inputs of the right scale).
-    data_for_probe = None if inp.in_model_range else inp.full.images
-    modes = set(structure.get("boundary_modes") or [])
-    with frozen(inp.loaded.module):
-        erf = clock.stage("effective receptive field", effective_receptive_field, inp.eps_grad, (C, H, W),
-                          steps=cfg.steps, schedule=inp.den.schedule, data=data_for_probe, n_samples=cfg.erf_samples,
-                          seed=0, label=inp.labels_for(cfg.erf_samples), wrap=bool(modes) and modes <= {"circular"},
-                          slow=True)
-    meq = clock.stage("measured equivariance", equivariance_measured, inp.eps_fn, (C, H, W), band=band, seed=0,
-                      n_samples=2, data=data_for_probe, schedule=inp.den.schedule, label=inp.labels_for(2))
-    # NB: the ERF's predicted patch is listed in sampler order (t = 1 first); scales use
-    # index 0 = least noise, so it is reversed.
-    predicted = tuple(int(k) for k in reversed(erf.predicted_patch))
-    return Probes(trace_d, rf_d, structure, global_paths, graph, erf, meq, predicted)
-
-
-def _structure(cfg, clock: Clock, inp: Inputs) -> tuple:
-    """(trace, receptive field, structure dicts, global paths, networkx graph, the structural
-    result for the shift test's band)."""
-    from .probes import (boundary_modes, equivariance_structure, receptive_field,
-                         to_networkx, trace_model)
-
-    C, H, W = inp.shape
-    module, den = inp.loaded.module, inp.den
-    g = torch.Generator().manual_seed(0)
-    ex_x = torch.randn((2, C, H, W), generator=g).to(inp.device)
-    ex_t = den.model_time(torch.tensor([0.3, 0.7])).to(inp.device)
-    lab = inp.labels_for(2)
-    if not isinstance(module, torch.nn.Module):
-        raise AuditError(f"the model is a {type(module).__name__}, not an nn.Module")
-    if callable(den.call_style) and not isinstance(den.call_style, str):
-        raise AuditError("a custom call_style callable cannot be traced")
-    args, kw = den.call_args(ex_x, ex_t, None if lab is None else lab.to(inp.device))
-    tr = clock.stage("trace", trace_model, module, args, kw)
-    rf = clock.stage("receptive field", receptive_field, tr)
-    st = clock.stage("equivariance structure", equivariance_structure, tr, rf)
-    structure = st.to_dict()
-    structure["boundary_modes"] = sorted(boundary_modes(tr))
-    try:
-        with frozen(tr.graph_module):
-            structure["field_probe"] = clock.stage("field probe", _field_probe, tr, rf)
-    except Exception as exc:  # noqa: BLE001 - a graph that cannot be differentiated keeps its verdict
-        structure["field_probe"] = {"error": f"{type(exc).__name__}: {text(exc, 200)}"}
-    try:
-        graph = to_networkx(tr)
-    except Exception as exc:  # noqa: BLE001 - the drawing is optional
-        graph = None
-        inp.notes.append(f"graph view unavailable: {text(exc, 200)}")
-    return tr.to_dict(), rf.to_dict(), structure, [gp.to_dict() for gp in rf.global_paths], graph, st
-
-
-def _field_probe(tr, rf) -> dict:
-    """The gradient support of the output at the centre, an edge and a corner against the
-    theoretical field there (``agrees``: every support inside its field).  One forward on
-    the example's batch of random images (B >= 2 inputs), one backward per pixel."""
-    nd = len(tr.spatial_axes)
-    out = tr.output_shape[-nd:]
-    pixels = {}
-    for name, frac in FIELD_PROBE_PIXELS.items():
-        fracs = (frac[0],) * (nd - 1) + (frac[1],)           # H (and D) like the row, W like the column
-        pixels[name] = tuple(min(int(f * n), n - 1) for f, n in zip(fracs, out))
-    from .probes import probe_receptive_fields
-
-    results = probe_receptive_fields(tr, rf, list(pixels.values()), n_inputs=1)
-    rows = {name: r.to_dict() for name, r in zip(pixels, results)}
-    return {"agrees": all(r["inside"] for r in rows.values()), "pixels": rows}

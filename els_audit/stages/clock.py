@@ -1,0 +1,44 @@
+"""The audit's clock: times each stage and reports progress lines."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+ProgressFn = Callable[[str], None]
+
+
+class Clock:
+    """Times the stages and reports progress lines (``[  12.3s] trace done``)."""
+
+    def __init__(self, progress: Optional[ProgressFn]):
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+
+    def say(self, msg: str) -> None:
+        if self.progress is not None:
+            self.progress(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}")
+
+    def stage(self, name: str, fn, *a, slow: bool = False, **kw):
+        """Run one stage and time it; announce it when ``slow``, report it when it took >= 1 s."""
+        if slow:
+            self.say(f"{name} ...")
+        t = time.perf_counter()
+        out = fn(*a, **kw)
+        self.timings[name] = time.perf_counter() - t
+        if slow or self.timings[name] >= 1.0:
+            self.say(f"{name} done in {self.timings[name]:.1f}s")
+        return out
+
+    def steps(self, every: float = 2.0):
+        """A ``progress(stage, done, total)`` for the library stages, at most every ``every`` s."""
+        last = {"t": 0.0}
+
+        def f(stage: str, done: int, total: int) -> None:
+            now = time.perf_counter()
+            if done == total or now - last["t"] >= every:
+                last["t"] = now
+                self.say(f"  {stage} step {done}/{total}")
+
+        return f
