@@ -87,6 +87,7 @@ class TrainResult:
     data_sha256: Optional[str]
     eps_mse_t05: float
     zero_mse_t05: float
+    image_shape: tuple[int, int, int] = (1, 32, 32)
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "module"}
@@ -155,7 +156,7 @@ def train_zoo_model(cfg: TrainConfig, *, log=print) -> TrainResult:
     model = ARCHITECTURES[entry.arch](**arch_kwargs).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     images, data_sha = _load_images(cfg.data)
-    images = images.to(device)                                                  # (N, 1, 32, 32)
+    images = images.to(device)                                                  # (N, C, H, W)
     N = images.shape[0]
     bs = min(cfg.batch_size, N)
     steps_per_epoch = N // bs
@@ -217,6 +218,7 @@ def train_zoo_model(cfg: TrainConfig, *, log=print) -> TrainResult:
         module=ema.cpu(), arch=entry.arch, arch_kwargs=arch_kwargs, losses=tuple(losses), steps=step,
         epochs_completed=len(losses), stopped_early=stopped_early, wall_time_s=round(wall, 2),
         device=_device_name(device), data_sha256=data_sha, eps_mse_t05=err, zero_mse_t05=zero,
+        image_shape=tuple(int(v) for v in images.shape[1:]),
     )
 
 
@@ -242,13 +244,18 @@ def _save_grid_png(samples: torch.Tensor, path: Path, scale: int = 4) -> None:
     cols = int(math.ceil(math.sqrt(S)))
     rows = int(math.ceil(S / cols))
     pad = 2
-    grid = np.ones((rows * (H + pad) + pad, cols * (W + pad) + pad), dtype=np.float32)
-    img = ((samples[:, 0] + 1) / 2).numpy()                                     # (S, H, W) in [0, 1]
+    # NB: grey images as one channel, RGB as three (other channel counts show their first)
+    ch = 3 if C == 3 else 1
+    grid = np.ones((rows * (H + pad) + pad, cols * (W + pad) + pad, ch), dtype=np.float32)
+    img = ((samples[:, :ch].permute(0, 2, 3, 1).clamp(-1, 1) + 1) / 2).numpy()    # (S, H, W, ch) in [0, 1]
     for k in range(S):
         r, c = divmod(k, cols)
         grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = img[k]
-    grid = np.kron(grid, np.ones((scale, scale), dtype=np.float32))
-    plt.imsave(path, grid, cmap="gray", vmin=0.0, vmax=1.0)
+    grid = np.kron(grid, np.ones((scale, scale, 1), dtype=np.float32))
+    if ch == 1:
+        plt.imsave(path, grid[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
+    else:
+        plt.imsave(path, grid)
 
 
 def _save_loss_png(losses: Sequence[float], path: Path, title: str) -> None:
@@ -309,7 +316,8 @@ def write_zoo_model(cfg: TrainConfig, res: TrainResult, out: Path, *, log=print)
         tmp = st.folder(out, mode=0o755)  # the folder ships as package data
         state = {k: v.detach().to(torch.float16).contiguous() for k, v in res.module.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": ZOO_CONFIG_FORMAT, "name": cfg.name})
-        samples = sample_grid(res.module, cfg.sample_seeds, cfg.sample_steps, device=cfg.device)
+        samples = sample_grid(res.module, cfg.sample_seeds, cfg.sample_steps, shape=res.image_shape,
+                              device=cfg.device)
         _save_grid_png(samples, tmp / "samples.png")
         (tmp / "loss.json").write_text(json.dumps({"epoch_mean_loss": list(res.losses)}, indent=0) + "\n")
         _save_loss_png(res.losses, tmp / "loss.png", f"{cfg.name}: training loss")

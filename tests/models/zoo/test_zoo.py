@@ -121,3 +121,20 @@ def test_the_trainer_replaces_only_its_own_folders(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "z")]) == 0
     assert main([*args, "--out", str(tmp_path / "z")]) == 0               # its own folder: replaced
     assert sorted(p.name for p in (tmp_path / "z").iterdir()) == sorted(ZOO_FILES)
+
+
+def test_training_on_rgb_data_samples_rgb_images(tmp_path):
+    # the sample grid used to be drawn at (1, 32, 32) whatever the data: an RGB model failed after training
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "rgb.npz"
+    np.savez(data, images=rng.uniform(-1, 1, (16, 3, 16, 16)).astype(np.float32), labels=np.arange(16) % 2)
+    out = tmp_path / "z"
+    rc = main(["resnet-zeros", "--epochs", "1", "--set", "width=4", "--set", "n_layers=1", "--set", "in_channels=3",
+               "--batch-size", "8", "--data", str(data), "--sample-steps", "1", "--out", str(out)])
+    assert rc == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["arch_kwargs"]["in_channels"] == 3
+    assert np.asarray(Image.open(out / "samples.png")).shape[-1] in (3, 4)        # colour, not grey
