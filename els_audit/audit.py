@@ -38,18 +38,18 @@ import numpy as np
 import torch
 
 from . import __version__
-from .calibrate import CalibrationResult, calibrate_scales, candidates_near, default_candidates
+from .calibrate import CalibrationResult
 from .checks import Check, builtin_checks, evaluate_rules, exit_code
 from .config import (FULL_FIDELITY, MACHINE_CHOICES, ONLY_CHOICES, SCALE_MODES, STRUCTURE_SECTIONS, AuditConfig,
                      model_name, parse_arch_kwargs, parse_scales)
 from .errors import AuditError
-from .machines import build_machine
 from .models.capture import capture_library_output, summarise
-from .novelty import NoveltyResult, assess_novelty
-from .predict import PredictionResult, predict_samples
-from .published import PublishedMatch, closest_published
+from .novelty import NoveltyResult
+from .predict import PredictionResult
+from .published import PublishedMatch
 from .serialize import json_safe
-from .stages import Clock, Inputs, MachineChoice, Probes, ProgressFn, choose_machine, load_inputs, run_probes
+from .stages import (Clock, Inputs, MachineChoice, Probes, ProgressFn, choose_machine, fit_machine, load_inputs,
+                     published_match, run_novelty, run_prediction, run_probes)
 
 __all__ = [
     "AuditConfig",
@@ -227,28 +227,6 @@ def versions() -> dict:
     return out
 
 
-def _arch_family(module, structure: dict) -> Optional[str]:
-    name = type(module).__name__.lower()
-    attn = any(g.get("kind") in ("attention", "einsum", "sdpa", "mha", "bmm", "matmul")
-               for g in (structure.get("_global_paths") or []))
-    if "resnet" in name:
-        return "ResNet"
-    if "unet" in name:
-        return "UNet+attention" if (attn or "attention" in name) else "UNet"
-    return None
-
-
-def _padding_of(structure: dict) -> Optional[str]:
-    if not structure or structure.get("error"):
-        return None
-    verdict = structure.get("verdict") or []
-    if "boundary-broken" in verdict:
-        return "zeros"
-    if any(b.get("kind") == "boundary" for b in structure.get("breakers") or []):
-        return "zeros"
-    return "circular"
-
-
 # ---------------------------------------------------------------------------------------
 # the pipeline
 # ---------------------------------------------------------------------------------------
@@ -324,68 +302,14 @@ def _with_checks(res: AuditResult, cfg: AuditConfig, clock: Clock) -> AuditResul
 
 
 def _machine_stages(cfg: AuditConfig, clock: Clock, inp: Inputs, probes: Probes) -> AuditResult:
-    """Stages 3-7: the machine, its scales, the prediction, novelty and the checks."""
-    C, H, W = inp.shape
-    full, dic, den, conditional = inp.full, inp.dic, inp.den, inp.conditional
-    sched, eps_fn, notes = den.schedule, inp.eps_fn, inp.notes
-    train_images, dict_images = inp.train_images, inp.dict_images
-    eval_labels, cal_labels = inp.eval_labels, inp.cal_labels
-    structure, predicted = {**probes.structure, "_global_paths": probes.global_paths}, probes.predicted
-    # 3. machine ----------------------------------------------------------------------------
-    choice = choose_machine(structure, cfg.machine, cfg.dictionary)
-    clock.say(f"machine: {choice.kind} ({choice.reason})")
-    labels_t = dic.labels if conditional else None
-    machine = build_machine(choice.kind, dict_images, labels_t, schedule=sched, dictionary=cfg.dictionary)
-    is_machine = build_machine("IS", dict_images, labels_t, schedule=sched)
-
-    # 4. scales -------------------------------------------------------------------------------
-    k_max = max(H, W) if max(H, W) % 2 else max(H, W) - 1
-    calibration = other = None
-    cal_seeds = [10_000 + i for i in range(cfg.calibration_seeds)]
-    if isinstance(cfg.scales, tuple):
-        scales, source = cfg.scales, "given (--scales)"
-    elif cfg.scales == "erf":
-        scales, source = predicted, "erf (the probe's prediction, not calibrated)"
-    else:
-        if cfg.scales == "calibrate":
-            cands = default_candidates((C, H, W))
-            source = f"calibrated over every odd k in {cands[0]}..{cands[-1]} ({cfg.criterion} criterion)"
-        else:
-            cands = candidates_near(predicted, cfg.spread, k_max=k_max)
-            source = f"calibrated around the ERF prediction (+-{2 * cfg.spread}, {cfg.criterion} criterion)"
-        calibration = clock.stage("calibrate", calibrate_scales, eps_fn, machine, seeds=cal_seeds, steps=cfg.steps,
-                                  schedule=sched, candidates=cands, criterion=cfg.criterion,
-                                  label=cal_labels, progress=clock.steps(), slow=True)
-        scales = calibration.scales
-        if cfg.compare_criteria:
-            crit = "cosine" if cfg.criterion == "x0" else "x0"
-            other = clock.stage(f"calibrate ({crit}, for comparison)", calibrate_scales, eps_fn, machine,
-                                seeds=cal_seeds,
-                                steps=cfg.steps, schedule=sched, candidates=cands, criterion=crit, label=cal_labels,
-                                progress=clock.steps(), slow=True)
-
-    # 5. prediction -------------------------------------------------------------------------
-    seeds = list(range(cfg.seed_offset, cfg.seed_offset + cfg.seeds))
-    prediction = clock.stage("predict", predict_samples, eps_fn, machine, scales, seeds=seeds, steps=cfg.steps,
-                             is_machine=is_machine, schedule=sched, label=eval_labels, progress=clock.steps(),
-                             slow=True)
-
-    # 6. novelty -----------------------------------------------------------------------------
-    # NB: the copy test searches the whole data set (not only the dictionary subset).
-    novelty = clock.stage("novelty", assess_novelty, prediction, train_images, machine,
-                          threshold=float(cfg.memorized_threshold), baseline_limit=min(300, len(full)), seed=0)
-    nearest = train_images[torch.from_numpy(novelty.memorization.nearest_index)].numpy()
-
-    # published -----------------------------------------------------------------------------
-    try:
-        published = closest_published(inp.spec, _arch_family(inp.loaded.module, structure), _padding_of(structure),
-                                      conditional)
-    except ValueError as exc:
-        published = None
-        notes.append(f"no published comparison: {exc}")
-
-    fields = _probe_fields(cfg, clock, inp, probes)
-    res = AuditResult(**fields, choice=choice, scales=tuple(scales), scales_predicted=predicted, scales_source=source,
-                      calibration=calibration, calibration_other=other, prediction=prediction, novelty=novelty,
-                      published=published, nearest_images=nearest)
-    return _with_checks(res, cfg, clock)
+    """Stages 3-6: the machine and its scales, the prediction, novelty and the checks."""
+    fitted = fit_machine(cfg, clock, inp, probes)                                     # 3. machine, scales
+    prediction = run_prediction(cfg, clock, inp, fitted)                              # 4. prediction
+    novelty = run_novelty(cfg, clock, inp, fitted, prediction)                        # 5. novelty
+    published = published_match(inp, probes)
+    res = AuditResult(**_probe_fields(cfg, clock, inp, probes), choice=fitted.choice, scales=tuple(fitted.scales),
+                      scales_predicted=probes.predicted, scales_source=fitted.source,
+                      calibration=fitted.calibration, calibration_other=fitted.calibration_other,
+                      prediction=prediction, novelty=novelty.result, published=published,
+                      nearest_images=novelty.nearest_images)
+    return _with_checks(res, cfg, clock)                                              # 6. checks

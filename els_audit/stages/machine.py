@@ -1,13 +1,19 @@
 """Stage 3 of an audit: which machine models the network, from the structural verdict
-(theory.md section 2)."""
+(theory.md section 2), built over the dictionary, with its scales given, predicted by the
+ERF or calibrated against the network (theory.md section 3)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
+from ..calibrate import CalibrationResult, calibrate_scales, candidates_near, default_candidates
 from ..config import MACHINE_CHOICES
 from ..errors import AuditError
+from ..machines import ScoreMachine, build_machine
+from .clock import Clock
+from .inputs import Inputs
+from .probes import Probes
 
 
 @dataclass(frozen=True)
@@ -86,3 +92,70 @@ def choose_machine(structure: Optional[dict], override: str = "auto", dictionary
         forced = False
     return MachineChoice(kind=kind, reason=reason, forced=forced,
                          dictionary=dictionary if kind == "ELS" else None, caveats=tuple(caveats))
+
+
+# ---------------------------------------------------------------------------------------
+# the machine and its scales
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class FittedMachine:
+    """The machine the audit fitted and the IS baseline beside it.
+
+    ``scales``: one odd patch size per step (index 0 = least noise); ``source``: where they
+    came from; ``calibration`` / ``calibration_other``: the calibration evidence (``None``
+    when the scales were given or taken from the ERF).
+    """
+
+    choice: MachineChoice
+    machine: ScoreMachine
+    is_machine: ScoreMachine
+    scales: tuple[int, ...]
+    source: str
+    calibration: Optional[CalibrationResult] = None
+    calibration_other: Optional[CalibrationResult] = None
+
+
+def fit_machine(cfg, clock: Clock, inp: Inputs, probes: Probes) -> FittedMachine:
+    """Choose the machine from the verdict, build it over the dictionary and fit its scales
+    (``cfg.scales``: given, the ERF's prediction, or calibrated)."""
+    choice = choose_machine(probes.structure, cfg.machine, cfg.dictionary)
+    clock.say(f"machine: {choice.kind} ({choice.reason})")
+    labels = inp.dic.labels if inp.conditional else None
+    sched = inp.den.schedule
+    machine = build_machine(choice.kind, inp.dict_images, labels, schedule=sched, dictionary=cfg.dictionary)
+    is_machine = build_machine("IS", inp.dict_images, labels, schedule=sched)
+    if isinstance(cfg.scales, tuple):
+        return FittedMachine(choice, machine, is_machine, cfg.scales, "given (--scales)")
+    if cfg.scales == "erf":
+        return FittedMachine(choice, machine, is_machine, probes.predicted,
+                             "erf (the probe's prediction, not calibrated)")
+    cands, source = scale_candidates(cfg, inp.shape, probes.predicted)
+
+    def calibrate(criterion: str, name: str) -> CalibrationResult:
+        return clock.stage(name, calibrate_scales, inp.eps_fn, machine, seeds=calibration_seeds(cfg),
+                           steps=cfg.steps, schedule=sched, candidates=cands, criterion=criterion,
+                           label=inp.cal_labels, progress=clock.steps(), slow=True)
+
+    calibration = calibrate(cfg.criterion, "calibrate")
+    other = None
+    if cfg.compare_criteria:
+        crit = "cosine" if cfg.criterion == "x0" else "x0"
+        other = calibrate(crit, f"calibrate ({crit}, for comparison)")
+    return FittedMachine(choice, machine, is_machine, calibration.scales, source, calibration, other)
+
+
+def calibration_seeds(cfg) -> list[int]:
+    """The calibration seeds: ``10_000 + i``, disjoint from the evaluation seeds."""
+    return [10_000 + i for i in range(cfg.calibration_seeds)]
+
+
+def scale_candidates(cfg, shape: tuple[int, int, int], predicted: tuple[int, ...]) -> tuple[tuple, str]:
+    """(candidates for :func:`calibrate_scales`, the source line) for ``--scales calibrate``
+    (every odd k up to the image side) or ``auto`` (the ERF prediction's neighbours)."""
+    C, H, W = shape
+    if cfg.scales == "calibrate":
+        cands = default_candidates((C, H, W))
+        return cands, f"calibrated over every odd k in {cands[0]}..{cands[-1]} ({cfg.criterion} criterion)"
+    k_max = max(H, W) if max(H, W) % 2 else max(H, W) - 1
+    return (candidates_near(predicted, cfg.spread, k_max=k_max),
+            f"calibrated around the ERF prediction (+-{2 * cfg.spread}, {cfg.criterion} criterion)")
