@@ -193,6 +193,20 @@ def test_unknown_label_is_a_clear_error():
         run_audit(AuditConfig(model="zoo:resnet-zeros", data="mnist5k:size=32:limit=20", label=11, steps=2, seeds=1))
 
 
+def test_a_bug_in_the_analysis_stops_the_audit_instead_of_falling_back_to_ls(monkeypatch):
+    # only a network the tracers cannot follow is audited without structure; an error in our
+    # own rules must surface, not pass for an architecture that calls for the LS machine
+    import els_audit.probes as probes
+
+    def buggy(*a, **k):
+        raise RuntimeError("receptive-field rule 'conv' failed on node conv1 (test)")
+
+    monkeypatch.setattr(probes, "receptive_field", buggy)
+    with pytest.raises(RuntimeError, match="failed on node conv1"):
+        run_audit(AuditConfig(model="zoo:resnet-zeros", data="mnist5k:size=32:limit=40", data_limit=20, steps=2,
+                              seeds=2, scales="erf", threads=1))
+
+
 def test_untraceable_network_gets_ls_and_a_warning(monkeypatch):
     import els_audit.probes as trace
 

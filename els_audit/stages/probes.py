@@ -11,6 +11,7 @@ import torch
 
 from ..console import text
 from ..errors import AuditError
+from ..probes.trace import TraceError
 from .clock import Clock
 from .inputs import Inputs
 
@@ -61,10 +62,11 @@ def run_probes(cfg, clock: Clock, inp: Inputs) -> Probes:
     band: Any = 0
     try:
         trace_d, rf_d, structure, global_paths, graph, band = _structure(cfg, clock, inp)
-    except AuditError as exc:
-        structure = {"error": str(exc)}
-    except Exception as exc:  # noqa: BLE001 - a network we cannot trace is audited without structure
-        structure = {"error": f"{type(exc).__name__}: {text(exc, 300)}"}
+    except (AuditError, TraceError) as exc:
+        # NB: only a network the tracers cannot follow is audited without structure (LS, with
+        # a warning); any other error in the analysis is a bug of ours and stops the audit,
+        # rather than passing for an architecture that needs the LS machine
+        structure = {"error": text(exc, 300)}
     if structure.get("error"):
         inp.notes.append(f"structural analysis unavailable: {structure['error']}")
         # NB: keep the stable keys: the verdict is "unknown", never a guess
