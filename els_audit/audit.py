@@ -48,8 +48,9 @@ from .novelty import NoveltyResult
 from .predict import PredictionResult
 from .published import PublishedMatch
 from .serialize import json_safe
+from .planning import LADDER, Plan
 from .stages import (Clock, Inputs, MachineChoice, Probes, ProgressFn, choose_machine, fit_machine, load_inputs,
-                     published_match, run_novelty, run_prediction, run_probes)
+                     plan_audit, published_match, run_novelty, run_prediction, run_probes, settle_inputs)
 
 __all__ = [
     "AuditConfig",
@@ -134,6 +135,7 @@ class AuditResult:
     versions: dict = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     name: str = "model"
+    plan: Optional[Plan] = None
 
     def summary_core(self) -> dict:
         """summary.json without the checks (the checks are computed from this)."""
@@ -176,6 +178,7 @@ class AuditResult:
             "published": None if self.published is None else self.published.to_dict(),
             "novelty": self.novelty.to_dict(),
             "full_fidelity": dict(FULL_FIDELITY),
+            "plan": None if self.plan is None else self.plan.to_dict(self.timings),
         }
 
     def to_dict(self) -> dict:
@@ -260,11 +263,15 @@ def _run(config: AuditConfig, progress: Optional[ProgressFn]) -> AuditResult:
     clock = Clock(progress)
     structure_only = cfg.only == "structure"
     inp = load_inputs(cfg, clock, sanity=not structure_only)                          # 1. load
-    probes = run_probes(cfg, clock, inp)                                              # 2. probes
+    # NB: the ERF is measured on the finest grid the plan may choose; a coarser plan reads
+    # it at its own times (the grids nest)
+    probes = run_probes(cfg, clock, inp, steps=cfg.steps or max(LADDER["steps"]))      # 2. probes
     if structure_only:
         inp.notes.append(STRUCTURE_ONLY_NOTE)
         return _with_checks(AuditResult(**_probe_fields(cfg, clock, inp, probes)), cfg, clock)
-    return _machine_stages(cfg, clock, inp, probes)
+    plan, cfg = plan_audit(cfg, clock, inp, probes)                                   # 3. plan
+    inp, probes = settle_inputs(inp, cfg), probes.on_grid(cfg.steps)
+    return _machine_stages(cfg, clock, inp, probes, plan)
 
 
 #: what a structure-only audit's numbers mean (the weights may be untrained: no sanity check ran)
@@ -301,15 +308,15 @@ def _with_checks(res: AuditResult, cfg: AuditConfig, clock: Clock) -> AuditResul
     return res
 
 
-def _machine_stages(cfg: AuditConfig, clock: Clock, inp: Inputs, probes: Probes) -> AuditResult:
-    """Stages 3-6: the machine and its scales, the prediction, novelty and the checks."""
-    fitted = fit_machine(cfg, clock, inp, probes)                                     # 3. machine, scales
-    prediction = run_prediction(cfg, clock, inp, fitted)                              # 4. prediction
-    novelty = run_novelty(cfg, clock, inp, fitted, prediction)                        # 5. novelty
+def _machine_stages(cfg: AuditConfig, clock: Clock, inp: Inputs, probes: Probes, plan: Plan) -> AuditResult:
+    """Stages 4-7: the machine and its scales, the prediction, novelty and the checks."""
+    fitted = fit_machine(cfg, clock, inp, probes)                                     # 4. machine, scales
+    prediction = run_prediction(cfg, clock, inp, fitted)                              # 5. prediction
+    novelty = run_novelty(cfg, clock, inp, fitted, prediction)                        # 6. novelty
     published = published_match(inp, probes)
     res = AuditResult(**_probe_fields(cfg, clock, inp, probes), choice=fitted.choice, scales=tuple(fitted.scales),
                       scales_predicted=probes.predicted, scales_source=fitted.source,
                       calibration=fitted.calibration, calibration_other=fitted.calibration_other,
                       prediction=prediction, novelty=novelty.result, published=published,
-                      nearest_images=novelty.nearest_images)
-    return _with_checks(res, cfg, clock)                                              # 6. checks
+                      nearest_images=novelty.nearest_images, plan=plan)
+    return _with_checks(res, cfg, clock)                                              # 7. checks

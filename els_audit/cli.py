@@ -61,8 +61,9 @@ class _Command(click.Command):
 @click.option("--data", "data", metavar="SPEC", default=None,
               help="Training data spec, e.g. mnist5k:size=32 or train.npz "
                    "(default: what the model's zoo config names).")
-@click.option("--data-limit", type=int, default=300, show_default=True,
-              help="Machines use a seeded class-balanced subset of this many images (0 = all; cost grows linearly).")
+@click.option("--data-limit", type=int, default=None,
+              help="Machines use a seeded class-balanced subset of this many images (0 = all; cost grows linearly). "
+                   "Default: planned within --budget (the whole set when it fits).")
 @click.option("--trust-model", is_flag=True,
               help="Allow what can run code from the model's files: pickles, TorchScript, .pt2, and code a "
                    "sidecar or config names that is not a registered architecture.")
@@ -87,9 +88,14 @@ class _Command(click.Command):
 @click.option("--num-train-steps", type=int, default=None, help="Training steps T (for --time index).")
 @click.option("--data-range", default=None, metavar="LO,HI",
               help="Pixel range the model was trained on (default -1,1; e.g. 0,1).")
-@click.option("--steps", type=int, default=10, show_default=True, help="DDIM steps (network and machines); paper: 20.")
-@click.option("--seeds", type=int, default=8, show_default=True, help="Evaluation seeds; paper: 100.")
-@click.option("--calibration-seeds", type=int, default=2, show_default=True, help="Seeds for calibrating the scales.")
+@click.option("--budget", default="10m", show_default=True, metavar="DURATION",
+              help="Time for the whole audit (90s, 10m, 1h; none = no limit). A short probe of this machine plans "
+                   "the most faithful settings that fit: the whole data set first, then 20 steps, then calibration "
+                   "seeds, then seeds. Settings given as flags are kept.")
+@click.option("--steps", type=int, default=None, help="DDIM steps (network and machines); paper: 20. Default: planned.")
+@click.option("--seeds", type=int, default=None, help="Evaluation seeds; paper: 100. Default: planned.")
+@click.option("--calibration-seeds", type=int, default=None,
+              help="Seeds for calibrating the scales; paper: 8. Default: planned.")
 @click.option("--seed-offset", type=int, default=0, show_default=True, help="First evaluation seed.")
 @click.option("--conditional", is_flag=True, help="Class-conditional model: seed i gets label i mod n_classes.")
 @click.option("--label", type=int, default=None, help="One class label for every seed (implies --conditional).")
@@ -196,6 +202,7 @@ def _config(opts: dict):
     """The :class:`~els_audit.audit.AuditConfig` the options describe (the rules file's rules
     added to ``--fail-on``)."""
     from .audit import AuditConfig, parse_arch_kwargs, parse_scales
+    from .config import parse_duration
     from .checks import load_rules
 
     rules = list(opts["fail_on"])
@@ -206,7 +213,7 @@ def _config(opts: dict):
                                    "calibration_seeds", "seed_offset", "conditional", "label", "machine", "dictionary",
                                    "criterion", "compare_criteria", "spread", "memorized_threshold", "threads", "device",
                                    "only")}
-    return AuditConfig(**passed, data_limit=None if opts["data_limit"] == 0 else opts["data_limit"],
+    return AuditConfig(**passed, data_limit=opts["data_limit"], budget=parse_duration(opts["budget"]),
                        arch_kwargs=parse_arch_kwargs(opts["arch_kwargs"]), format=opts["format_"],
                        scales=parse_scales(opts["scales"]), fail_on=tuple(rules))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ __all__ = [
     "parse_arch_kwargs",
     "model_name",
     "FULL_FIDELITY",
+    "DEFAULT_BUDGET",
+    "PLANNED",
+    "parse_duration",
     "MACHINE_CHOICES",
     "SCALE_MODES",
     "ONLY_CHOICES",
@@ -39,22 +43,47 @@ STRUCTURE_SECTIONS = ("name", "model", "data", "structure", "erf", "equivariance
 SCALE_MODES = ("auto", "erf", "calibrate")
 TIME_INPUT_ALIASES = {"unit": "unit", "index": "index", "sigma": "sigma"}
 
-#: what the paper ran, and what a full-fidelity audit should use (the defaults are cut
-#: down so that the README's run finishes in under 3 minutes on 2 CPU cores).
+#: what the paper ran: the top of the plan's ladder (:mod:`els_audit.planning.plan`), which
+#: a budget cuts from in the order data, steps, calibration seeds, seeds
 FULL_FIDELITY = {
     "steps": 20,
     "seeds": 100,
     "calibration_seeds": 8,
-    "data_limit": None,
+    "data_limit": 0,
     "scales": "calibrate",
     "note": ("the paper: 100 seeds, 20 machine steps, calibration over every odd k, the whole training set "
-             "as the dictionary.  Each machine evaluation costs ~N*(H*W)^2*C*k*k multiply-adds per image "
-             "(N dictionary images; fewer after merging duplicate patches): for MNIST 5000 at 32x32 that is "
-             "seconds per image per step on a CPU, so the full setting takes hours there.  --device cuda moves "
-             "only the network; the machines run on the CPU in this version."),
+             "as the dictionary (data_limit 0).  Each machine evaluation costs ~N*(H*W)^2*C*k*k multiply-adds per "
+             "image (N dictionary images; fewer after merging duplicate patches).  Within --budget the plan "
+             "takes the whole set first, then 20 steps, then calibration seeds, then seeds, calibrating around "
+             "the ERF prediction; --device cuda moves only the network: the machines run on the CPU in this "
+             "version."),
 }
 
+#: the default time budget of a whole audit, seconds (a registry job's 10 minutes)
+DEFAULT_BUDGET = 600.0
+#: the settings a plan chooses when the config leaves them ``None``
+PLANNED = ("data_limit", "steps", "calibration_seeds", "seeds")
 
+
+def parse_duration(text: str) -> Optional[float]:
+    """``--budget``: ``90s``, ``10m``, ``1.5h``, ``600`` (seconds) -> seconds; ``none`` -> ``None``
+    (no limit: full fidelity).
+
+    Raises:
+        AuditError: not a positive duration.
+    """
+    s = str(text).strip().lower()
+    if s in ("none", "inf", "unlimited"):
+        return None
+    unit = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(s[-1:], None)
+    num = s[:-1] if unit is not None else s
+    try:
+        value = float(num) * (unit or 1.0)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and math.isfinite(value)):
+        raise AuditError(f"--budget {text!r} is not a duration; write e.g. 90s, 10m, 1h (or none for no limit)")
+    return value
 
 
 # ---------------------------------------------------------------------------------------
@@ -69,14 +98,14 @@ _INT_BOUNDS: dict[str, tuple[str, int, Optional[int]]] = {
     "data_seed": ("data_seed", 0, None),
     "spread": ("--spread", 0, 64),
     "erf_samples": ("erf_samples", 1, 256),
-    "data_limit": ("--data-limit", 3, None),
+    "data_limit": ("--data-limit", 0, None),
     "threads": ("--threads", 1, None),
     "label": ("--label", 0, None),
 }
 #: why a bound is what it is, appended to its message
 _WHY = {
     "steps": " (a DDIM grid finer than the 1000 training steps of common models adds nothing)",
-    "data_limit": " (0 = the whole data set)",
+    "data_limit": " (0 = the whole data set; 1 and 2 are too few for a dictionary)",
     "threads": " (the CPUs this process may use)",
     "spread": " (the candidates stop at the image size anyway)",
 }
@@ -98,7 +127,7 @@ class AuditConfig:
         data: data spec (``SOURCE[:key=value...]``); ``None`` = what the model's zoo
             config names.
         data_limit: the machines' dictionary is a seeded, class-balanced subset of this many
-            images (``None`` = all).  The copy test always searches the whole data set.
+            images (0 = all).  The copy test always searches the whole data set.
         data_seed: seed of that subset.
         trust_model, arch, arch_kwargs, format, state_dict_key: passed to
             :func:`els_audit.models.load_model`.
@@ -108,6 +137,10 @@ class AuditConfig:
         seeds: number of evaluation seeds (seeds ``seed_offset .. seed_offset+seeds-1``).
         calibration_seeds: calibration seeds, disjoint from the evaluation ones
             (``10_000 + i``).
+        budget: seconds the whole audit may take; the plan (:mod:`els_audit.planning`)
+            chooses ``data_limit``, ``steps``, ``calibration_seeds`` and ``seeds`` where they
+            are ``None`` (the most faithful settings that fit, in that order); ``None`` = no
+            limit: the planned settings are full fidelity.  Given settings always win.
         seed_offset: first evaluation seed.
         conditional: class-conditional model: seed i gets label ``i mod n_classes`` and the
             machines per-label dictionaries.
@@ -132,7 +165,7 @@ class AuditConfig:
 
     model: str
     data: Optional[str] = None
-    data_limit: Optional[int] = 300
+    data_limit: Optional[int] = None
     data_seed: int = 0
     trust_model: bool = False
     arch: Optional[str] = None
@@ -145,9 +178,10 @@ class AuditConfig:
     call_style: Optional[str] = None
     num_train_steps: Optional[int] = None
     data_range: Optional[str] = None
-    steps: int = 10
-    seeds: int = 8
-    calibration_seeds: int = 2
+    steps: Optional[int] = None
+    seeds: Optional[int] = None
+    calibration_seeds: Optional[int] = None
+    budget: Optional[float] = DEFAULT_BUDGET
     seed_offset: int = 0
     conditional: bool = False
     label: Optional[int] = None
@@ -169,13 +203,18 @@ class AuditConfig:
             raise AuditError("no model given; pass a model file or zoo:NAME")
         for name, (flag_, lo, hi) in _INT_BOUNDS.items():
             v = getattr(self, name)
-            if v is None and name in ("data_limit", "threads", "label"):
+            if v is None and name in PLANNED + ("threads", "label"):
                 continue
             hi = _cpus() if name == "threads" else hi
             if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
                 raise AuditError(f"{flag_} must be an integer " + (f"from {lo} to {hi}" if hi is not None else
                                                                    f">= {lo}") + f"; got {v!r}{_WHY.get(name, '')}")
-        if self.seed_offset + self.seeds > 10_000:
+        if self.data_limit in (1, 2):
+            raise AuditError(f"--data-limit must be 0 (the whole set) or at least 3; got {self.data_limit}")
+        if self.budget is not None and not (isinstance(self.budget, (int, float)) and self.budget > 0
+                                            and math.isfinite(self.budget)):
+            raise AuditError(f"--budget must be a positive number of seconds or None; got {self.budget!r}")
+        if self.seeds is not None and self.seed_offset + self.seeds > 10_000:
             raise AuditError("evaluation seeds must stay below 10000 (calibration seeds start there); "
                              "lower --seeds or --seed-offset")
         if self.machine not in MACHINE_CHOICES:
@@ -190,6 +229,8 @@ class AuditConfig:
                                  f"got {self.scales!r}")
         else:
             sc = tuple(self.scales)
+            if self.steps is None:
+                object.__setattr__(self, "steps", len(sc))       # given sizes fix the grid
             if len(sc) != self.steps:
                 raise AuditError(f"--scales gives {len(sc)} sizes for {self.steps} steps; give one per step "
                                  f"(index 0 = least noise) or change --steps")

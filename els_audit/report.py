@@ -143,15 +143,32 @@ def _machine_rows(r, s: dict) -> list[tuple[str, str]]:
 
 
 def _fidelity_line(s: dict) -> str:
-    cfg = s["config"]
-    ff = s["full_fidelity"]
-    return (f"<p class=muted>This run: {cfg['steps']} steps, {cfg['seeds']} seeds, "
-               f"{cfg['calibration_seeds']} calibration seeds, dictionary of "
-               f"{s['machine']['n_dictionary_images']} of {s['data']['N']} images, scales {_e(cfg['scales'])}. "
-               f"Full fidelity: {ff['steps']} steps, {ff['seeds']} seeds, {ff['calibration_seeds']} calibration "
-               f"seeds, the whole data set as dictionary, --scales {ff['scales']} "
-               f"(<code>--steps {ff['steps']} --seeds {ff['seeds']} --calibration-seeds "
-               f"{ff['calibration_seeds']} --data-limit 0 --scales {ff['scales']}</code>). {_e(ff['note'])}</p>")
+    """The settings this run used, what the plan cut from full fidelity and why, and per
+    stage the predicted against the measured seconds."""
+    cfg, ff, plan = s["config"], s["full_fidelity"], s.get("plan") or {}
+    budget = plan.get("budget_s")
+    out = [f"<p class=muted>This run: {cfg['steps']} steps, {cfg['seeds']} seeds, "
+           f"{cfg['calibration_seeds']} calibration seeds, dictionary of "
+           f"{s['machine']['n_dictionary_images']} of {s['data']['N']} images, scales {_e(cfg['scales'])}; "
+           + (f"planned within a budget of {_fmt(budget, 0)} s" if budget is not None else "no time budget")
+           + (f" (settings given: {_e(', '.join(plan['given']))})" if plan.get("given") else "") + ". "
+           + (("Cut from full fidelity: " + "; ".join(_e(c) for c in plan["cuts"]) + ". ") if plan.get("cuts")
+              else "Full fidelity on every planned setting. ")
+           + f"Full fidelity: {ff['steps']} steps, {ff['seeds']} seeds, {ff['calibration_seeds']} calibration "
+             f"seeds, the whole data set as dictionary (<code>--budget none</code>, or <code>--steps {ff['steps']} "
+             f"--seeds {ff['seeds']} --calibration-seeds {ff['calibration_seeds']} --data-limit 0</code>). "
+             f"{_e(ff['note'])}</p>"]
+    stages = plan.get("stages") or {}
+    if any(v.get("predicted_s") is not None for v in stages.values()):
+        rows = [(_e(k), _fmt(v.get("predicted_s"), 1), _fmt(v.get("measured_s"), 1), _fmt(v.get("ratio"), 2))
+                for k, v in stages.items()]
+        out.append("<h3>Plan: predicted and measured seconds</h3>"
+                   + _table(["stage", "predicted s", "measured s", "measured / predicted"], rows)
+                   + f"<p class=muted>Whole audit predicted {_fmt(plan.get('predicted_total_s'), 1)} s "
+                     f"(before the plan {_fmt(plan.get('spent_before_plan_s'), 1)} s; the cost probe "
+                     f"{_fmt((plan.get('probe') or {}).get('seconds'), 1)} s on "
+                     f"{_e((plan.get('probe') or {}).get('n_probe'))} images).</p>")
+    return "".join(out)
 
 
 def _graph_figure(graph) -> Optional[str]:

@@ -37,6 +37,7 @@ compares it with calibrated sizes.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -134,6 +135,28 @@ class ERFResult:
     geometry: str = "plane"
     maps: np.ndarray = field(repr=False, compare=False, default=None)
     x0_maps: np.ndarray = field(repr=False, compare=False, default=None)
+
+    def on_grid(self, steps: int) -> "ERFResult":
+        """The result on a coarser grid of ``steps`` steps whose times are among these (its
+        step count divides this one's): every per-step entry at those times."""
+        fine = len(self.times)
+        if steps == fine:
+            return self
+        if steps < 1 or fine % steps:
+            raise ValueError(f"the ERF was measured on {fine} steps; a grid of {steps} steps is not part of it "
+                             f"(its step count must divide {fine})")
+        idx = list(range(0, fine, fine // steps))                    # sampler order: t = 1 first
+
+        def pick(per_step: Mapping[str, Sequence]) -> dict:
+            return {k: tuple(v[i] for i in idx) for k, v in per_step.items()}
+
+        return dataclasses.replace(
+            self, times=tuple(self.times[i] for i in idx), erf50=pick(self.erf50), erf90=pick(self.erf90),
+            erf99=pick(self.erf99), x0_erf50=pick(self.x0_erf50), x0_erf90=pick(self.x0_erf90),
+            x0_erf99=pick(self.x0_erf99), predicted_patch=tuple(self.predicted_patch[i] for i in idx),
+            gradient_mass=pick(self.gradient_mass),
+            maps=None if self.maps is None else self.maps[idx],
+            x0_maps=None if self.x0_maps is None else self.x0_maps[idx])
 
     def arrays(self) -> dict[str, np.ndarray]:
         """``erf_maps`` (eps) and ``x0_erf_maps`` (x0_hat): [T, P, H, W] float32, each map

@@ -16,6 +16,10 @@ class Clock:
         self.timings: dict[str, float] = {}
         self.t0 = time.perf_counter()
 
+    def elapsed(self) -> float:
+        """Seconds since the audit started."""
+        return time.perf_counter() - self.t0
+
     def say(self, msg: str) -> None:
         if self.progress is not None:
             self.progress(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}")

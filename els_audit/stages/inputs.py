@@ -3,6 +3,7 @@ unless the audit is structure-only) and the labels each seed gets."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -21,6 +22,10 @@ class Inputs:
     subset); ``train_images`` / ``dict_images``: their images in the model's data range;
     ``eval_labels`` / ``cal_labels``: the label of each evaluation / calibration seed
     (``None`` for an unconditional audit); ``notes``: lines for the report's warnings.
+    ``label``: the one label every seed gets (``--label``), else ``None``.
+
+    :func:`load_inputs` leaves the dictionary the whole set and the seeds' labels unset;
+    :func:`settle_inputs` fixes them once the plan has chosen the settings.
     """
 
     loaded: Any
@@ -36,10 +41,11 @@ class Inputs:
     train_images: torch.Tensor
     dict_images: torch.Tensor
     classes: list[int]
-    eval_labels: Optional[list[int]]
-    cal_labels: Optional[list[int]]
+    label: Optional[int]
     label_effect: Optional[float]
     notes: list[str] = field(default_factory=list)
+    eval_labels: Optional[list[int]] = None
+    cal_labels: Optional[list[int]] = None
 
     def eps_fn(self, x: torch.Tensor, t: torch.Tensor, label: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The network's eps on the audit's device, without gradients, back on x's device."""
@@ -52,11 +58,19 @@ class Inputs:
         return self.den.eps(x.to(self.device), t.to(self.device),
                             None if label is None else label.to(self.device)).to(x.device)
 
-    def labels_for(self, n: int) -> Optional[torch.Tensor]:
-        """The first ``n`` evaluation labels, cycled (``None`` when unconditional)."""
+    def seed_labels(self, n: int) -> Optional[list[int]]:
+        """The labels of n seeds: ``--label`` for each, else the classes in turn (``None``
+        when unconditional)."""
         if not self.conditional:
             return None
-        return torch.tensor((self.eval_labels * n)[:n], dtype=torch.long)
+        if self.label is not None:
+            return [self.label] * n
+        return [self.classes[i % len(self.classes)] for i in range(n)]
+
+    def labels_for(self, n: int) -> Optional[torch.Tensor]:
+        """:meth:`seed_labels` as a (n,) long tensor (``None`` when unconditional)."""
+        labels = self.seed_labels(n)
+        return None if labels is None else torch.tensor(labels, dtype=torch.long)
 
 
 def load_inputs(cfg, clock: Clock, *, sanity: bool = True) -> Inputs:
@@ -79,12 +93,6 @@ def load_inputs(cfg, clock: Clock, *, sanity: bool = True) -> Inputs:
     if cfg.label is not None and cfg.label not in full.label_counts():
         raise AuditError(f"--label {cfg.label}: no training image has that label; labels present: "
                          f"{', '.join(map(str, full.label_counts()))}")
-    if cfg.data_limit is not None and cfg.data_limit < len(full):
-        rows = balanced_subset_indices(full.labels, len(full), cfg.data_limit, cfg.data_seed)
-        dic = full.take(rows, note=f"dictionary: seeded class-balanced subset of {cfg.data_limit}, "
-                                   f"seed {cfg.data_seed}")
-    else:
-        dic = full
     module = loaded.module
     if hasattr(module, "eval"):
         module.eval()
@@ -111,22 +119,29 @@ def load_inputs(cfg, clock: Clock, *, sanity: bool = True) -> Inputs:
         notes.append(f"the model works in data range {den.data_range}: samples, machines and the copy test use "
                      f"the training images mapped into that range")
     classes = sorted(full.label_counts()) if conditional else []
-    if cfg.label is not None:
-        eval_labels: Optional[list[int]] = [cfg.label] * cfg.seeds
-        cal_labels: Optional[list[int]] = [cfg.label] * cfg.calibration_seeds
-    elif conditional:
-        eval_labels = [classes[i % len(classes)] for i in range(cfg.seeds)]
-        cal_labels = [classes[i % len(classes)] for i in range(cfg.calibration_seeds)]
-    else:
-        eval_labels = cal_labels = None
+    train_images = den.to_model_range(full.images) if in_model_range else full.images        # (N, C, H, W)
     return Inputs(
-        loaded=loaded, spec=spec, spec_source=spec_source, full=full, dic=dic, conditional=conditional,
-        device=device, shape=(C, H, W), den=den, in_model_range=in_model_range,
-        train_images=den.to_model_range(full.images) if in_model_range else full.images,       # (N, C, H, W)
-        dict_images=den.to_model_range(dic.images) if in_model_range else dic.images,          # (n, C, H, W)
-        classes=classes, eval_labels=eval_labels, cal_labels=cal_labels,
+        loaded=loaded, spec=spec, spec_source=spec_source, full=full, dic=full, conditional=conditional,
+        device=device, shape=(C, H, W), den=den, in_model_range=in_model_range, train_images=train_images,
+        dict_images=train_images, classes=classes, label=cfg.label,
         label_effect=label_effect(den, check_images, classes) if conditional else None, notes=notes,
     )
+
+
+def settle_inputs(inp: Inputs, cfg) -> Inputs:
+    """``inp`` with the machines' dictionary (a seeded class-balanced subset of
+    ``cfg.data_limit`` images; 0 = the whole set) and the labels of the evaluation and
+    calibration seeds, for the settings the plan chose (``cfg``)."""
+    full = inp.full
+    if cfg.data_limit and cfg.data_limit < len(full):
+        rows = balanced_subset_indices(full.labels, len(full), cfg.data_limit, cfg.data_seed)
+        dic = full.take(rows, note=f"dictionary: seeded class-balanced subset of {cfg.data_limit}, "
+                                   f"seed {cfg.data_seed}")
+        dict_images = inp.train_images[rows]                                              # (n, C, H, W)
+    else:
+        dic, dict_images = full, inp.train_images
+    return dataclasses.replace(inp, dic=dic, dict_images=dict_images, eval_labels=inp.seed_labels(cfg.seeds),
+                               cal_labels=inp.seed_labels(cfg.calibration_seeds))
 
 
 @torch.no_grad()

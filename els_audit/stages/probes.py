@@ -3,6 +3,7 @@ check of the field, the effective receptive field per step and the shift tests."
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -31,6 +32,13 @@ class Probes:
     equivariance: Any
     predicted: tuple[int, ...]
 
+    def on_grid(self, steps: int) -> "Probes":
+        """The probes with the ERF, and its predicted sizes, on a coarser grid of ``steps``."""
+        if self.erf is None or len(self.erf.times) == steps:
+            return self
+        erf = self.erf.on_grid(steps)
+        return dataclasses.replace(self, erf=erf, predicted=_predicted(erf))
+
 
 @contextmanager
 def frozen(module: Any):
@@ -52,8 +60,9 @@ def frozen(module: Any):
 FIELD_PROBE_PIXELS = {"centre": (0.5, 0.5), "edge": (0.5, 0.0), "corner": (0.0, 0.0)}
 
 
-def run_probes(cfg, clock: Clock, inp: Inputs) -> Probes:
-    """Trace and analyse the network; measure its ERF and its equivariance."""
+def run_probes(cfg, clock: Clock, inp: Inputs, steps: int) -> Probes:
+    """Trace and analyse the network; measure its ERF (on a grid of ``steps`` steps) and its
+    equivariance."""
     from ..probes import effective_receptive_field, equivariance_measured
 
     C, H, W = inp.shape
@@ -77,15 +86,18 @@ def run_probes(cfg, clock: Clock, inp: Inputs) -> Probes:
     modes = set(structure.get("boundary_modes") or [])
     with frozen(inp.loaded.module):
         erf = clock.stage("effective receptive field", effective_receptive_field, inp.eps_grad, (C, H, W),
-                          steps=cfg.steps, schedule=inp.den.schedule, data=data_for_probe, n_samples=cfg.erf_samples,
+                          steps=steps, schedule=inp.den.schedule, data=data_for_probe, n_samples=cfg.erf_samples,
                           seed=0, label=inp.labels_for(cfg.erf_samples), wrap=bool(modes) and modes <= {"circular"},
                           slow=True)
     meq = clock.stage("measured equivariance", equivariance_measured, inp.eps_fn, (C, H, W), band=band, seed=0,
                       n_samples=2, data=data_for_probe, schedule=inp.den.schedule, label=inp.labels_for(2))
+    return Probes(trace_d, rf_d, structure, global_paths, graph, erf, meq, _predicted(erf))
+
+
+def _predicted(erf) -> tuple[int, ...]:
     # NB: the ERF's predicted patch is listed in sampler order (t = 1 first); scales use
     # index 0 = least noise, so it is reversed.
-    predicted = tuple(int(k) for k in reversed(erf.predicted_patch))
-    return Probes(trace_d, rf_d, structure, global_paths, graph, erf, meq, predicted)
+    return tuple(int(k) for k in reversed(erf.predicted_patch))
 
 
 def _structure(cfg, clock: Clock, inp: Inputs) -> tuple:

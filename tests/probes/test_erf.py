@@ -203,3 +203,18 @@ def test_circular_stack_is_measured_on_the_torus():
         assert torus.erf99[name] == torus.erf99["centre"] and torus.erf99[name][0] <= 9
     assert plane.erf99["corner"][0] > 50    # the wrapped mass sits 31 px away on the plane
     assert torus.geometry == "torus" and torus.to_dict()["geometry"] == "torus" and plane.geometry == "plane"
+
+
+def test_on_grid_reads_a_coarser_grid_at_its_own_times():
+    # a 4-step grid holds the 2-step grid's times (1.0 and 0.5): its entries are those steps'
+    res = effective_receptive_field(eps_of(linear_chain(2)), (1, 9, 9), steps=4, n_samples=1, seed=0)
+    two = res.on_grid(2)
+    assert two.times == (res.times[0], res.times[2]) == (1.0, 0.5)
+    assert two.predicted_patch == (res.predicted_patch[0], res.predicted_patch[2])
+    for name in ("erf50", "erf90", "erf99", "x0_erf90", "gradient_mass"):
+        for px, per_step in getattr(two, name).items():
+            assert per_step == (getattr(res, name)[px][0], getattr(res, name)[px][2])
+    np.testing.assert_array_equal(two.arrays()["erf_maps"], res.arrays()["erf_maps"][[0, 2]])
+    assert res.on_grid(4) is res
+    with pytest.raises(ValueError, match="must divide 4"):
+        res.on_grid(3)

@@ -1,0 +1,62 @@
+"""Stage 3 of an audit: the plan.  Before any heavy work, measure this machine's engine with a
+short probe, predict each remaining stage's cost, and choose the most faithful settings that
+fit the budget (:mod:`els_audit.planning`); the settings the user gave are kept."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from ..config import PLANNED
+from ..planning import Plan, Settings, Throughput, make_plan, predict_costs, probe_throughput
+from .clock import Clock
+from .inputs import Inputs
+from .machine import choose_machine, scale_candidates
+from .probes import Probes
+
+#: the probe's dictionary size: a second of budget buys about two probe images, within these
+PROBE_IMAGES = (100, 400)
+
+
+def plan_audit(cfg, clock: Clock, inp: Inputs, probes: Probes) -> tuple[Plan, Any]:
+    """(the :class:`Plan`, ``cfg`` with the planned settings filled in).
+
+    ``probes`` must hold the ERF on the finest grid the plan may choose (20 steps unless
+    ``cfg.steps`` is given)."""
+    given = {k: getattr(cfg, k) for k in PLANNED}
+    n_full = len(inp.full)
+    spent = clock.elapsed()
+    fine = probes.predicted                           # per step of the fine grid, index 0 = least noise
+    # NB: a conditional query meets only its class's images: the cost scales with that share
+    label, share = None, 1.0
+    if inp.conditional:
+        label = inp.label if inp.label is not None else inp.classes[0]
+        counts = inp.full.label_counts()
+        share = counts[label] / n_full if inp.label is not None else 1.0 / len(inp.classes)
+    tp: Optional[Throughput] = None
+    if cfg.budget is not None and any(v is None for v in given.values()):
+        kind = choose_machine(probes.structure, cfg.machine, cfg.dictionary).kind
+        cands = scale_candidates(cfg, inp.shape, fine)[0] if cfg.scales in ("auto", "calibrate") else None
+        if cfg.scales == "calibrate":
+            cands = (cands,) * len(fine)
+        n_probe = int(min(max(cfg.budget / 2, PROBE_IMAGES[0]), PROBE_IMAGES[1]))
+        clock.say(f"plan: probing this machine's engine ({kind}, {min(n_probe, n_full)} images) ...")
+        tp = probe_throughput(kind, inp.train_images, inp.full.labels if inp.conditional else None,
+                              schedule=inp.den.schedule, dictionary=cfg.dictionary, predicted=fine,
+                              candidates=cands, eps_fn=inp.eps_fn, n_probe=n_probe, seed=cfg.data_seed,
+                              label=label, device=str(inp.device))
+
+    def cost(s: Settings):
+        return predict_costs(tp, s, shape=inp.shape, predicted_fine=fine, scales_mode=cfg.scales,
+                             spread=cfg.spread, n_train=n_full, share=share)
+
+    plan = make_plan(budget=cfg.budget, given=given, n_full=n_full, spent=spent, cost=cost, probe=tp,
+                     seed_cap=10_000 - cfg.seed_offset)
+    if tp is not None:
+        clock.timings["plan"] = tp.seconds
+    for line in plan.lines():
+        clock.say(line)
+    s = plan.settings
+    resolved = dataclasses.replace(cfg, data_limit=plan.data_limit, steps=s.steps,
+                                   calibration_seeds=s.calibration_seeds, seeds=s.seeds)
+    return plan, resolved

@@ -1,0 +1,89 @@
+"""The cost model: its arithmetic against a hand-written sum, and the probe on real data."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from els_audit.calibrate import candidates_near
+from els_audit.data import load_dataset
+from els_audit.planning import Settings, Throughput, grid_scales, predict_costs, probe_throughput
+from els_audit.planning.cost import build_work, patch_work
+
+ANCHORS = (0.1, 0.35, 0.65, 0.95)
+
+
+def _tp(**kw):
+    base = dict(kind="bbELS", n_probe=100, n_small=12, anchors=ANCHORS, sweep_unit=(4e-6, 2e-6, 1e-6, 1e-6),
+                sweep_fixed=(0.5, 0.2, 0.1, 0.1), single_unit=(2e-6, 1e-6, 5e-7, 5e-7),
+                single_fixed=(0.2, 0.1, 0.05, 0.05), diag_unit=3e-6, diag_fixed=0.3, tree_unit=1e-5,
+                tree_fixed=1.0, dict_unit=2e-5, dict_fixed=0.1, is_unit=1e-6, net_unit=0.01, nn_unit=1e-7,
+                seconds=5.0, device="cpu")
+    base.update(kw)
+    return Throughput(**base)
+
+
+def test_eval_seconds_interpolates_log_linearly_between_anchors():
+    tp = _tp()
+    assert tp.eval_seconds("single", 0.1, 1.0, 1.0) == pytest.approx(0.2 + 2e-6)
+    mid = tp.eval_seconds("single", (0.1 + 0.35) / 2, 1000.0, 10.0)
+    assert mid == pytest.approx(0.15 + math.sqrt(2e-6 * 1e-6) * 1e4)        # geometric mean of the units
+    assert tp.eval_seconds("single", 0.01, 1, 1) == tp.eval_seconds("single", 0.1, 1, 1)   # clamped
+    assert tp.eval_seconds("diag", 0.5, 10.0, 2.0) == pytest.approx(0.3 + 3e-6 * 20)
+
+
+def test_predict_costs_is_the_sum_over_steps():
+    tp, C, H, W = _tp(), 1, 32, 32
+    fine = (3, 3, 5, 5, 5, 7, 7, 7, 9, 9, 9, 11, 11, 11, 13, 13, 13, 15, 15, 15)
+    s = Settings(n_dictionary=1000, steps=10, calibration_seeds=2, seeds=8)
+    got = predict_costs(tp, s, shape=(C, H, W), predicted_fine=fine, scales_mode="auto", spread=1, n_train=5000)
+    ks = [fine[2 * j + 1] for j in range(10)]                  # t = (j+1)/10 is fine step 2j+1
+    assert grid_scales(fine, 10) == ks
+    cands = candidates_near(ks, 1, k_max=31)
+    union = sorted({k for c in cands for k in c})
+    cal = tp.tree_fixed + tp.tree_unit * 1000 * patch_work(C, union)
+    pred = sum(tp.dict_fixed + tp.dict_unit * 1000 * build_work(C, k) for k in set(ks))
+    for j in range(10):
+        t = (j + 1) / 10
+        cal += 2 * tp.net_unit + tp.eval_seconds("sweep", t, 2 * 1000, patch_work(C, cands[j]))
+        pred += 8 * (tp.net_unit + tp.is_unit * 1000)
+        pred += tp.eval_seconds("diag" if j == 0 else "single", t, 8 * 1000, patch_work(C, [ks[j]]))
+    assert got.calibrate == pytest.approx(cal) and got.predict == pytest.approx(pred)
+    assert got.novelty == pytest.approx(tp.nn_unit * 5000 * (8 + 300))
+
+
+def test_given_scales_cost_no_calibration_and_a_class_meets_its_share():
+    tp = _tp()
+    s = Settings(n_dictionary=1000, steps=4, calibration_seeds=8, seeds=8)
+    got = predict_costs(tp, s, shape=(1, 32, 32), predicted_fine=(3,) * 4, scales_mode=(3, 5, 7, 9), spread=1,
+                        n_train=1000)
+    assert got.calibrate == 0.0
+    half = predict_costs(tp, s, shape=(1, 32, 32), predicted_fine=(3,) * 4, scales_mode=(3, 5, 7, 9), spread=1,
+                         n_train=1000, share=0.5)
+    assert half.predict < got.predict
+
+
+def test_the_probe_measures_this_machine_on_real_data():
+    full = load_dataset("mnist5k:size=32:limit=120")
+    fine = (3, 5, 5, 7, 7, 9, 9, 11, 11, 13)
+    cands = candidates_near(fine, 1, k_max=31)
+    calls = []
+
+    def net(x, t, label=None):
+        calls.append(x.shape[0])
+        return torch.zeros_like(x)
+
+    tp = probe_throughput("bbELS", full.images, None, schedule="cosine-legacy", dictionary="periodic",
+                          predicted=fine, candidates=cands, eps_fn=net, n_probe=40, seed=0)
+    assert (tp.n_probe, tp.n_small) == (40, 5) and calls == [2, 2]
+    for name in ("sweep_unit", "single_unit", "sweep_fixed", "single_fixed"):
+        v = np.asarray(getattr(tp, name))
+        assert v.shape == (4,) and np.all(np.isfinite(v)) and np.all(v >= 0)
+    assert min(tp.sweep_unit) > 0 and min(tp.single_unit) > 0 and tp.tree_unit > 0 and tp.dict_unit > 0
+    assert tp.seconds > 0 and tp.to_dict()["kind"] == "bbELS"
+    # the prediction it gives grows with the dictionary and the seeds
+    kw = dict(shape=(1, 32, 32), predicted_fine=fine, scales_mode="auto", spread=1, n_train=120)
+    small = predict_costs(tp, Settings(40, 10, 2, 8), **kw)
+    assert predict_costs(tp, Settings(120, 10, 2, 8), **kw).total > small.total
+    assert predict_costs(tp, Settings(40, 10, 2, 16), **kw).predict > small.predict
