@@ -143,7 +143,7 @@ def _affine(big: float, small: float, n_big: float, n_small: float) -> tuple[flo
 def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Tensor], *, schedule,
                      dictionary: str, predicted: Sequence[int], candidates: Optional[Sequence[Sequence[int]]],
                      eps_fn: Callable, n_probe: int, seed: int = 0, label: Optional[int] = None,
-                     device: str = "cpu") -> Throughput:
+                     device: str = "cpu", target_seconds: Optional[float] = None) -> Throughput:
     """Measure the engine's costs on two seeded, class-balanced subsets of ``images``.
 
     Args:
@@ -154,8 +154,11 @@ def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Ten
         predicted: the ERF's predicted size per step of the finest grid (index 0 = least
             noise); candidates: per-step calibration candidates on that grid (``None``:
             no calibration).
-        eps_fn: the network ``eps(x, t, label)``; n_probe: dictionary images to probe with
-            (and an eighth of that for the second size).
+        eps_fn: the network ``eps(x, t, label)``; n_probe: the most dictionary images to
+            probe with (the second size is an eighth of that, at least 8).
+        target_seconds: about how long the probe may take: the small size runs first, and
+            the large one is cut so that, extrapolated linearly from the small one (an
+            overestimate: its fixed costs are counted as per image), it stays within.
     Returns:
         :class:`Throughput`.
     """
@@ -172,8 +175,13 @@ def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Ten
     lab = None if label is None else torch.full((2,), int(label), dtype=torch.long)
     work = dict(kind=kind, images=images, labels=labels, schedule=schedule, dictionary=dictionary,
                 predicted=predicted, candidates=candidates, x0=x0, label=label, lab=lab, seed=seed)
-    small = _probe_once(n=max(2, n_big // 8), **work)
-    big = _probe_once(n=n_big, **work)
+    n_small = min(N, max(8, n_big // 8))
+    small = _probe_once(n=n_small, **work)
+    if target_seconds is not None:
+        spent = time.perf_counter() - t_start
+        n_big = min(n_big, int(n_small * max(0.0, target_seconds - spent) / max(spent, 1e-3)))
+    n_big = max(n_big, min(N, 2 * n_small))
+    big = _probe_once(n=n_big, **work) if n_big > n_small else small
     B, C = 2, int(C)
     per = [B * big.n, B * small.n]
     steps = len(predicted)

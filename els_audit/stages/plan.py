@@ -14,8 +14,9 @@ from .inputs import Inputs
 from .machine import choose_machine, scale_candidates
 from .probes import Probes
 
-#: the probe's dictionary size: a second of budget buys about two probe images, within these
-PROBE_IMAGES = (100, 400)
+#: the most dictionary images the cost probe uses, and the share of the budget it may take
+PROBE_IMAGES = 400
+PROBE_SHARE = 0.05
 
 
 def plan_audit(cfg, clock: Clock, inp: Inputs, probes: Probes) -> tuple[Plan, Any]:
@@ -39,12 +40,12 @@ def plan_audit(cfg, clock: Clock, inp: Inputs, probes: Probes) -> tuple[Plan, An
         cands = scale_candidates(cfg, inp.shape, fine)[0] if cfg.scales in ("auto", "calibrate") else None
         if cfg.scales == "calibrate":
             cands = (cands,) * len(fine)
-        n_probe = int(min(max(cfg.budget / 2, PROBE_IMAGES[0]), PROBE_IMAGES[1]))
-        clock.say(f"plan: probing this machine's engine ({kind}, {min(n_probe, n_full)} images) ...")
+        clock.say(f"plan: probing this machine's engine ({kind}, up to {min(PROBE_IMAGES, n_full)} images, "
+                  f"about {PROBE_SHARE * cfg.budget:.0f}s) ...")
         tp = probe_throughput(kind, inp.train_images, inp.full.labels if inp.conditional else None,
                               schedule=inp.den.schedule, dictionary=cfg.dictionary, predicted=fine,
-                              candidates=cands, eps_fn=inp.eps_fn, n_probe=n_probe, seed=cfg.data_seed,
-                              label=label, device=str(inp.device))
+                              candidates=cands, eps_fn=inp.eps_fn, n_probe=PROBE_IMAGES, seed=cfg.data_seed,
+                              label=label, device=str(inp.device), target_seconds=PROBE_SHARE * cfg.budget)
 
     def cost(s: Settings):
         return predict_costs(tp, s, shape=inp.shape, predicted_fine=fine, scales_mode=cfg.scales,

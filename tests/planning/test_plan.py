@@ -3,6 +3,7 @@
 import pytest
 
 from els_audit.planning import LADDER, MIN_DICTIONARY, Settings, StageCost, make_plan, reserve_seconds
+from els_audit.planning.plan import MARGIN
 from els_audit.planning.cost import Throughput
 
 ALL_PLANNED = dict(data_limit=None, steps=None, calibration_seeds=None, seeds=None)
@@ -26,7 +27,7 @@ def linear_cost(per_image_step_seed=1e-3, per_cal=2e-3):
 
 def brute_force(budget, spent, probe_s, n_full, cost):
     """The plan by exhaustive search over the ladder in its priority order."""
-    room = budget - spent - probe_s - reserve_seconds(budget)
+    room = (budget - spent - probe_s - reserve_seconds(budget)) / MARGIN
     best_n = max([n for n in range(min(MIN_DICTIONARY, n_full), n_full + 1)
                   if cost(Settings(n, 10, 2, 8)).total <= room] or [min(MIN_DICTIONARY, n_full)])
     steps = max([v for v in LADDER["steps"] if cost(Settings(best_n, v, 2, 8)).total <= room] or [10])
@@ -45,12 +46,12 @@ def test_the_plan_raises_fidelity_in_order_data_steps_calibration_seeds(budget):
     assert s.n_dictionary <= n and n - s.n_dictionary < 10
     if s.n_dictionary == n:
         assert (s.steps, s.calibration_seeds, s.seeds) == (steps, cal, seeds)
-    assert plan.fits == (cost(s).total <= budget - 7.0 - reserve_seconds(budget))
+    assert plan.fits == (cost(s).total * MARGIN <= budget - 7.0 - reserve_seconds(budget))
 
 
 def test_whole_set_first_then_steps():
     # the whole set fits at 10 steps but not at 20: the data wins, steps stay at 10
-    room = 600.0 - reserve_seconds(600.0)
+    room = (600.0 - reserve_seconds(600.0)) / MARGIN
     per = room / (1000 * 10 * 8) * 0.9                       # 10 steps x 8 seeds fill 90 % of the room
     plan = make_plan(budget=600.0, given=ALL_PLANNED, n_full=1000, spent=0.0,
                      cost=linear_cost(per_image_step_seed=per, per_cal=0.0), probe=_probe(0.0))
