@@ -36,6 +36,8 @@ __all__ = ["Throughput", "StageCost", "probe_throughput", "Settings", "predict_c
 
 #: grid times (on the finest grid) at which the probe measures the machines' unit cost
 PROBE_ANCHORS = (0.1, 0.35, 0.65, 0.95)
+#: dictionary images of the probe's small size (its timings are mostly the fixed costs)
+SMALL_PROBE = 8
 #: the per-pixel work a patch of side k costs beside its C k^2 multiply-adds (the softmax
 #: and bookkeeping of one logit, in multiply-add units; measured on the CPU engine)
 _LOGIT_WORK = 24.0
@@ -155,7 +157,7 @@ def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Ten
             noise); candidates: per-step calibration candidates on that grid (``None``:
             no calibration).
         eps_fn: the network ``eps(x, t, label)``; n_probe: the most dictionary images to
-            probe with (the second size is an eighth of that, at least 8).
+            probe with (the small size is :data:`SMALL_PROBE` images).
         target_seconds: about how long the probe may take: the small size runs first, and
             the large one is cut so that, extrapolated linearly from the small one (an
             overestimate: its fixed costs are counted as per image), it stays within.
@@ -175,7 +177,7 @@ def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Ten
     lab = None if label is None else torch.full((2,), int(label), dtype=torch.long)
     work = dict(kind=kind, images=images, labels=labels, schedule=schedule, dictionary=dictionary,
                 predicted=predicted, candidates=candidates, x0=x0, label=label, lab=lab, seed=seed)
-    n_small = min(N, max(8, n_big // 8))
+    n_small = min(N, SMALL_PROBE)
     small = _probe_once(n=n_small, **work)
     if target_seconds is not None:
         spent = time.perf_counter() - t_start

@@ -85,7 +85,7 @@ def test_the_probe_measures_this_machine_on_real_data():
     # a target time cuts the large size (never below twice the small one)
     quick = probe_throughput("bbELS", full.images, None, schedule="cosine-legacy", dictionary="periodic",
                              predicted=fine, candidates=cands, eps_fn=net, n_probe=120, seed=0, target_seconds=1e-3)
-    assert (quick.n_probe, quick.n_small) == (30, 15)
+    assert (quick.n_probe, quick.n_small) == (16, 8)
     # the prediction it gives grows with the dictionary and the seeds
     kw = dict(shape=(1, 32, 32), predicted_fine=fine, scales_mode="auto", spread=1, n_train=120)
     small = predict_costs(tp, Settings(40, 10, 2, 8), **kw)
