@@ -36,8 +36,9 @@ __all__ = ["Throughput", "StageCost", "probe_throughput", "Settings", "predict_c
 
 #: grid times (on the finest grid) at which the probe measures the machines' unit cost
 PROBE_ANCHORS = (0.1, 0.35, 0.65, 0.95)
-#: dictionary images of the probe's small size (its timings are mostly the fixed costs)
-SMALL_PROBE = 8
+#: dictionary images per class of the probe's small size (its timings are the fixed costs:
+#: a bbELS dictionary's ~450 padding groups per size cost about a millisecond each)
+SMALL_PROBE = 2
 #: the per-pixel work a patch of side k costs beside its C k^2 multiply-adds (the softmax
 #: and bookkeeping of one logit, in multiply-add units; measured on the CPU engine)
 _LOGIT_WORK = 24.0
@@ -157,7 +158,8 @@ def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Ten
             noise); candidates: per-step calibration candidates on that grid (``None``:
             no calibration).
         eps_fn: the network ``eps(x, t, label)``; n_probe: the most dictionary images to
-            probe with (the small size is :data:`SMALL_PROBE` images).
+            probe with (the small size is :data:`SMALL_PROBE` images per class; the large
+            one at least four times that).
         target_seconds: about how long the probe may take: the small size runs first, and
             the large one is cut so that, extrapolated linearly from the small one (an
             overestimate: its fixed costs are counted as per image), it stays within.
@@ -177,12 +179,13 @@ def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Ten
     lab = None if label is None else torch.full((2,), int(label), dtype=torch.long)
     work = dict(kind=kind, images=images, labels=labels, schedule=schedule, dictionary=dictionary,
                 predicted=predicted, candidates=candidates, x0=x0, label=label, lab=lab, seed=seed)
-    n_small = min(N, SMALL_PROBE)
+    n_classes = 1 if labels is None else int(torch.unique(labels).numel())
+    n_small = min(N, SMALL_PROBE * n_classes)
     small = _probe_once(n=n_small, **work)
     if target_seconds is not None:
         spent = time.perf_counter() - t_start
         n_big = min(n_big, int(n_small * max(0.0, target_seconds - spent) / max(spent, 1e-3)))
-    n_big = max(n_big, min(N, 2 * n_small))
+    n_big = max(n_big, min(N, 4 * n_small))
     big = _probe_once(n=n_big, **work) if n_big > n_small else small
     B, C = 2, int(C)
     per = [B * big.n, B * small.n]
