@@ -43,7 +43,8 @@ def one(model: str, data, budget: float, threads: int, extra: dict) -> dict:
     return {"model": model, "data": res.data.get("spec"), "budget_s": budget, "wall_s": round(wall, 1),
             "within_budget": wall <= budget, "settings": plan["settings"], "n_full": plan["n_full"],
             "cuts": plan["cuts"], "stages": plan["stages"], "predicted_total_s": plan["predicted_total_s"],
-            "probe_s": (plan.get("probe") or {}).get("seconds"), "median_r": res.prediction.median_r,
+            "probe_s": (plan.get("probe") or {}).get("seconds"), "probe": plan.get("probe"),
+            "median_r": res.prediction.median_r,
             "machine": res.choice.kind}
 
 

@@ -44,11 +44,50 @@ SMALL_PROBE = 2
 _LOGIT_WORK = 24.0
 
 
+def pair_fraction(kind: str, H: int, W: int, k: int, dictionary: str = "periodic") -> float:
+    """The fraction of (query pixel, dictionary position) pairs a machine compares at size k,
+    counted exactly from its definition (theory.md section 2):
+
+    - ELS, periodic dictionary: every pixel meets every position: 1;
+    - ELS, valid dictionary: the (H - k + 1)(W - k + 1) positions whose patch fits;
+    - bbELS: a pixel meets the positions with its own padding pattern; per axis an interior
+      coordinate (at least r = k // 2 from both ends) matches the H - 2r interior ones and a
+      band coordinate only itself, so the pairs are ``((H-2r)^2 + 2r) ((W-2r)^2 + 2r)``;
+    - LS: every pixel meets its own position only: H W pairs.
+    """
+    r = k // 2
+    if kind == "ELS":
+        return 1.0 if dictionary == "periodic" else max(0, H - k + 1) * max(0, W - k + 1) / (H * W)
+    if kind == "LS":
+        return 1.0 / (H * W)
+    ih, iw = max(0, H - 2 * r), max(0, W - 2 * r)
+    return (ih * ih + min(2 * r, H)) * (iw * iw + min(2 * r, W)) / (H * W) ** 2
+
+
+@dataclass(frozen=True)
+class Work:
+    """The relative work of one machine evaluation per (query image x dictionary image),
+    up to the engine's speed: the pairs it compares (:func:`pair_fraction`) times ``C k^2``
+    multiply-adds plus one softmax term per pair and size.  A sweep over sizes runs nested:
+    each size adds its ring, ``C (k^2 - k_prev^2)``, over its own pairs."""
+
+    kind: str
+    shape: tuple[int, int, int]
+    dictionary: str = "periodic"
+
+    def __call__(self, ks: Sequence[int]) -> float:
+        C, H, W = self.shape
+        total, prev = 0.0, 0
+        for k in sorted(ks):
+            f = pair_fraction(self.kind, H, W, k, self.dictionary)
+            total += f * (C * (k * k - prev * prev) + _LOGIT_WORK)
+            prev = k
+        return total
+
+
 def patch_work(C: int, ks: Sequence[int]) -> float:
-    """The relative work of one evaluation at sizes ``ks`` (a sweep: the largest size's
-    product plus one softmax per size)."""
-    ks = list(ks)
-    return C * max(ks) ** 2 + _LOGIT_WORK * len(ks)
+    """The relative work of one periodic-ELS evaluation at sizes ``ks`` (:class:`Work`)."""
+    return Work("ELS", (C, 1, 1))(ks)
 
 
 def build_work(C: int, k: int) -> float:
@@ -64,7 +103,7 @@ class Throughput:
     from the same work on two dictionary sizes (``n_probe`` and ``n_small`` images).
 
     ``sweep_*[i]`` / ``single_*[i]``: a calibration sweep / a single-size evaluation at
-    ``anchors[i]``, unit per (query image x dictionary image x :func:`patch_work`), fixed
+    ``anchors[i]``, unit per (query image x dictionary image x :class:`Work`), fixed
     per call; ``diag_*``: a single-size evaluation with the mosaic's diagnostics at the
     lowest anchor (the prediction's last step); ``tree_*``: the calibration's nested tree,
     unit per (dictionary image x patch work of the candidates); ``dict_*``: a one-size
@@ -75,6 +114,7 @@ class Throughput:
     """
 
     kind: str
+    dictionary: str
     n_probe: int
     n_small: int
     anchors: tuple[float, ...]
@@ -129,6 +169,7 @@ class _Raw:
     """Seconds of the probe's work on one dictionary, and what it met."""
 
     n: int
+    seconds: float = 0.0
     tree: float = 0.0
     sweep: list = dataclasses.field(default_factory=list)
     single: list = dataclasses.field(default_factory=list)
@@ -158,11 +199,11 @@ def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Ten
             noise); candidates: per-step calibration candidates on that grid (``None``:
             no calibration).
         eps_fn: the network ``eps(x, t, label)``; n_probe: the most dictionary images to
-            probe with (the small size is :data:`SMALL_PROBE` images per class; the large
-            one at least four times that).
-        target_seconds: about how long the probe may take: the small size runs first, and
-            the large one is cut so that, extrapolated linearly from the small one (an
-            overestimate: its fixed costs are counted as per image), it stays within.
+            probe with (the small size is :data:`SMALL_PROBE` images per class, the middle
+            one four times that; the costs are fitted through the small and the largest).
+        target_seconds: about how long the probe may take: a small and a middle size run
+            first, and the large one is cut so that, at their cost per image, the probe stays
+            within.
     Returns:
         :class:`Throughput`.
     """
@@ -182,11 +223,17 @@ def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Ten
     n_classes = 1 if labels is None else int(torch.unique(labels).numel())
     n_small = min(N, SMALL_PROBE * n_classes)
     small = _probe_once(n=n_small, **work)
-    if target_seconds is not None:
-        spent = time.perf_counter() - t_start
-        n_big = min(n_big, int(n_small * max(0.0, target_seconds - spent) / max(spent, 1e-3)))
-    n_big = max(n_big, min(N, 4 * n_small))
-    big = _probe_once(n=n_big, **work) if n_big > n_small else small
+    # NB: the large size comes from a middle one's slope: the small run is nearly all fixed
+    # costs, so timing it alone says nothing of the cost per image
+    n_mid = min(N, 4 * n_small, n_big)
+    big = _probe_once(n=n_mid, **work) if n_mid > n_small else small
+    if target_seconds is not None and n_mid > n_small:
+        per_image = max(big.seconds - small.seconds, 0.1 * big.seconds) / (n_mid - n_small)
+        fixed = max(0.0, small.seconds - per_image * n_small)
+        left = target_seconds - (time.perf_counter() - t_start)
+        n_big = min(n_big, int((left - fixed) / per_image))
+    if n_big > n_mid:
+        big = _probe_once(n=n_big, **work)
     B, C = 2, int(C)
     per = [B * big.n, B * small.n]
     steps = len(predicted)
@@ -196,7 +243,8 @@ def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Ten
     tree = _affine(big.tree, small.tree, big.n, small.n)
     builds = _affine(big.builds, small.builds, big.n, small.n)
     anchor_ks = [int(predicted[_step_of(t, steps)]) for t in PROBE_ANCHORS]
-    sweep_work = [patch_work(C, candidates[_step_of(t, steps)]) for t in PROBE_ANCHORS] if candidates else []
+    work_of = Work(kind, (C, H, W), dictionary)
+    sweep_work = [work_of(candidates[_step_of(t, steps)]) for t in PROBE_ANCHORS] if candidates else []
     union = sorted({k for c in candidates for k in c}) if candidates else [1]
     dict_work = sum(build_work(C, k) for k in set(anchor_ks))
     is_machine = build_machine("IS", images[rows], None if labels is None else labels[rows], schedule=schedule)
@@ -207,13 +255,13 @@ def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Ten
     q = images[torch.randperm(N, generator=g)[:min(N, 64)]]        # enough queries to amortise the norms
     nn_unit = _timed(nearest_neighbours, q, images) / (q.shape[0] * N)
     return Throughput(
-        kind=kind, n_probe=big.n, n_small=small.n, anchors=PROBE_ANCHORS,
+        kind=kind, dictionary=dictionary, n_probe=big.n, n_small=small.n, anchors=PROBE_ANCHORS,
         sweep_unit=tuple(u / w for (u, _), w in zip(sweep, sweep_work)) or tuple(0.0 for _ in PROBE_ANCHORS),
         sweep_fixed=tuple(f for _, f in sweep) or tuple(0.0 for _ in PROBE_ANCHORS),
-        single_unit=tuple(u / patch_work(C, [k]) for (u, _), k in zip(single, anchor_ks)),
+        single_unit=tuple(u / work_of([k]) for (u, _), k in zip(single, anchor_ks)),
         single_fixed=tuple(f for _, f in single),
-        diag_unit=diag[0] / patch_work(C, [anchor_ks[0]]), diag_fixed=diag[1],
-        tree_unit=tree[0] / patch_work(C, union), tree_fixed=tree[1],
+        diag_unit=diag[0] / work_of([anchor_ks[0]]), diag_fixed=diag[1],
+        tree_unit=tree[0] / work_of(union), tree_fixed=tree[1],
         dict_unit=builds[0] / dict_work, dict_fixed=builds[1] / len(set(anchor_ks)),
         is_unit=is_unit, net_unit=net_unit, nn_unit=nn_unit, seconds=time.perf_counter() - t_start, device=device)
 
@@ -222,6 +270,7 @@ def _probe_once(*, n: int, kind, images, labels, schedule, dictionary, predicted
                 seed) -> _Raw:
     """The probe's work on one seeded, class-balanced dictionary of n images: the tree over
     every candidate, then per anchor a sweep, a one-size build and an evaluation."""
+    t_start = time.perf_counter()
     N = images.shape[0]
     rows = balanced_subset_indices(labels, N, n, seed)
     dic_labels = None if labels is None else labels[rows]
@@ -248,6 +297,7 @@ def _probe_once(*, n: int, kind, images, labels, schedule, dictionary, predicted
         raw.single.append(_timed(machine.denoised, x, tt, k=k, label=lab))
         if i == 0:                               # the prediction's last step keeps the mosaic's diagnostics
             raw.diag = _timed(machine.score, x, tt, k=k, label=lab, diagnostics=True)
+    raw.seconds = time.perf_counter() - t_start
     return raw
 
 
@@ -305,6 +355,7 @@ def predict_costs(tp: Throughput, s: Settings, *, shape: Sequence[int], predicte
     queries meet their class's images only).
     """
     C, H, W = (int(v) for v in shape)
+    work_of = Work(tp.kind, (C, H, W), tp.dictionary)
     n_meet = s.n_dictionary * share
     ks = list(scales_mode) if isinstance(scales_mode, tuple) else grid_scales(predicted_fine, s.steps)
     times = [(j + 1) / s.steps for j in range(s.steps)]
@@ -314,14 +365,14 @@ def predict_costs(tp: Throughput, s: Settings, *, shape: Sequence[int], predicte
         cands = ([default_candidates((C, H, W))] * s.steps if scales_mode == "calibrate"
                  else candidates_near(ks, spread, k_max=k_max))
         union = sorted({k for c in cands for k in c})
-        calibrate = tp.tree_fixed + tp.tree_unit * s.n_dictionary * patch_work(C, union)
+        calibrate = tp.tree_fixed + tp.tree_unit * s.n_dictionary * work_of(union)
         for t, c in zip(times, cands):
             calibrate += (s.calibration_seeds * tp.net_unit
-                          + tp.eval_seconds("sweep", t, s.calibration_seeds * n_meet, patch_work(C, c)))
+                          + tp.eval_seconds("sweep", t, s.calibration_seeds * n_meet, work_of(c)))
     predict = sum(tp.dict_fixed + tp.dict_unit * s.n_dictionary * build_work(C, k) for k in set(ks))
     for j, (t, k) in enumerate(zip(times, ks)):
         which = "diag" if j == 0 else "single"                          # step 0 (least noise) runs last
         predict += (s.seeds * (tp.net_unit + tp.is_unit * n_meet)
-                    + tp.eval_seconds(which, t, s.seeds * n_meet, patch_work(C, [k])))
+                    + tp.eval_seconds(which, t, s.seeds * n_meet, work_of([k])))
     novelty = tp.nn_unit * n_train * (s.seeds + min(300, n_train))
     return StageCost(calibrate, predict, novelty)

@@ -9,13 +9,13 @@ import torch
 from els_audit.calibrate import candidates_near
 from els_audit.data import load_dataset
 from els_audit.planning import Settings, Throughput, grid_scales, predict_costs, probe_throughput
-from els_audit.planning.cost import build_work, patch_work
+from els_audit.planning.cost import Work, build_work, pair_fraction
 
 ANCHORS = (0.1, 0.35, 0.65, 0.95)
 
 
 def _tp(**kw):
-    base = dict(kind="bbELS", n_probe=100, n_small=12, anchors=ANCHORS, sweep_unit=(4e-6, 2e-6, 1e-6, 1e-6),
+    base = dict(kind="bbELS", dictionary="periodic", n_probe=100, n_small=12, anchors=ANCHORS, sweep_unit=(4e-6, 2e-6, 1e-6, 1e-6),
                 sweep_fixed=(0.5, 0.2, 0.1, 0.1), single_unit=(2e-6, 1e-6, 5e-7, 5e-7),
                 single_fixed=(0.2, 0.1, 0.05, 0.05), diag_unit=3e-6, diag_fixed=0.3, tree_unit=1e-5,
                 tree_fixed=1.0, dict_unit=2e-5, dict_fixed=0.1, is_unit=1e-6, net_unit=0.01, nn_unit=1e-7,
@@ -35,6 +35,7 @@ def test_eval_seconds_interpolates_log_linearly_between_anchors():
 
 def test_predict_costs_is_the_sum_over_steps():
     tp, C, H, W = _tp(), 1, 32, 32
+    work = Work("bbELS", (C, H, W))
     fine = (3, 3, 5, 5, 5, 7, 7, 7, 9, 9, 9, 11, 11, 11, 13, 13, 13, 15, 15, 15)
     s = Settings(n_dictionary=1000, steps=10, calibration_seeds=2, seeds=8)
     got = predict_costs(tp, s, shape=(C, H, W), predicted_fine=fine, scales_mode="auto", spread=1, n_train=5000)
@@ -42,15 +43,42 @@ def test_predict_costs_is_the_sum_over_steps():
     assert grid_scales(fine, 10) == ks
     cands = candidates_near(ks, 1, k_max=31)
     union = sorted({k for c in cands for k in c})
-    cal = tp.tree_fixed + tp.tree_unit * 1000 * patch_work(C, union)
+    cal = tp.tree_fixed + tp.tree_unit * 1000 * work(union)
     pred = sum(tp.dict_fixed + tp.dict_unit * 1000 * build_work(C, k) for k in set(ks))
     for j in range(10):
         t = (j + 1) / 10
-        cal += 2 * tp.net_unit + tp.eval_seconds("sweep", t, 2 * 1000, patch_work(C, cands[j]))
+        cal += 2 * tp.net_unit + tp.eval_seconds("sweep", t, 2 * 1000, work(cands[j]))
         pred += 8 * (tp.net_unit + tp.is_unit * 1000)
-        pred += tp.eval_seconds("diag" if j == 0 else "single", t, 8 * 1000, patch_work(C, [ks[j]]))
+        pred += tp.eval_seconds("diag" if j == 0 else "single", t, 8 * 1000, work([ks[j]]))
     assert got.calibrate == pytest.approx(cal) and got.predict == pytest.approx(pred)
     assert got.novelty == pytest.approx(tp.nn_unit * 5000 * (8 + 300))
+
+
+def _pattern(c: int, n: int, r: int):
+    """A coordinate's padding class along an axis of n at radius r: interior, or itself."""
+    return "in" if r <= c <= n - 1 - r else c
+
+
+@pytest.mark.parametrize("H,W,k", [(7, 7, 3), (8, 6, 5), (9, 9, 9), (5, 8, 7), (4, 4, 3), (3, 3, 7)])
+def test_pair_fractions_count_the_pairs_each_machine_compares(H, W, k):
+    r = k // 2
+    pix = [(y, x) for y in range(H) for x in range(W)]
+    # bbELS: a pixel meets the positions whose padding pattern equals its own
+    bb = sum(1 for p in pix for q in pix
+             if (_pattern(p[0], H, r), _pattern(p[1], W, r)) == (_pattern(q[0], H, r), _pattern(q[1], W, r)))
+    assert pair_fraction("bbELS", H, W, k) * (H * W) ** 2 == pytest.approx(bb)
+    # ELS valid: every pixel meets the positions whose k x k patch lies inside the image
+    valid = sum(1 for q in pix if r <= q[0] <= H - 1 - r and r <= q[1] <= W - 1 - r) * H * W
+    assert pair_fraction("ELS", H, W, k, "valid") * (H * W) ** 2 == pytest.approx(valid)
+    assert pair_fraction("ELS", H, W, k) == 1.0
+    assert pair_fraction("LS", H, W, k) * (H * W) ** 2 == pytest.approx(H * W)
+
+
+def test_a_sweep_adds_each_ring_over_its_own_pairs():
+    w = Work("bbELS", (3, 16, 16))
+    f = {k: pair_fraction("bbELS", 16, 16, k) for k in (3, 5, 9)}
+    want = f[3] * (3 * 9 + 24) + f[5] * (3 * (25 - 9) + 24) + f[9] * (3 * (81 - 25) + 24)
+    assert w([9, 3, 5]) == pytest.approx(want) and w([5]) == pytest.approx(f[5] * (75 + 24))
 
 
 def test_given_scales_cost_no_calibration_and_a_class_meets_its_share():

@@ -11,7 +11,7 @@ ALL_PLANNED = dict(data_limit=None, steps=None, calibration_seeds=None, seeds=No
 
 def _probe(seconds=1.0):
     z = (0.0, 0.0, 0.0, 0.0)
-    return Throughput(kind="ELS", n_probe=10, n_small=2, anchors=(0.1, 0.35, 0.65, 0.95), sweep_unit=z,
+    return Throughput(kind="ELS", dictionary="periodic", n_probe=10, n_small=2, anchors=(0.1, 0.35, 0.65, 0.95), sweep_unit=z,
                       sweep_fixed=z, single_unit=z, single_fixed=z, diag_unit=0.0, diag_fixed=0.0, tree_unit=0.0,
                       tree_fixed=0.0, dict_unit=0.0, dict_fixed=0.0, is_unit=0.0, net_unit=0.0, nn_unit=0.0,
                       seconds=seconds, device="cpu")
