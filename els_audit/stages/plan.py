@@ -14,9 +14,16 @@ from .inputs import Inputs
 from .machine import choose_machine, scale_candidates
 from .probes import Probes
 
-#: the most dictionary images the cost probe uses, and the share of the budget it may take
+#: the most dictionary images the cost probe uses, and the time it may take: 5 % of the
+#: budget, but at least 15 s (a bbELS dictionary's fixed costs take seconds even on a few
+#: images, and a probe that stops at 8 images mispredicted a 2-minute audit by 2x), and
+#: never more than a fifth of the budget
 PROBE_IMAGES = 400
-PROBE_SHARE = 0.05
+
+
+def probe_seconds(budget: float) -> float:
+    """About how long the cost probe may take within ``budget`` seconds."""
+    return min(max(0.05 * budget, 15.0), 0.2 * budget)
 
 
 def plan_audit(cfg, clock: Clock, inp: Inputs, probes: Probes) -> tuple[Plan, Any]:
@@ -41,11 +48,11 @@ def plan_audit(cfg, clock: Clock, inp: Inputs, probes: Probes) -> tuple[Plan, An
         if cfg.scales == "calibrate":
             cands = (cands,) * len(fine)
         clock.say(f"plan: probing this machine's engine ({kind}, up to {min(PROBE_IMAGES, n_full)} images, "
-                  f"about {PROBE_SHARE * cfg.budget:.0f}s) ...")
+                  f"about {probe_seconds(cfg.budget):.0f}s) ...")
         tp = probe_throughput(kind, inp.train_images, inp.full.labels if inp.conditional else None,
                               schedule=inp.den.schedule, dictionary=cfg.dictionary, predicted=fine,
                               candidates=cands, eps_fn=inp.eps_fn, n_probe=PROBE_IMAGES, seed=cfg.data_seed,
-                              label=label, device=str(inp.device), target_seconds=PROBE_SHARE * cfg.budget)
+                              label=label, device=str(inp.device), target_seconds=probe_seconds(cfg.budget))
 
     def cost(s: Settings):
         return predict_costs(tp, s, shape=inp.shape, predicted_fine=fine, scales_mode=cfg.scales,
