@@ -188,6 +188,14 @@ class ScoreMachine:
                 "deduplicated": d.deduplicated, "materialized_fraction": d.materialized_fraction,
                 "bytes": d.nbytes()}
 
+    def release_kept(self) -> int:
+        """Drop every cached dictionary's kept keys (the machine gathers them from the images
+        again when needed, as it does when memory runs short) and return the bytes the cache
+        still holds: what stays resident while other sizes are evaluated."""
+        for v in self._cache.values():
+            v.release()
+        return int(sum(v.nbytes() for v in self._cache.values()))
+
     # -- internals ------------------------------------------------------------------------
     def _checked_coefficients(self, x, t):
         """Checked x and its schedule coefficients a, b (B,) at t; the score needs b_t > 0."""

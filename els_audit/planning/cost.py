@@ -28,7 +28,7 @@ import torch
 
 from ..calibrate import candidates_near, default_candidates
 from ..data import balanced_subset_indices
-from ..machines import build_machine
+from ..machines import DEFAULT_MEMORY_BUDGET, build_machine
 from ..novelty import nearest_neighbours
 from ..serialize import json_float
 
@@ -110,7 +110,10 @@ class Throughput:
     dictionary, unit per (dictionary image x :func:`build_work`); ``is_unit``: the IS
     machine per (query image x dictionary image); ``net_unit``: network seconds per image;
     ``nn_unit``: copy-test seconds per (query x training image); ``seconds``: the probe's
-    own time; ``device``: where it ran.
+    own time; ``device``: where it ran; ``kept_bytes``: a one-size dictionary's bytes with
+    every key kept, per (dictionary image x C k^2); ``unkept_ratio``: an evaluation's time
+    with no key kept against every key kept; ``held_bytes``: what a calibration's tree and
+    edge groups hold besides their kept keys, per dictionary image (see :meth:`kept_factor`).
     """
 
     kind: str
@@ -133,6 +136,19 @@ class Throughput:
     nn_unit: float
     seconds: float
     device: str
+    kept_bytes: float = 0.0
+    unkept_ratio: float = 1.0
+    held_bytes: float = 0.0
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+
+    def kept_factor(self, n_dictionary: float, C: int, k: int) -> float:
+        """How much slower than the probe an evaluation at k runs over ``n_dictionary``
+        images: the machine keeps a one-size dictionary's keys only up to three quarters of
+        its memory budget and gathers the rest per tile (``unkept_ratio`` slower)."""
+        need = self.kept_bytes * n_dictionary * C * k * k
+        room = max(0.0, 0.75 * self.memory_budget - self.held_bytes * n_dictionary)
+        kept = 1.0 if need <= 0 else min(1.0, room / need)
+        return kept + (1.0 - kept) * self.unkept_ratio
 
     def eval_seconds(self, which: str, t: float, count: float, work: float) -> float:
         """Seconds of one evaluation (``which``: sweep, single or diag) at t meeting ``count``
@@ -175,6 +191,9 @@ class _Raw:
     single: list = dataclasses.field(default_factory=list)
     diag: float = 0.0
     builds: float = 0.0
+    kept_bytes: float = 0.0          # bytes of the one-size dictionaries with every key kept, per C k^2
+    held: float = 0.0                # bytes the tree and the edge groups hold without kept keys
+    unkept_ratio: float = 1.0        # an evaluation's time with no key kept / with every key kept
 
 
 def _affine(big: float, small: float, n_big: float, n_small: float) -> tuple[float, float]:
@@ -234,8 +253,7 @@ def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Ten
         fixed = max(0.0, small.seconds - per_image * n_small)
         left = target_seconds - (time.perf_counter() - t_start)
         n_big = min(n_big, int((left - fixed) / per_image))
-    if n_big > n_mid:
-        big = _probe_once(n=n_big, **work)
+    big = _probe_once(n=max(n_big, n_mid), measure_unkept=True, **work)
     B, C = 2, int(C)
     per = [B * big.n, B * small.n]
     steps = len(predicted)
@@ -265,11 +283,13 @@ def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Ten
         diag_unit=diag[0] / work_of([anchor_ks[0]]), diag_fixed=diag[1],
         tree_unit=tree[0] / work_of(union), tree_fixed=tree[1],
         dict_unit=builds[0] / dict_work, dict_fixed=builds[1] / len(set(anchor_ks)),
+        kept_bytes=big.kept_bytes / max(1, big.n), unkept_ratio=max(1.0, big.unkept_ratio),
+        held_bytes=big.held / max(1, big.n),
         is_unit=is_unit, net_unit=net_unit, nn_unit=nn_unit, seconds=time.perf_counter() - t_start, device=device)
 
 
 def _probe_once(*, n: int, kind, images, labels, schedule, dictionary, predicted, candidates, x0, label, lab,
-                seed) -> _Raw:
+                seed, measure_unkept: bool = False) -> _Raw:
     """The probe's work on one seeded, class-balanced dictionary of n images: the tree over
     every candidate, then per anchor a sweep, a one-size build and an evaluation."""
     t_start = time.perf_counter()
@@ -299,6 +319,22 @@ def _probe_once(*, n: int, kind, images, labels, schedule, dictionary, predicted
         raw.single.append(_timed(machine.denoised, x, tt, k=k, label=lab))
         if i == 0:                               # the prediction's last step keeps the mosaic's diagnostics
             raw.diag = _timed(machine.score, x, tt, k=k, label=lab, diagnostics=True)
+    C = int(images.shape[1])
+    stats = [machine.dictionary_stats(k, label=label) for k in sorted(built)]
+    if candidates:
+        # NB: the calibration's tree and edge groups stay cached through the prediction; what
+        # they hold (with the one-size dictionaries' bookkeeping: an overestimate) is not
+        # free for keeping keys
+        raw.held = machine.release_kept()
+    raw.kept_bytes = sum(st["bytes"] / max(st["materialized_fraction"], 1e-9) for st in stats) / sum(
+        C * k * k for k in sorted(built))
+    if measure_unkept:
+        # NB: a dictionary too large for the memory budget keeps only part of its keys and
+        # gathers the rest from the images per tile: time one evaluation that keeps none
+        bare = build_machine(kind, images[rows], dic_labels, schedule=schedule, dictionary=dictionary,
+                             memory_budget=0)
+        bare.dictionary_stats(k, label=label)
+        raw.unkept_ratio = _timed(bare.denoised, x, tt, k=k, label=lab) / max(raw.single[-1], 1e-9)
     raw.seconds = time.perf_counter() - t_start
     return raw
 
@@ -375,6 +411,6 @@ def predict_costs(tp: Throughput, s: Settings, *, shape: Sequence[int], predicte
     for j, (t, k) in enumerate(zip(times, ks)):
         which = "diag" if j == 0 else "single"                          # step 0 (least noise) runs last
         predict += (s.seeds * (tp.net_unit + tp.is_unit * n_meet)
-                    + tp.eval_seconds(which, t, s.seeds * n_meet, work_of([k])))
+                    + tp.eval_seconds(which, t, s.seeds * n_meet, work_of([k])) * tp.kept_factor(n_meet, C, k))
     novelty = tp.nn_unit * n_train * (s.seeds + min(300, n_train))
     return StageCost(calibrate, predict, novelty)

@@ -119,3 +119,25 @@ def test_the_probe_measures_this_machine_on_real_data():
     small = predict_costs(tp, Settings(40, 10, 2, 8), **kw)
     assert predict_costs(tp, Settings(120, 10, 2, 8), **kw).total > small.total
     assert predict_costs(tp, Settings(40, 10, 2, 16), **kw).predict > small.predict
+
+
+def test_keys_the_memory_budget_cannot_keep_cost_the_measured_gather_ratio():
+    # 1 GB of keys per image-size unit: at 2 GB budget, 3/4 of it, less what the tree holds
+    tp = _tp(kept_bytes=1.0, unkept_ratio=2.0, held_bytes=0.0, memory_budget=1000)
+    assert tp.kept_factor(n_dictionary=10, C=1, k=5) == 1.0                 # 250 bytes needed, 750 room
+    assert tp.kept_factor(n_dictionary=60, C=1, k=5) == pytest.approx(0.5 + 0.5 * 2.0)   # 1500 needed
+    held = _tp(kept_bytes=1.0, unkept_ratio=2.0, held_bytes=5.0, memory_budget=1000)
+    assert held.kept_factor(n_dictionary=30, C=1, k=5) == pytest.approx(0.8 + 0.2 * 2.0)  # room 600 of 750
+
+
+def test_release_kept_drops_the_kept_keys_and_reports_what_stays():
+    from els_audit.machines import build_machine
+
+    full = load_dataset("mnist5k:size=32:limit=20")
+    m = build_machine("bbELS", full.images)
+    m.dictionary_stats(5)
+    before = m.dictionary_stats(5)
+    assert before["materialized_fraction"] == 1.0
+    held = m.release_kept()
+    after = m.dictionary_stats(5)                # asking again keeps the keys again
+    assert 0 < held < before["bytes"] and after["materialized_fraction"] == 1.0
