@@ -6,6 +6,8 @@ seconds per stage, and the whole audit's wall time against its budget.
     python bench/bench_plan.py --model bench/models/cifar10-resnet \\
         --data /tmp/cifar/cifar10/train --budget 10m                        # CIFAR-10 (unpack ../shared/data)
     python bench/bench_plan.py ... --json bench/results/plan.json
+    python bench/bench_plan.py --budget 2m --reports reports      # also the example reports
+    python bench/bench_plan.py --table bench/results/plan_*.json  # the tables of earlier runs
 
 Each row is one whole audit as the CLI runs it (``run_audit`` then ``write_outputs`` into a
 temporary folder), with the default settings left to the planner.  ``ratio`` is measured /
@@ -32,12 +34,12 @@ from els_audit.outputs import write_outputs  # noqa: E402
 ZOO = ("zoo:resnet-zeros", "zoo:resnet-circular", "zoo:unet-zeros", "zoo:unet-attention")
 
 
-def one(model: str, data, budget: float, threads: int, extra: dict) -> dict:
+def one(model: str, data, budget: float, threads: int, extra: dict, reports=None) -> dict:
     cfg = AuditConfig(model=model, data=data, budget=budget, threads=threads, **extra)
     t0 = time.perf_counter()
     res = run_audit(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        write_outputs(res, Path(tmp) / "out")
+        write_outputs(res, Path(reports) / res.name if reports else Path(tmp) / "out")
     wall = time.perf_counter() - t0
     plan = res.to_dict()["plan"]
     return {"model": model, "data": res.data.get("spec"), "budget_s": budget, "wall_s": round(wall, 1),
@@ -74,12 +76,19 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="any other AuditConfig setting, e.g. conditional=true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--reports", default=None, metavar="DIR",
+                    help="write each audit's report folder to DIR/<model name> (e.g. reports/, the examples)")
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                    help="only print the table of earlier --json files")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table([r for f in args.table for r in json.loads(Path(f).read_text())["rows"]]))
+        return 0
     extra = {k: json.loads(v) for k, v in (it.split("=", 1) for it in args.set)}
     rows = []
     for budget in [parse_duration(b) for b in (args.budget or ["2m", "10m"])]:
         for model in args.model or ZOO:
-            row = one(model, args.data, budget, args.threads, extra)
+            row = one(model, args.data, budget, args.threads, extra, args.reports)
             print(json.dumps(row), flush=True)
             rows.append(row)
     meta = {"torch": torch.__version__, "threads": args.threads, "when": time.strftime("%Y-%m-%d %H:%M")}
