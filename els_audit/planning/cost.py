@@ -68,19 +68,26 @@ def pair_fraction(kind: str, H: int, W: int, k: int, dictionary: str = "periodic
 class Work:
     """The relative work of one machine evaluation per (query image x dictionary image),
     up to the engine's speed: the pairs it compares (:func:`pair_fraction`) times ``C k^2``
-    multiply-adds plus one softmax term per pair and size.  A sweep over sizes runs nested:
-    each size adds its ring, ``C (k^2 - k_prev^2)``, over its own pairs."""
+    multiply-adds plus one softmax term per pair and size.  A sweep over sizes runs nested
+    where the machine nests (:attr:`nests`): each size adds its ring, ``C (k^2 - k_prev^2)``,
+    over its own pairs; elsewhere each size costs its whole product."""
 
     kind: str
     shape: tuple[int, int, int]
     dictionary: str = "periodic"
+
+    @property
+    def nests(self) -> bool:
+        """Whether a sweep runs as one nested pass (periodic ELS, bbELS); other machines run
+        one size at a time."""
+        return self.kind == "bbELS" or (self.kind == "ELS" and self.dictionary == "periodic")
 
     def __call__(self, ks: Sequence[int]) -> float:
         C, H, W = self.shape
         total, prev = 0.0, 0
         for k in sorted(ks):
             f = pair_fraction(self.kind, H, W, k, self.dictionary)
-            total += f * (C * (k * k - prev * prev) + _LOGIT_WORK)
+            total += f * (C * (k * k - (prev * prev if self.nests else 0)) + _LOGIT_WORK)
             prev = k
         return total
 
