@@ -1,4 +1,4 @@
-"""The audit, end to end: model -> probes -> machine -> scales -> prediction -> novelty -> checks.
+"""The audit, end to end: model -> probes -> plan -> machine and scales -> prediction -> novelty -> checks.
 
 References:
 - M. Kamb and S. Ganguli, "An analytic theory of creativity in convolutional diffusion
@@ -10,19 +10,24 @@ References:
   writes the report, ``summary.json`` and the raw arrays, atomically.  The CLI only builds
   the config.
 
-Stages (each a function of the library, called in order):
+Stages (each a function of :mod:`els_audit.stages` with a typed result, called in order):
 
-1. load (:func:`els_audit.models.load_model` + :func:`els_audit.models.make_denoiser`),
-   data (:func:`els_audit.data.load_dataset`);
-2. probes: trace, theoretical receptive field, structural equivariance verdict,
-   effective receptive field per step (its predicted patch per step), measured
-   equivariance (EQ-T);
-3. machine choice from the verdict (:func:`choose_machine`), built over a seeded,
-   class-balanced subset of the data (the cost: see :data:`FULL_FIDELITY`);
-4. scales: ``erf`` (the probe's prediction), ``calibrate`` (every odd k up to the image
-   side), ``auto`` (calibrate among the ERF prediction's neighbours) or a given list;
-5. prediction (network, fitted machine and IS from the same seeds on one grid);
-6. novelty (copy test against the whole data set, mosaic, locality map);
+1. load (:func:`~els_audit.stages.load_inputs`): the model, the data, the adapter;
+2. probes (:func:`~els_audit.stages.run_probes`): trace, theoretical receptive field,
+   structural verdict, field probe, effective receptive field per step (its predicted
+   patch per step), measured equivariance (EQ-T);
+3. plan (:func:`~els_audit.stages.plan_audit`): a short probe of the engine, each stage's
+   predicted seconds, the most faithful settings within ``--budget``
+   (:mod:`els_audit.planning`); :func:`~els_audit.stages.settle_inputs` fixes the
+   dictionary and the seeds' labels;
+4. machine and scales (:func:`~els_audit.stages.fit_machine`): the machine the verdict
+   calls for, and its scales: ``erf`` (the probe's prediction), ``calibrate`` (every odd k
+   up to the image side), ``auto`` (calibrate among the ERF prediction's neighbours) or a
+   given list;
+5. prediction (:func:`~els_audit.stages.run_prediction`: network, fitted machine and IS
+   from the same seeds on one grid);
+6. novelty (:func:`~els_audit.stages.run_novelty`: copy test against the whole data set,
+   mosaic, locality map);
 7. checks (built-in warnings and the user's ``--fail-on`` rules).
 """
 
