@@ -63,3 +63,14 @@ def test_config_refuses_a_bad_budget_and_a_two_image_dictionary():
         AuditConfig(model="zoo:resnet-zeros", budget=0)
     with pytest.raises(AuditError, match="--data-limit must be 0 .* or at least 3"):
         AuditConfig(model="zoo:resnet-zeros", data_limit=2)
+
+
+def test_a_conditional_audit_probes_one_class_and_plans():
+    # the probe's dictionaries are class-balanced and a query meets its own class's images
+    r = run_audit(AuditConfig(model="zoo:resnet-zeros", data="mnist5k:size=32:limit=60", label=3, seeds=2,
+                              calibration_seeds=1, scales="erf", budget=60, threads=1))
+    plan = r.to_dict()["plan"]
+    assert plan["planned"] == ["data_limit", "steps"] and plan["settings"]["n_dictionary"] == 60
+    probe = plan["probe"]
+    assert probe["n_small"] == 2 and probe["n_probe"] >= 4 * probe["n_small"] // 2   # images of class 3 met
+    assert plan["stages"]["calibrate"]["predicted_s"] == 0.0 and plan["stages"]["predict"]["predicted_s"] > 0
