@@ -254,13 +254,14 @@ def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Ten
     # NB: the large size comes from a middle one's slope: the small run is nearly all fixed
     # costs, so timing it alone says nothing of the cost per image
     n_mid = min(N, 4 * n_small, n_big)
-    big = _probe_once(n=n_mid, **work) if n_mid > n_small else small
+    big = _probe_once(n=n_mid, measure_unkept=True, **work) if n_mid > n_small else small
     if target_seconds is not None and n_mid > n_small:
         per_image = max(big.seconds - small.seconds, 0.1 * big.seconds) / (n_mid - n_small)
         fixed = max(0.0, small.seconds - per_image * n_small)
         left = target_seconds - (time.perf_counter() - t_start)
         n_big = min(n_big, int((left - fixed) / per_image))
-    big = _probe_once(n=max(n_big, n_mid), measure_unkept=True, **work)
+    if n_big > n_mid or big is small:
+        big = _probe_once(n=max(n_big, n_mid), measure_unkept=True, **work)
     B, C = 2, int(C)
     per = [B * big.n, B * small.n]
     steps = len(predicted)
