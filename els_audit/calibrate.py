@@ -53,6 +53,7 @@ __all__ = [
     "CRITERIA",
     "default_candidates",
     "candidates_near",
+    "step_candidates",
 ]
 
 CRITERIA = ("x0", "cosine")
@@ -155,6 +156,23 @@ def candidates_near(scales: Sequence[int], spread: int = 2, k_max: Optional[int]
         ks = [c for c in range(k - 2 * spread, k + 2 * spread + 1, 2) if c >= 1 and (k_max is None or c <= k_max)]
         out.append(tuple(sorted(set(ks) | {k})))
     return tuple(out)
+
+
+def step_candidates(mode: str, shape: Sequence[int], predicted: Sequence[int],
+                    spread: int) -> tuple[tuple[int, ...], ...]:
+    """Per-step candidates of a calibration: ``"calibrate"`` every odd k up to the image
+    side at every step, ``"auto"`` the ERF prediction's neighbours (:func:`candidates_near`,
+    up to the largest odd size within the image).
+
+    Args:
+        mode: ``"calibrate"`` or ``"auto"``; shape: (C, H, W); predicted: (T,) odd sizes,
+            index 0 = least noise; spread: see :func:`candidates_near`.
+    """
+    H, W = int(shape[-2]), int(shape[-1])
+    if mode == "calibrate":
+        return (default_candidates(shape),) * len(predicted)
+    k_max = max(H, W) if max(H, W) % 2 else max(H, W) - 1
+    return candidates_near(predicted, spread, k_max=k_max)
 
 
 def _per_step_candidates(candidates, steps: int, image_shape) -> tuple[tuple[int, ...], ...]:

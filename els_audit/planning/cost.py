@@ -26,7 +26,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..calibrate import candidates_near, default_candidates
+from ..calibrate import step_candidates
 from ..data import balanced_subset_indices
 from ..machines import DEFAULT_MEMORY_BUDGET, build_machine
 from ..novelty import nearest_neighbours
@@ -407,9 +407,7 @@ def predict_costs(tp: Throughput, s: Settings, *, shape: Sequence[int], predicte
     times = [(j + 1) / s.steps for j in range(s.steps)]
     calibrate = 0.0
     if scales_mode in ("auto", "calibrate"):
-        k_max = max(H, W) if max(H, W) % 2 else max(H, W) - 1
-        cands = ([default_candidates((C, H, W))] * s.steps if scales_mode == "calibrate"
-                 else candidates_near(ks, spread, k_max=k_max))
+        cands = step_candidates(scales_mode, (C, H, W), ks, spread)
         union = sorted({k for c in cands for k in c})
         calibrate = tp.tree_fixed + tp.tree_unit * s.n_dictionary * work_of(union)
         for t, c in zip(times, cands):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..calibrate import CalibrationResult, calibrate_scales, candidates_near, default_candidates
+from ..calibrate import CalibrationResult, calibrate_scales, step_candidates
 from ..config import MACHINE_CHOICES
 from ..errors import AuditError
 from ..machines import ScoreMachine, build_machine
@@ -150,12 +150,11 @@ def calibration_seeds(cfg) -> list[int]:
 
 
 def scale_candidates(cfg, shape: tuple[int, int, int], predicted: tuple[int, ...]) -> tuple[tuple, str]:
-    """(candidates for :func:`calibrate_scales`, the source line) for ``--scales calibrate``
-    (every odd k up to the image side) or ``auto`` (the ERF prediction's neighbours)."""
-    C, H, W = shape
+    """(per-step candidates for :func:`calibrate_scales`, the source line) for ``--scales
+    calibrate`` (every odd k up to the image side) or ``auto`` (the ERF prediction's
+    neighbours): :func:`els_audit.calibrate.step_candidates`."""
+    cands = step_candidates(cfg.scales, shape, predicted, cfg.spread)
     if cfg.scales == "calibrate":
-        cands = default_candidates((C, H, W))
-        return cands, f"calibrated over every odd k in {cands[0]}..{cands[-1]} ({cfg.criterion} criterion)"
-    k_max = max(H, W) if max(H, W) % 2 else max(H, W) - 1
-    return (candidates_near(predicted, cfg.spread, k_max=k_max),
-            f"calibrated around the ERF prediction (+-{2 * cfg.spread}, {cfg.criterion} criterion)")
+        return cands, (f"calibrated over every odd k in {cands[0][0]}..{cands[0][-1]} "
+                       f"({cfg.criterion} criterion)")
+    return cands, f"calibrated around the ERF prediction (+-{2 * cfg.spread}, {cfg.criterion} criterion)"

@@ -45,8 +45,6 @@ def plan_audit(cfg, clock: Clock, inp: Inputs, probes: Probes) -> tuple[Plan, An
     if cfg.budget is not None and any(v is None for v in given.values()):
         kind = choose_machine(probes.structure, cfg.machine, cfg.dictionary).kind
         cands = scale_candidates(cfg, inp.shape, fine)[0] if cfg.scales in ("auto", "calibrate") else None
-        if cfg.scales == "calibrate":
-            cands = (cands,) * len(fine)
         clock.say(f"plan: probing this machine's engine ({kind}, up to {min(PROBE_IMAGES, n_full)} images, "
                   f"about {probe_seconds(cfg.budget):.0f}s) ...")
         tp = probe_throughput(kind, inp.train_images, inp.full.labels if inp.conditional else None,
