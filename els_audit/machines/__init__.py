@@ -20,7 +20,8 @@ Usage::
 All machines share one exact kernel (:mod:`._engine`): a grouped, tiled, online-softmax
 dot-product attention over a deduplicated patch dictionary (:mod:`._dictionary`).  A sweep
 over patch sizes of the periodic ELS machine runs as one pass over nested windows
-(:mod:`._nested`); so does the interior group of bbELS, its edge groups one k at a time.
+(:mod:`._nested`); so do ELS with the 'valid' dictionary and the interior group of bbELS
+(its edge groups one k at a time).
 """
 
 from __future__ import annotations
@@ -131,8 +132,9 @@ class ScoreMachine:
         The periodic ELS machine evaluates all sizes in one pass over nested windows (each
         size adds only its ring to the previous one's logits; :mod:`._nested`), when its
         tree fits half the memory budget; bbELS does so for its interior group (the pixels
-        at least k // 2 from every edge) and runs its edge groups one k at a time; other
-        machines run one k at a time.
+        at least k // 2 from every edge) and runs its edge groups one k at a time; ELS with
+        the 'valid' dictionary runs every pixel over a tree of the patches that fit inside
+        the image; LS runs one k at a time.
         """
         ks = self._check_ks(ks)
         (x, a, b), means = self._sweep_means(x, t, ks, label)
@@ -268,9 +270,15 @@ class ScoreMachine:
         those with an interior group (k <= min(H, W)); none for other machines."""
         if self.kind == "ELS" and self.dictionary == "periodic":
             return tuple(ks)
-        if self.kind == "bbELS":
+        if self._interior_keys:
             return tuple(k for k in ks if k <= min(self.image_shape[1:]))
         return ()
+
+    @property
+    def _interior_keys(self) -> bool:
+        """Whether a tree of this machine holds the patches that fit inside the image
+        (bbELS's interior group, and ELS's 'valid' dictionary)."""
+        return self.kind == "bbELS" or (self.kind == "ELS" and self.dictionary == "valid")
 
     def _nests(self, ks) -> bool:
         """Whether a sweep over ks runs as one nested pass (see score_sweep): two or more
@@ -284,7 +292,8 @@ class ScoreMachine:
         (measured on MNIST-5k, 2026-12-02: with float rows, at the 2 GB default the tree kept 47%
         and the sweep took 20.8 s against 17.1 s one k at a time).  Images with at most 256 distinct values
         keep their rows as byte codes (:func:`._nested.palette_of`): MNIST-5k's tree at k =
-        3..15 then needs 1.2 GB instead of 2.8 GB and nests at the default budget.
+        3..15 then needs 1.2 GB instead of 2.8 GB and nests at the default budget.  ELS's
+        'valid' dictionary has the same keys as the interior tree and follows the same rule.
         """
         tree_ks = self._tree_ks(ks)
         if not tree_ks:
@@ -292,7 +301,7 @@ class ScoreMachine:
         if len(tree_ks) < 2:
             return any(key[0] == "nested" and set(tree_ks) <= set(key[1]) for key in self._cache)
         N, C, H, W = self.images.shape
-        if self.kind == "bbELS":
+        if self._interior_keys:
             if self._palette_coded is None:                  # the tree keeps rows as byte codes
                 self._palette_coded = palette_of(self.images) is not None
             fits = interior_tree_bytes(N, C, H, W, tree_ks, self.images.element_size(), coded=self._palette_coded)
@@ -310,8 +319,8 @@ class ScoreMachine:
             d = self._cache[key]
         else:
             imgs, ids = self._images_for(label)
-            d = build_nested_dictionary(imgs, ks, image_ids=ids,
-                                        mode="interior" if self.kind == "bbELS" else "circular")
+            mode = {"bbELS": "interior", "ELS": "valid" if self.dictionary == "valid" else "circular"}[self.kind]
+            d = build_nested_dictionary(imgs, ks, image_ids=ids, mode=mode)
             self._cache[key] = d
             self._evict_over_half_budget()
         self._materialize_within_budget(d)

@@ -24,7 +24,7 @@ gather) plus the ring GEMM, and the softmax of level k counts each node once (in
 that holds its first leaf) with a ``log2(count)`` bias, normalised over the whole
 dictionary by an online log-sum-exp per level.
 
-Two dictionaries nest this way (``mode``):
+Three dictionaries nest this way (``mode``):
 - "circular", periodic ELS: every key location exists at every k and every query pixel
   sees the same keys at every k; all leaves are finest nodes.
 - "interior", the interior group of bbELS: at size k the keys are the patches centred at
@@ -34,8 +34,11 @@ Two dictionaries nest this way (``mode``):
   the finest level.  Query rows are sorted by their distance to the edge, so each level's
   rows are a prefix.  The other bbELS groups (pixels near an edge, each with its own
   padding pattern) are small; the machine runs them one k at a time.
-(The 'valid' ELS dictionary changes its key set with k but not its queries; it runs one k
-at a time.)  With ``q' = q - a mu`` and ``p' = p - mu`` for a per-channel shift mu (any
+- "valid", ELS with the authors' 'valid' dictionary: the keys of an interior tree (the
+  patches that fit inside the image, fewer at every larger k), met by every query pixel
+  (circularly padded, as the single-k machine pads them) at every level.
+
+With ``q' = q - a mu`` and ``p' = p - mu`` for a per-channel shift mu (any
 constant vector works in exact arithmetic: the background value where one covers half the
 pixels, so that most ring entries are exactly zero, else the mean, which keeps float32
 logits small; :func:`_shift_of`), the logit is, as in :mod:`._engine`, a GEMM of
@@ -202,8 +205,8 @@ class NestedLevel:
 
 @dataclass
 class NestedDictionary:
-    """A periodic ELS or bbELS-interior dictionary at sizes ``ks`` as one tree (see module
-    docstring).
+    """A periodic ELS, bbELS-interior or valid ELS dictionary at sizes ``ks`` as one tree
+    (see module docstring).
 
     tiles: per tile of leaves, per level ``(j0, j1, own0)``: the level's nodes under the
     tile are ``j0..j1-1``; those from ``own0`` on are counted in this tile's softmax.
@@ -215,7 +218,7 @@ class NestedDictionary:
     mu: torch.Tensor               # (C,) per-channel shift of keys and queries (_shift_of)
     total_keys: int                # N*H*W: at most this many keys at any level
     tiles: list[list[tuple[int, int, int]]]
-    mode: str = "circular"         # or "interior" (build_nested_dictionary)
+    mode: str = "circular"         # or "interior", "valid" (build_nested_dictionary)
     codes_flat: Optional[torch.Tensor] = None   # uint8 palette codes of padded_flat (coded trees)
 
     def nbytes(self) -> int:
@@ -298,15 +301,16 @@ def build_nested_dictionary(images: torch.Tensor, ks: Sequence[int], *, image_id
                             chunk_elems: int = 1 << 24) -> NestedDictionary:
     """Build the tree of patches at sizes ``ks`` (odd, increasing).
 
-    mode: "circular" (periodic ELS: every position, circular wrap) or "interior" (the
+    mode: "circular" (periodic ELS: every position, circular wrap), "interior" (the
     interior group of bbELS: at size k the centres at least k // 2 from every edge, zero
-    padding never read; needs ``ks[-1] <= min(H, W)``).
+    padding never read; needs ``ks[-1] <= min(H, W)``) or "valid" (the ELS 'valid'
+    dictionary: the same keys as "interior", met by every query pixel, circularly padded).
     """
     ks = tuple(sorted(set(int(k) for k in ks)))
     N, C, H, W = images.shape
-    if mode not in ("circular", "interior"):
+    if mode not in ("circular", "interior", "valid"):
         raise ValueError(f"unknown nested dictionary mode {mode!r}")
-    if mode == "interior" and ks[-1] > min(H, W):
+    if mode != "circular" and ks[-1] > min(H, W):
         raise ValueError(f"an interior tree needs k <= {min(H, W)} (the image size); got k={ks[-1]}")
     dtype = images.dtype
     if image_ids is None:
@@ -529,7 +533,7 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
     L = max(i for i, w in enumerate(wanted) if w) + 1                                      # levels computed
     levels = nd.levels[:L]
     r_max = nd.ks[-1] // 2
-    xp = (circular_pad(x, r_max) if nd.mode == "circular" else F.pad(x, (r_max,) * 4)).contiguous()
+    xp = (F.pad(x, (r_max,) * 4) if nd.mode == "interior" else circular_pad(x, r_max)).contiguous()
     all_off = _onion_flat_offsets(nd.ks[-1], C, *xp.shape[-2:])
     rows = torch.arange(B * H * W)                                                         # (b, y, x) order
     if nd.mode == "interior":

@@ -78,9 +78,8 @@ class Work:
 
     @property
     def nests(self) -> bool:
-        """Whether a sweep runs as one nested pass (periodic ELS, bbELS); other machines run
-        one size at a time."""
-        return self.kind == "bbELS" or (self.kind == "ELS" and self.dictionary == "periodic")
+        """Whether a sweep runs as one nested pass (ELS, bbELS); LS runs one size at a time."""
+        return self.kind in ("ELS", "bbELS")
 
     def __call__(self, ks: Sequence[int]) -> float:
         C, H, W = self.shape

@@ -79,8 +79,8 @@ def test_conditional_sweep_equals_single_k_on_each_class():
         assert rel_err(got[k], m.score(x, 0.3, k=k, label=lab)) < 1e-10
 
 
-@pytest.mark.parametrize("kind,dic,ks", [("LS", "periodic", (3, 5)), ("ELS", "valid", (3, 5)),
-                                         ("IS", "periodic", (3, 5)), ("bbELS", "periodic", (3, 7, 9))])
+@pytest.mark.parametrize("kind,dic,ks", [("LS", "periodic", (3, 5)), ("IS", "periodic", (3, 5)),
+                                         ("bbELS", "periodic", (3, 7, 9))])
 def test_other_machines_sweep_one_k_at_a_time(kind, dic, ks):
     # bbELS nests only the sizes with an interior (k <= 5 here): one of them is not a sweep
     imgs, x = data(1, 5, 6)
@@ -252,6 +252,56 @@ def test_interior_tree_with_shallow_leaves_matches_single_k(tile_nodes, row_bloc
         assert torch.isnan(got[k][:, :, outside]).all()               # edge pixels: not the tree's
 
 
+# -- ELS with the 'valid' dictionary: the interior tree's keys, every pixel a query --------
+@pytest.mark.parametrize("shape,ks", [((1, 6, 7), (3, 5)), ((3, 5, 6), (1, 3, 5)), ((1, 7, 9), (3, 5, 7))])
+def test_valid_els_sweep_matches_brute_force(shape, ks):
+    imgs, x = data(*shape)
+    t = torch.tensor([0.05, 0.4, 0.9], dtype=torch.float64)
+    m = build_machine("ELS", imgs, dictionary="valid")
+    assert m._nests(ks)
+    got = m.score_sweep(x, t, ks)
+    assert sorted(got) == sorted(ks)
+    for k in ks:
+        want = brute_score("ELS", imgs, x, ab(t), k=k, dictionary="valid")
+        assert rel_err(got[k], want) < 1e-10, k
+
+
+@pytest.mark.parametrize("tile_nodes,row_block", [(1, 7), (4, 1000), (33, 13)])
+def test_valid_tree_with_shallow_leaves_answers_every_pixel(tile_nodes, row_block):
+    imgs = sparse_digits(12, 9, 11)
+    g = torch.Generator().manual_seed(2)
+    t = torch.tensor([0.03, 0.3, 0.9], dtype=torch.float64)
+    a, b = SCHED.alpha_sigma(t, dtype=torch.float64)
+    x = a[:, None, None, None] * imgs[[3, 0, 7]] + b[:, None, None, None] * torch.randn(3, 1, 9, 11, generator=g,
+                                                                                       dtype=torch.float64)
+    ks = (3, 5, 7, 9)
+    nd = build_nested_dictionary(imgs, ks, mode="valid", tile_nodes=tile_nodes)
+    assert [lv.n_nodes for lv in nd.levels] == [
+        lv.n_nodes for lv in build_nested_dictionary(imgs, ks, mode="interior", tile_nodes=tile_nodes).levels]
+    got = nested_softmax_average(nd, x, a, b, row_block=row_block)
+    m = build_machine("ELS", imgs, dictionary="valid")
+    for k in ks:
+        assert not torch.isnan(got[k]).any(), k
+        assert rel_err(got[k], m.denoised(x, t, k=k)) < 1e-10, k
+
+
+def test_valid_els_conditional_float32_sweep_and_budget():
+    imgs, x = data(1, 6, 7, N=6)
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    m = build_machine("ELS", imgs, labels, dictionary="valid")
+    lab = torch.tensor([1, 0, 1])
+    got = m.score_sweep(x, 0.3, (3, 5), label=lab)
+    for k in (3, 5):
+        assert rel_err(got[k], m.score(x, 0.3, k=k, label=lab)) < 1e-10
+    m32 = build_machine("ELS", imgs.float(), dictionary="valid")
+    got32 = m32.score_sweep(x.float(), 0.3, (3, 5))
+    for k in (3, 5):
+        assert rel_err(got32[k].double(), m.score(x, 0.3, k=k)) < 1e-5
+    need = nested_mod.interior_tree_bytes(6, 1, 6, 7, (3, 5), 8, coded=nested_mod.palette_of(imgs) is not None)
+    assert build_machine("ELS", imgs, dictionary="valid", memory_budget=need * 4 // 3 + 4)._nests((3, 5))
+    assert not build_machine("ELS", imgs, dictionary="valid", memory_budget=need * 4 // 3 - 4)._nests((3, 5))
+
+
 def test_interior_tree_counts_every_interior_key_once_per_level():
     imgs = sparse_digits(6, 8, 9)
     ks = (3, 5, 7)
@@ -314,13 +364,13 @@ def _low_noise_case(seed=5):
     return imgs, x, t
 
 
-@pytest.mark.parametrize("kind", ["ELS", "bbELS"])
-def test_float64_refinement_makes_float32_exact_at_low_noise(kind, monkeypatch):
+@pytest.mark.parametrize("kind,dic", [("ELS", "periodic"), ("bbELS", "periodic"), ("ELS", "valid")])
+def test_float64_refinement_makes_float32_exact_at_low_noise(kind, dic, monkeypatch):
     from els_audit.machines import _engine
     imgs, x, t = _low_noise_case()
     ks = (3, 5, 7)
-    want = {k: build_machine(kind, imgs).score(x, t, k=k) for k in ks}
-    m32 = build_machine(kind, imgs.float())
+    want = {k: build_machine(kind, imgs, dictionary=dic).score(x, t, k=k) for k in ks}
+    m32 = build_machine(kind, imgs.float(), dictionary=dic)
     refined = {k: m32.score(x.float(), t, k=k) for k in ks}
     swept = m32.score_sweep(x.float(), t, ks)
     monkeypatch.setattr(_engine, "REFINE_MIN_COEF", float("inf"))                 # refinement off
@@ -361,7 +411,7 @@ def test_bbels_nests_only_when_the_whole_tree_fits_the_budget(N):
 
 
 # -- kept rows as palette codes (NestedLevel: images with <= 256 distinct values) ----------
-@pytest.mark.parametrize("mode", ["circular", "interior"])
+@pytest.mark.parametrize("mode", ["circular", "interior", "valid"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_byte_coded_rows_decode_to_the_same_bits(mode, dtype, monkeypatch):
     g = torch.Generator().manual_seed(3)

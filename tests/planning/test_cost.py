@@ -79,10 +79,13 @@ def test_a_sweep_adds_each_ring_over_its_own_pairs():
     f = {k: pair_fraction("bbELS", 16, 16, k) for k in (3, 5, 9)}
     want = f[3] * (3 * 9 + 24) + f[5] * (3 * (25 - 9) + 24) + f[9] * (3 * (81 - 25) + 24)
     assert w([9, 3, 5]) == pytest.approx(want) and w([5]) == pytest.approx(f[5] * (75 + 24))
-    # machines that do not nest pay each size's whole product
+    # the valid ELS dictionary nests over its own pairs; LS does not nest and pays each
+    # size's whole product
     valid = Work("ELS", (3, 16, 16), "valid")
-    assert valid([3, 5]) == pytest.approx(sum(pair_fraction("ELS", 16, 16, k, "valid") * (3 * k * k + 24)
-                                              for k in (3, 5)))
+    fv = {k: pair_fraction("ELS", 16, 16, k, "valid") for k in (3, 5)}
+    assert valid([3, 5]) == pytest.approx(fv[3] * (27 + 24) + fv[5] * (3 * (25 - 9) + 24))
+    ls = Work("LS", (3, 16, 16))
+    assert ls([3, 5]) == pytest.approx(sum(pair_fraction("LS", 16, 16, k) * (3 * k * k + 24) for k in (3, 5)))
 
 
 def test_given_scales_cost_no_calibration_and_a_class_meets_its_share():
