@@ -2,7 +2,8 @@
 
     git clone https://github.com/Kambm/convolutional_diffusion /tmp/authors   # not shipped here
     python bench/bench_authors.py --authors-code /tmp/authors
-    python bench/bench_authors.py --authors-code /tmp/authors --n 300 --ts 0.5   # a minute
+    python bench/bench_authors.py --authors-code /tmp/authors --n 320 --ts 0.5   # a few minutes
+    python bench/bench_authors.py --table bench/results/authors_*.json
 
 The authors' code (Kamb & Ganguli, github.com/Kambm/convolutional_diffusion, MIT) is read
 from a checkout the developer names: this repository carries none of it.  Their module
@@ -69,7 +70,7 @@ def load_authors(root: Path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--authors-code", type=Path, required=True, help="checkout of Kambm/convolutional_diffusion")
+    ap.add_argument("--authors-code", type=Path, help="checkout of Kambm/convolutional_diffusion")
     ap.add_argument("--n", type=int, default=1920, help="MNIST images (a multiple of 64, see below)")
     ap.add_argument("--ks", default="3,5,7,9,11,13,15")
     ap.add_argument("--ts", default="0.1,0.5,0.9")
@@ -77,8 +78,15 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--table", type=Path, nargs="+", default=None, help="print the tables of saved runs and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        for f in args.table:
+            print(table(json.loads(f.read_text())) + "\n")
+        return
     torch.set_num_threads(args.threads)
+    if args.authors_code is None:
+        raise SystemExit("--authors-code is required: a checkout of github.com/Kambm/convolutional_diffusion")
     theirs_mod = load_authors(args.authors_code)
     if args.n % 64:
         raise SystemExit("--n must be a multiple of 64: their code averages its softmax terms per batch of 64 "
@@ -137,13 +145,23 @@ def main(argv=None):
            "when": time.strftime("%Y-%m-%d %H:%M")}
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
-    print("\n| pair | t | " + " | ".join(f"k={k}" for k in ks) + " | sweep |")
-    print("|---|---|" + "---|" * (len(ks) + 1))
-    for r in rows:
-        cells = [f"{r['single'][k]['speedup']:.1f}x ({r['single'][k]['ours_s']:.1f}s)" for k in ks]
+    print(table(out))
+
+
+def table(out: dict) -> str:
+    """The Markdown table of a run (also: ``python bench/bench_authors.py --table FILE.json``)."""
+    ks = out["ks"]
+    lines = ["| pair | t | " + " | ".join(f"k={k}" for k in ks) + " | sweep | ours one k at a time |",
+             "|---|---|" + "---|" * (len(ks) + 2)]
+    for r in out["rows"]:
+        single = {int(k): v for k, v in r["single"].items()}
+        cells = [f"{single[k]['speedup']:.1f}x ({single[k]['ours_s']:.2f}s)" for k in ks]
         sw = r["sweep"]
-        print(f"| {r['pair']} | {r['t']} | " + " | ".join(cells)
-              + f" | {sw['speedup']:.1f}x ({sw['ours_s']:.1f}s vs {sw['theirs_s']:.1f}s) |")
+        one_at_a_time = sum(single[k]["ours_s"] for k in ks)
+        lines.append(f"| {r['pair']} | {r['t']} | " + " | ".join(cells)
+                     + f" | {sw['speedup']:.1f}x ({sw['ours_s']:.2f}s vs {sw['theirs_s']:.1f}s)"
+                     + f" | {sw['theirs_s'] / one_at_a_time:.1f}x ({one_at_a_time:.2f}s) |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
