@@ -120,6 +120,9 @@ class _Command(click.Command):
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="Report folder (default: reports/<model name>).")
 @click.option("--json", "json_out", metavar="PATH|-", default=None, help="Also write summary JSON here ('-' = stdout).")
+@click.option("--model-card", "model_card", metavar="PATH", type=click.Path(path_type=Path), default=None,
+              help="Also write a Hugging Face model card here: model-index metadata with the audit's numbers and "
+                   "a section in words (a file els-audit did not write is never replaced).")
 @click.option("--fail-on", "fail_on", multiple=True, metavar="RULE",
               help="Exit 1 when RULE holds, e.g. 'memorized_fraction>0.05' or 'median_r<0.8' (repeatable).")
 @click.option("--rules", "rules_file", type=click.Path(path_type=Path), default=None,
@@ -160,7 +163,7 @@ def main(ctx: click.Context, **opts) -> int:
                 raise AuditError("--json - asks for the summary on stdout, but stdout is closed; give a file path")
             # every output is checked before any work, and written all together at the end
             out = opts["out"] if opts["out"] is not None else Path("reports") / model_name(opts["model"])
-            plan = plan_outputs(out, opts["json_out"], html=not opts["no_report"])
+            plan = plan_outputs(out, opts["json_out"], html=not opts["no_report"], card=opts["model_card"])
             result = run_audit(cfg, progress=progress)
             folder = write_outputs(result, plan)
             written = True

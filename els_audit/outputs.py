@@ -1,7 +1,8 @@
 """What an audit writes, checked before any work and committed all together or not at all.
 
 The outputs are the report folder (``index.html``, ``summary.json``, ``arrays.npz`` and
-the marker :data:`MARKER`) and, with ``--json PATH``, a copy of ``summary.json``.
+the marker :data:`MARKER`), with ``--json PATH`` a copy of ``summary.json``, and with
+``--model-card PATH`` a Hugging Face model card (:mod:`els_audit.model_card`).
 
 - :func:`plan_outputs` checks every output path before the audit runs, so that minutes of
   work are never lost to an output that cannot be written: a file where a folder is
@@ -10,7 +11,8 @@ the marker :data:`MARKER`) and, with ``--json PATH``, a copy of ``summary.json``
 - Nothing the tool did not write is replaced.  A report folder holds :data:`MARKER`; an
   existing folder is replaced only when it holds that marker and nothing but a report's
   files (an empty folder is used as it is).  An existing ``--json`` file is replaced only
-  when it is an els-audit summary.
+  when it is an els-audit summary, an existing ``--model-card`` file only when it holds the
+  card marker.
 - :func:`write_outputs` stages every output beside its final place and renames them all
   into place together (:class:`els_audit.atomic.Staging`); on any error, or a signal,
   nothing is left behind and what was there before is kept.
@@ -34,7 +36,7 @@ from .audit import AuditError, AuditResult
 from .serialize import dumps
 
 __all__ = ["REPORT_FILES", "MARKER", "OutputPlan", "plan_outputs", "check_output_dir", "check_json_path",
-           "write_outputs", "summary_schema"]
+           "check_card_path", "write_outputs", "summary_schema"]
 
 #: the files a report folder holds
 REPORT_FILES = ("index.html", "summary.json", "arrays.npz")
@@ -173,28 +175,70 @@ def check_json_path(json_out: Optional[str], out: Optional[Path] = None) -> Opti
     return path
 
 
+def _is_card(path: Path) -> bool:
+    """Whether ``path`` is a model card this tool wrote (its marker within the first 64 kB)."""
+    from .model_card import CARD_MARKER
+
+    try:
+        if not _plain_file(path):
+            return False
+        with open(path, "rb") as f:
+            return CARD_MARKER.encode() in f.read(64 << 10)
+    except OSError:
+        return False
+
+
+def check_card_path(card: Optional[PathLike], out: Optional[Path] = None, json_path: Optional[Path] = None) -> Optional[Path]:
+    """The ``--model-card`` file, refused unless it may be written (as :func:`check_json_path`:
+    an existing file is replaced only when this tool wrote it)."""
+    if card is None:
+        return None
+    if not str(card).strip():
+        raise AuditError("--model-card is empty; give a file path, e.g. README.md")
+    path = Path(os.path.abspath(Path(card).expanduser()))
+    if path.is_symlink():
+        raise AuditError(f"--model-card {card} is a symbolic link; give the real path (a link is not replaced)")
+    if path.is_dir():
+        raise AuditError(f"--model-card {card} is a folder; give a file path, e.g. {Path(card) / 'README.md'}")
+    if path.exists() and not _is_card(path):
+        raise AuditError(f"--model-card {card} exists and was not written by els-audit; choose another path "
+                         f"(nothing the tool did not write is overwritten; merge the cards with huggingface_hub)")
+    if out is not None and (path == out or out in path.parents):
+        raise AuditError(f"--model-card {card} lies inside the report folder, which is replaced as a whole; "
+                         f"choose a path outside it")
+    if json_path is not None and path == json_path:
+        raise AuditError(f"--model-card {card} is also the --json file; give two paths")
+    _writable_folder(path, "--model-card", str(card))
+    return path
+
+
 @dataclass(frozen=True)
 class OutputPlan:
     """Where an audit's outputs go, checked (:func:`plan_outputs`).
 
     ``folder``: the report folder; ``json``: the ``--json`` file or None; ``stdout``: also
-    print the summary; ``html``: write ``index.html``.
+    print the summary; ``html``: write ``index.html``; ``card``: the ``--model-card`` file
+    or None.
     """
 
     folder: Path
     json: Optional[Path] = None
     stdout: bool = False
     html: bool = True
+    card: Optional[Path] = None
 
 
-def plan_outputs(out_dir: PathLike, json_out: Optional[str] = None, *, html: bool = True) -> OutputPlan:
+def plan_outputs(out_dir: PathLike, json_out: Optional[str] = None, *, html: bool = True,
+                 card: Optional[PathLike] = None) -> OutputPlan:
     """Check every output path before any work (see the module docstring).
 
     Raises:
         AuditError: the one-line reason an output cannot be written.
     """
     folder = check_output_dir(out_dir)
-    return OutputPlan(folder=folder, json=check_json_path(json_out, folder), stdout=json_out == "-", html=html)
+    json_path = check_json_path(json_out, folder)
+    return OutputPlan(folder=folder, json=json_path, stdout=json_out == "-", html=html,
+                      card=check_card_path(card, folder, json_path))
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,7 +256,8 @@ def write_outputs(result: AuditResult, out: Union[OutputPlan, PathLike], *, html
         the report folder.
     """
     plan = out if isinstance(out, OutputPlan) else plan_outputs(out, html=html)
-    plan = plan_outputs(plan.folder, None if plan.json is None else str(plan.json), html=plan.html)  # again: time passed
+    plan = plan_outputs(plan.folder, None if plan.json is None else str(plan.json), html=plan.html,
+                        card=plan.card)                                                  # again: time passed
     text = dumps(result.to_dict())
     with Staging() as st:
         tmp = st.folder(plan.folder)
@@ -226,4 +271,8 @@ def write_outputs(result: AuditResult, out: Union[OutputPlan, PathLike], *, html
                                   f"this folder as a whole\n")
         if plan.json is not None:
             st.file(plan.json, text)
+        if plan.card is not None:
+            from .model_card import model_card
+
+            st.file(plan.card, model_card(json.loads(text)))              # reads what summary.json holds
     return plan.folder
