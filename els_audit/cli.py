@@ -120,6 +120,11 @@ class _Command(click.Command):
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="Report folder (default: reports/<model name>).")
 @click.option("--json", "json_out", metavar="PATH|-", default=None, help="Also write summary JSON here ('-' = stdout).")
+@click.option("--mlflow", "mlflow_experiment", metavar="EXPERIMENT", default=None,
+              help="Also log the audit to MLflow (needs els-audit[mlflow]): a run in EXPERIMENT of the tracking "
+                   "store MLFLOW_TRACKING_URI names, with params, metrics, tags and the report as artifacts.")
+@click.option("--mlflow-model", metavar="NAME/VERSION", default=None,
+              help="With --mlflow: tag this registered model version with the verdict and pass/fail.")
 @click.option("--model-card", "model_card", metavar="PATH", type=click.Path(path_type=Path), default=None,
               help="Also write a Hugging Face model card here: model-index metadata with the audit's numbers and "
                    "a section in words (a file els-audit did not write is never replaced).")
@@ -164,9 +169,13 @@ def main(ctx: click.Context, **opts) -> int:
             # every output is checked before any work, and written all together at the end
             out = opts["out"] if opts["out"] is not None else Path("reports") / model_name(opts["model"])
             plan = plan_outputs(out, opts["json_out"], html=not opts["no_report"], card=opts["model_card"])
+            mlflow_log = _mlflow_logger(opts["mlflow_experiment"], opts["mlflow_model"])
             result = run_audit(cfg, progress=progress)
             folder = write_outputs(result, plan)
             written = True
+            if mlflow_log is not None:
+                run_id = mlflow_log(result, folder)
+                progress(f"mlflow: run {run_id} in experiment {opts['mlflow_experiment']}")
     except (KeyboardInterrupt, Terminated) as exc:
         what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"terminated by {exc}"
         # NB: a signal during the final renames is held until they are done (els_audit.atomic)
@@ -219,6 +228,35 @@ def _config(opts: dict):
     return AuditConfig(**passed, data_limit=opts["data_limit"], budget=parse_duration(opts["budget"]),
                        arch_kwargs=parse_arch_kwargs(opts["arch_kwargs"]), format=opts["format_"],
                        scales=parse_scales(opts["scales"]), fail_on=tuple(rules))
+
+
+def _mlflow_logger(experiment, model_version):
+    """A function that logs the result to MLflow, checked before any work (the extra is
+    installed, the flags fit together); None without --mlflow."""
+    if experiment is None:
+        if model_version is not None:
+            raise ValueError("--mlflow-model needs --mlflow EXPERIMENT (the run whose verdict tags the version)")
+        return None
+    registered = None
+    if model_version is not None:
+        name, sep, version = str(model_version).rpartition("/")
+        if not sep or not name or not version.isdigit():
+            raise ValueError(f"--mlflow-model {model_version!r} is not NAME/VERSION (e.g. my-unet/3)")
+        registered = (name, version)
+    try:
+        from .integrations.mlflow import check_model_version, log_audit
+    except ImportError as exc:
+        raise ValueError(f"--mlflow needs the MLflow extra ({exc}); pip install 'els-audit[mlflow]'") from None
+    if registered is not None:
+        check_model_version(*registered)
+
+    def log(result, folder):
+        try:
+            return log_audit(result, report_folder=folder, experiment=experiment, registered_model=registered)
+        except Exception as exc:  # noqa: BLE001 - MLflow's errors (store, network) are not ours
+            raise OSError(f"the report {folder} was written, but logging it to MLflow failed: "
+                          f"{type(exc).__name__}: {text(str(exc), 200)}") from exc
+    return log
 
 
 def _error(message: str, debug: bool = False) -> int:
