@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 
 from .console import ConsoleCapture, Terminated, signals_raise, silence_after_exit, text
+from .terminal import TerminalProgress
 from .models.settings import CALL_STYLES, PREDICTIONS, TIME_INPUTS
 
 __all__ = ["main", "EXIT_OK", "EXIT_CHECK_FAILED", "EXIT_CANNOT_RUN"]
@@ -156,9 +157,12 @@ def main(ctx: click.Context, **opts) -> int:
     quiet, debug = opts["quiet"], opts["debug"]
     console = ConsoleCapture(enabled=not debug)
 
-    def progress(line: str) -> None:
+    def lines(line: str) -> None:
         if not quiet:
             click.echo(f"els-audit {text(line)}", err=True, file=console.err)
+
+    # at a terminal, a bar per long stage (els_audit.terminal); in logs and pipes, lines
+    progress = lines if quiet or not _is_terminal(sys.stderr) else TerminalProgress(lambda: console.err)
 
     started, plan, written = time.time(), None, False
     try:
@@ -170,7 +174,11 @@ def main(ctx: click.Context, **opts) -> int:
             out = opts["out"] if opts["out"] is not None else Path("reports") / model_name(opts["model"])
             plan = plan_outputs(out, opts["json_out"], html=not opts["no_report"], card=opts["model_card"])
             mlflow_log = _mlflow_logger(opts["mlflow_experiment"], opts["mlflow_model"])
-            result = run_audit(cfg, progress=progress)
+            try:
+                result = run_audit(cfg, progress=progress)
+            finally:
+                if isinstance(progress, TerminalProgress):
+                    progress.close()                      # before any error line
             folder = write_outputs(result, plan)
             written = True
             if mlflow_log is not None:
@@ -257,6 +265,13 @@ def _mlflow_logger(experiment, model_version):
             raise OSError(f"the report {folder} was written, but logging it to MLflow failed: "
                           f"{type(exc).__name__}: {text(str(exc), 200)}") from exc
     return log
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty()) and os.environ.get("TERM") != "dumb"
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _error(message: str, debug: bool = False) -> int:

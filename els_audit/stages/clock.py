@@ -1,4 +1,11 @@
-"""The audit's clock: times each stage and reports progress lines."""
+"""The audit's clock: times each stage and reports progress lines.
+
+Progress goes to ``progress(line)``.  A progress object that also has a method
+``step(stage, done, total, planned_s)`` receives every step of the long stages (calibration,
+then the network, machine and IS samplers of the prediction) with the seconds the plan
+predicted for the stage (``None`` where nothing was planned), instead of the throttled
+``step i/n`` lines: the CLI draws progress bars from them at a terminal.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +16,16 @@ ProgressFn = Callable[[str], None]
 
 
 class Clock:
-    """Times the stages and reports progress lines (``[  12.3s] trace done``)."""
+    """Times the stages and reports progress lines (``[  12.3s] trace done``).
+
+    ``planned``: the plan's predicted seconds per stage (``calibrate``, ``predict``), set by
+    the plan stage and passed with each step to a progress object that draws bars.
+    """
 
     def __init__(self, progress: Optional[ProgressFn]):
         self.progress = progress
         self.timings: dict[str, float] = {}
+        self.planned: dict[str, float] = {}
         self.t0 = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -35,9 +47,15 @@ class Clock:
             self.say(f"{name} done in {self.timings[name]:.1f}s")
         return out
 
-    def steps(self, every: float = 2.0):
-        """A ``progress(stage, done, total)`` for the library stages, at most every ``every`` s."""
+    def steps(self, planned: Optional[str] = None, every: float = 2.0):
+        """A ``progress(stage, done, total)`` for the library stages: each step to a progress
+        object with ``step`` (with the plan's seconds for the stage named ``planned``), else a
+        line at most every ``every`` s."""
         last = {"t": 0.0}
+        step = getattr(self.progress, "step", None)
+        if step is not None:
+            seconds = self.planned.get(planned) if planned else None
+            return lambda stage, done, total: step(stage, done, total, seconds)
 
         def f(stage: str, done: int, total: int) -> None:
             now = time.perf_counter()

@@ -134,7 +134,7 @@ def fit_machine(cfg, clock: Clock, inp: Inputs, probes: Probes) -> FittedMachine
     def calibrate(criterion: str, name: str) -> CalibrationResult:
         return clock.stage(name, calibrate_scales, inp.eps_fn, machine, seeds=calibration_seeds(cfg),
                            steps=cfg.steps, schedule=sched, candidates=cands, criterion=criterion,
-                           label=inp.cal_labels, progress=clock.steps(), slow=True)
+                           label=inp.cal_labels, progress=clock.steps("calibrate"), slow=True)
 
     calibration = calibrate(cfg.criterion, "calibrate")
     other = None

@@ -24,7 +24,7 @@ def run_prediction(cfg, clock: Clock, inp: Inputs, fitted: FittedMachine) -> Pre
     seeds = list(range(cfg.seed_offset, cfg.seed_offset + cfg.seeds))
     return clock.stage("predict", predict_samples, inp.eps_fn, fitted.machine, fitted.scales, seeds=seeds,
                        steps=cfg.steps, is_machine=fitted.is_machine, schedule=inp.den.schedule,
-                       label=inp.eval_labels, progress=clock.steps(), slow=True)
+                       label=inp.eval_labels, progress=clock.steps("predict"), slow=True)
 
 
 @dataclass(frozen=True, eq=False)

@@ -60,6 +60,8 @@ def plan_audit(cfg, clock: Clock, inp: Inputs, probes: Probes) -> tuple[Plan, An
                      seed_cap=10_000 - cfg.seed_offset)
     if tp is not None:
         clock.timings["plan"] = tp.seconds
+    if plan.predicted is not None:
+        clock.planned.update(calibrate=plan.predicted.calibrate, predict=plan.predicted.predict)
     for line in plan.lines():
         clock.say(line)
     s = plan.settings
