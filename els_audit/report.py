@@ -7,8 +7,9 @@ the file opens offline and makes no network request.  Every string that comes fr
 user or the model (file names, module paths, data specs, messages) goes through
 :func:`html.escape`.
 
-Sections, in order: verdict and checks; architecture (graph drawing, receptive field,
-breakers); effective receptive field; equivariance; scales; seed gallery; r(machine) vs
+Sections, in order: at a glance (the reviewer's four questions, :mod:`.report_glance`);
+verdict and checks; architecture (graph drawing, receptive field, breakers grouped by kind
+and cause); effective receptive field; equivariance; scales; seed gallery; r(machine) vs
 r(IS); novelty; published comparison; settings, versions and hashes.
 """
 
@@ -22,6 +23,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from .report_glance import breaker_groups, breaker_table, glance
+
 __all__ = ["render_html", "figure_to_data_uri"]
 
 _CSS = """
@@ -32,7 +35,12 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding
 vertical-align:middle}th{background:#f3f3f3;text-align:left}
 .pass{background:#e5f6e5}.warn{background:#fff4d6}.fail{background:#fbdcdc}
 .big{font-size:1.15em}.muted{color:#666;font-size:.9em}code{background:#f4f4f4;padding:0 3px}
-img{max-width:100%}.gallery img{display:block}
+img{max-width:100%;height:auto}.gallery img{display:block}
+.scroll{overflow-x:auto;max-width:100%}p,li{overflow-wrap:break-word}p code,td code,.nodes{overflow-wrap:anywhere}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(230px,1fr));gap:.7em;margin:.8em 0}
+.card{border:1px solid #ddd;border-radius:6px;padding:.6em .8em}.card .q{font-weight:600;font-size:.95em}
+.card .n{font-size:1.5em;margin:.15em 0;overflow-wrap:anywhere}.card .n code{font-size:.6em}.card .w{color:#555;font-size:.85em}
+details summary{cursor:pointer;color:#345}.nodes{font-size:.85em;color:#444}
 """
 
 
@@ -71,11 +79,12 @@ def _img(fig, alt: str) -> str:
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], classes: Optional[Sequence[str]] = None) -> str:
-    out = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>"]
+    """A table in a box that scrolls sideways on a narrow screen (the page itself never does)."""
+    out = ["<div class=scroll><table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>"]
     for i, row in enumerate(rows):
         cls = f' class="{_e(classes[i])}"' if classes else ""
         out.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
-    out.append("</table>")
+    out.append("</table></div>")
     return "".join(out)
 
 
@@ -255,11 +264,10 @@ def _architecture(r, s: dict) -> str:
                f"{_e(st.get('band_width'))} px; period {_e(st.get('period'))}; partial: {_fmt(st.get('partial'))}</p>")
     br = st.get("breakers") or []
     if br:
-        out.append(_table(["kind", "node", "module", "cause", "amount", "breaks"],
-                          [(_e(b["kind"]), _e(b["node"]), _e(b["module_path"]), _e(b["cause"]),
-                            _e(json.dumps(b["amount"])), _e(_fmt(b["breaks_equivariance"]))) for b in br[:60]]))
-        if len(br) > 60:
-            out.append(f"<p class=muted>{len(br) - 60} more in summary.json</p>")
+        out.append(breaker_table(br, _table))
+        out.append(f"<p class=muted>{len(br)} breaking operation(s) in {len(breaker_groups(br))} group(s) of the "
+                   f"same kind and cause; each one, with its measured amount, is in summary.json "
+                   f"(<code>structure.breakers</code>).</p>")
     else:
         out.append("<p>No breaker: the network is equivariant to circular shifts.</p>")
     if st.get("unsupported_ops"):
@@ -379,14 +387,16 @@ def _scales_section(r, s: dict) -> str:
     if cal is not None:
         v = np.asarray(cal.values, dtype=np.float64)                                 # (T, n_cand)
         fig, ax = plt.subplots(figsize=(6, 3), dpi=80)
-        shown = np.ma.masked_invalid(v.T)
-        im = ax.imshow(shown, aspect="auto", origin="lower", cmap="viridis_r" if cal.criterion == "x0" else "viridis",
+        # NB: per step (column), 0 = that step's best candidate, 1 = its worst: the criterion's
+        # scale changes by orders of magnitude across steps, so one colour scale shows one column
+        shown = np.ma.masked_invalid(_per_step_scaled(v, lower_is_better=cal.criterion == "x0").T)
+        im = ax.imshow(shown, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
                        extent=(0.5 / steps, (steps + 0.5) / steps, -0.5, len(cal.candidates) - 0.5))
         ax.set_yticks(range(len(cal.candidates)))
         ax.set_yticklabels([str(k) for k in cal.candidates], fontsize=6)
         ax.set_xlabel("t")
         ax.set_ylabel("candidate k")
-        fig.colorbar(im, ax=ax, label=f"{cal.criterion} ({'lower' if cal.criterion == 'x0' else 'higher'} is better)")
+        fig.colorbar(im, ax=ax, label=f"{cal.criterion}, per step: 0 best, 1 worst")
         out.append(_img(fig, "calibration criterion per step and candidate"))
         out.append(f"<p class=muted>Calibration criterion: {_e(cal.criterion)} over {len(cal.seeds)} seed(s) "
                    f"({_e(list(cal.seeds))})"
@@ -395,6 +405,16 @@ def _scales_section(r, s: dict) -> str:
                       "(<code>--compare-criteria</code> adds the other; <code>--criterion cosine</code> is the "
                       "paper's).") + "</p>")
     return "".join(out)
+
+
+def _per_step_scaled(v: np.ndarray, lower_is_better: bool) -> np.ndarray:
+    """(T, n) criterion values -> per row 0 (best candidate) .. 1 (worst); NaN stays NaN, a
+    row with one value or all equal is 0."""
+    v = v if lower_is_better else -v
+    with np.errstate(all="ignore"):
+        lo, hi = np.nanmin(v, axis=1, keepdims=True), np.nanmax(v, axis=1, keepdims=True)
+        span = np.where(hi > lo, hi - lo, 1.0)
+        return (v - lo) / span
 
 
 def _mosaic_rgb(src: np.ndarray, seams: Optional[np.ndarray]) -> np.ndarray:
@@ -543,6 +563,7 @@ def render_html(result) -> str:
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1><p class=muted>model <code>{_e(s['config']['model'])}</code>, data "
         f"<code>{_e(s['data'].get('spec'))}</code></p>",
+        "<h2 id=glance>At a glance</h2>", glance(result, s, _img, _gray, _plt),
         "<h2 id=verdict>Verdict and checks</h2>", _verdict(result, s),
         "<h2 id=architecture>Architecture</h2>", _architecture(result, s),
         "<h2 id=erf>Effective receptive field per step</h2>", _erf_section(result),

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from html.parser import HTMLParser
 
+import numpy as np
 import pytest
 
 from els_audit.audit import AuditConfig, run_audit
@@ -65,7 +66,8 @@ def test_self_contained(page):
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert not [v for _, a in tags for k, v in a if k in ("href", "action", "srcset", "poster", "data")]
     assert {t for t, _ in tags} <= {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "p", "b",
-                                    "code", "span", "br", "table", "tr", "th", "td", "img", "div", "ul", "li"}
+                                    "code", "span", "br", "table", "tr", "th", "td", "img", "div", "ul", "li",
+                                    "details", "summary"}
     assert not re.search(r"https?://", page.replace("https://json-schema.org", ""))
     assert "url(" not in page and "@import" not in page and "<link" not in page.lower()
     assert "default-src 'none'" in page          # a CSP that forbids any fetch
@@ -76,7 +78,7 @@ def test_self_contained(page):
 
 
 def test_sections_and_numbers(hostile_run, page):
-    for sec in ("verdict", "architecture", "erf", "equivariance", "scales", "gallery", "scatter", "novelty",
+    for sec in ("glance", "verdict", "architecture", "erf", "equivariance", "scales", "gallery", "scatter", "novelty",
                 "published", "settings"):
         assert f"<h2 id={sec}>" in page, sec
     p = hostile_run.prediction
@@ -115,3 +117,89 @@ def test_opens_in_headless_chromium(hostile_run, tmp_path):
     assert int(m.group(1)) == int(m.group(2)) > 0
     console = [ln for ln in res.stderr.splitlines() if "CONSOLE" in ln or "Refused to" in ln]
     assert not console, console
+
+
+def test_the_first_screen_answers_the_four_questions(hostile_run, page):
+    first = page[page.index("<h2 id=glance>"):page.index("<h2 id=verdict>")]
+    for q in ("How local is it?", "What breaks equivariance?", "How much does locality explain?",
+              "Does it copy its training data?"):
+        assert q in first
+    p = hostile_run.prediction
+    assert f"r = {p.median_r:.2f}" in first and f"{p.is_median_r:.2f}" in first
+    assert f"patch {int(np.median(hostile_run.scales))} px" in first
+    assert html.escape(hostile_run.to_dict()["structure"]["verdict_line"]) in first
+    assert first.count("<img ") == 1                                   # one figure
+
+
+def test_breakers_are_grouped_with_counts_and_amounts_in_words():
+    from els_audit.report_glance import amount_in_words, breaker_groups
+
+    conv = "zeros padding of conv k3"
+    br = [{"kind": "boundary", "cause": conv, "node": f"c{i}", "module_path": f"net.c{i}",
+           "amount": {"band_width": w, "spreads_globally": w > 4}} for i, w in enumerate((1, 3, 5, 16))]
+    br += [{"kind": "global-op", "cause": "GroupNorm(8) statistics over H,W", "node": "n", "module_path": "net.n",
+            "amount": {"scope": "whole image", "axes": ["H", "W"]}}]
+    br += [{"kind": "stride", "cause": "downsampling", "node": "d", "module_path": "net.d", "amount": {"period": 2}}]
+    g = breaker_groups(br)
+    assert [(x["kind"], x["count"]) for x in g] == [("boundary", 4), ("global-op", 1), ("stride", 1)]
+    assert g[0]["nodes"] == ["net.c0", "net.c1", "net.c2", "net.c3"]
+    assert g[0]["amount"] == "pixels within 1 to 16 px of the border; through a later global op every pixel (2 of 4)"
+    assert g[1]["amount"] == "whole image (over H, W)"
+    assert g[2]["amount"] == "equivariant only to shifts by multiples of 2 px"
+    assert amount_in_words([None, "x"]) == "no measured amount"
+
+
+def test_the_calibration_heat_map_is_scaled_per_step():
+    from els_audit.report import _per_step_scaled
+
+    v = np.array([[1e-4, 2e-4, 3e-4], [10.0, 5.0, np.nan], [7.0, 7.0, 7.0]])
+    got = _per_step_scaled(v, lower_is_better=True)
+    assert np.allclose(got[0], [0, 0.5, 1]) and np.allclose(got[1][:2], [1, 0]) and np.isnan(got[1][2])
+    assert np.allclose(got[2], 0)
+    assert np.allclose(_per_step_scaled(v, lower_is_better=False)[0], [1, 0.5, 0])
+
+
+def _layout_in_chromium(report, width, workdir, screenshot):
+    """(scrollWidth, clientWidth, console lines) of the report shown ``width`` px wide.
+
+    Headless Chromium's window is at least 500 px wide, so the page is shown in an iframe of
+    exactly ``width`` px; a probe script (the CSP widened for it, in a copy) posts the
+    page's widths to the frame, which writes them into its title for --dump-dom."""
+    page = report.read_text()
+    probe = ("<script>window.addEventListener('load',()=>{const d=document.documentElement;"
+             "parent.postMessage('WIDTHS '+d.scrollWidth+' '+d.clientWidth,'*');});</script>")
+    page = page.replace("default-src 'none';", "default-src 'none'; script-src 'unsafe-inline';", 1)
+    (workdir / "page.html").write_text(page.replace("</body>", probe + "</body>"))
+    frame = workdir / "frame.html"
+    frame.write_text(f"<!DOCTYPE html><html><body style='margin:0'><iframe src='page.html' "
+                     f"style='width:{width}px;height:2400px;border:0'></iframe><script>addEventListener('message',"
+                     f"e=>{{document.title=e.data}})</script></body></html>")
+    args = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr",
+            "--v=0", "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--virtual-time-budget=8000", f"--window-size={max(width, 500)},2400"]
+    res = subprocess.run(args + ["--dump-dom", frame.as_uri()], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = re.search(r"<title>WIDTHS (\d+) (\d+)</title>", res.stdout)
+    assert m, res.stdout[:500]
+    shot = subprocess.run(args + [f"--screenshot={screenshot}", frame.as_uri()], capture_output=True, timeout=120)
+    assert shot.returncode == 0 and screenshot.stat().st_size > 10_000
+    console = [ln for ln in res.stderr.splitlines() if "CONSOLE" in ln or "Refused to" in ln]
+    return int(m.group(1)), int(m.group(2)), console
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium (Debian's chromium) not installed")
+@pytest.mark.parametrize("width", [1280, 390])
+def test_no_sideways_scrolling_at_1280_and_390_px(hostile_run, tmp_path, width):
+    out = write_outputs(hostile_run, tmp_path / "rep")
+    scroll, client, console = _layout_in_chromium(out / "index.html", width, tmp_path, tmp_path / f"{width}.png")
+    assert client == width and scroll <= client, (scroll, client)
+    assert not console, console
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium (Debian's chromium) not installed")
+def test_the_width_probe_sees_an_overflowing_page(hostile_run, tmp_path):
+    out = write_outputs(hostile_run, tmp_path / "rep")
+    wide = tmp_path / "wide.html"
+    wide.write_text((out / "index.html").read_text().replace("</body>", "<div style='width:900px'>x</div></body>"))
+    scroll, client, _ = _layout_in_chromium(wide, 390, tmp_path, tmp_path / "wide.png")
+    assert client == 390 and scroll > 800
