@@ -24,6 +24,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from .report_glance import breaker_groups, breaker_table, glance
+from .report_graph import graph_figure
 
 __all__ = ["render_html", "figure_to_data_uri"]
 
@@ -180,61 +181,6 @@ def _fidelity_line(s: dict) -> str:
     return "".join(out)
 
 
-def _graph_figure(graph) -> Optional[str]:
-    """A layered drawing of the image path of the traced graph."""
-    if graph is None:
-        return None
-    import networkx as nx
-
-    plt = _plt()
-    nodes = [n for n, d in graph.nodes(data=True) if d.get("on_path")]
-    if not nodes or len(nodes) > 400:
-        return None
-    sub = graph.subgraph(nodes)
-    try:
-        gens = list(nx.topological_generations(sub))
-    except nx.NetworkXUnfeasible:
-        return None
-    pos = {}
-    for depth, layer in enumerate(gens):
-        for i, n in enumerate(sorted(layer)):
-            pos[n] = (i - (len(layer) - 1) / 2, -depth)
-    colour = []
-    for n in sub.nodes:
-        d = sub.nodes[n]
-        if d.get("breakers"):
-            colour.append("#e06666")
-        elif d.get("kind") in ("conv", "conv_transpose"):
-            colour.append("#6fa8dc")
-        elif d.get("global"):
-            colour.append("#f6b26b")
-        else:
-            colour.append("#cccccc")
-    width = max(3.0, min(12.0, 1.2 * max(len(g) for g in gens)))
-    fig, ax = plt.subplots(figsize=(width, min(16.0, max(3.0, 0.28 * len(gens)))), dpi=80)
-    nx.draw_networkx_edges(sub, pos, ax=ax, arrows=False, width=0.6, edge_color="#999")
-    nx.draw_networkx_nodes(sub, pos, ax=ax, node_color=colour, node_size=60)
-    labels = {}
-    for n in sub.nodes:
-        d = sub.nodes[n]
-        lab = str(d.get("kind") or "")
-        if d.get("kernel"):
-            lab += f" k{d['kernel'][0] if isinstance(d['kernel'], (list, tuple)) else d['kernel']}"
-        strides = d["stride"] if isinstance(d.get("stride"), (list, tuple)) else [d.get("stride") or 1]
-        if any(int(v) != 1 for v in strides):
-            lab += f" s{d['stride'][0] if isinstance(d['stride'], (list, tuple)) else d['stride']}"
-        if d.get("padding_mode") and d.get("kind") in ("conv", "conv_transpose"):
-            lab += f" {d['padding_mode']}"
-        labels[n] = lab[:24]
-    nx.draw_networkx_labels(sub, {k: (x + 0.12, y) for k, (x, y) in pos.items()}, labels, ax=ax, font_size=6,
-                            horizontalalignment="left")
-    xs = [x for x, _ in pos.values()]
-    ax.set_xlim(min(xs) - 0.5, max(xs) + 3.0)
-    ax.set_axis_off()
-    ax.set_title("image path (top: input). blue conv, red breaks equivariance, orange after a global op", fontsize=8)
-    return _img(fig, "graph of the network's image path")
-
-
 def _architecture(r, s: dict) -> str:
     st = s["structure"]
     out = []
@@ -247,7 +193,7 @@ def _architecture(r, s: dict) -> str:
         out.append(f"<p class=warn>The network could not be traced: {_e(st['error'])}. The audit continues "
                    f"without the structural analysis (LS machine unless --machine says otherwise).</p>")
         return "".join(out)
-    g = _graph_figure(r.graph)
+    g = graph_figure(r.graph, _img, _plt)
     if g:
         out.append(g)
     rf = st.get("theoretical_rf") or {}

@@ -203,3 +203,22 @@ def test_the_width_probe_sees_an_overflowing_page(hostile_run, tmp_path):
     wide.write_text((out / "index.html").read_text().replace("</body>", "<div style='width:900px'>x</div></body>"))
     scroll, client, _ = _layout_in_chromium(wide, 390, tmp_path, tmp_path / "wide.png")
     assert client == 390 and scroll > 800
+
+
+def test_the_graph_drawing_collapses_chains_and_keeps_skips():
+    import networkx as nx
+
+    from els_audit.report_graph import collapse_chains, layered_positions
+
+    # in -> a1 -> a2 -> a3 -> split -> {b1 -> b2, c} -> cat -> out, and a skip in -> cat
+    g = nx.DiGraph([("in", "a1"), ("a1", "a2"), ("a2", "a3"), ("a3", "split"), ("split", "b1"), ("b1", "b2"),
+                    ("b2", "cat"), ("split", "c"), ("c", "cat"), ("cat", "out"), ("in", "cat")])
+    blocks, members = collapse_chains(g)
+    chains = sorted(members.values())
+    assert ["a1", "a2", "a3", "split"] in chains and ["b1", "b2"] in chains and ["cat", "out"] in chains
+    assert sorted(len(m) for m in chains) == [1, 1, 2, 2, 4] and sum(len(m) for m in chains) == g.number_of_nodes()
+    assert nx.is_directed_acyclic_graph(blocks) and blocks.number_of_nodes() == 5
+    pos = layered_positions(blocks)
+    assert pos["in"][0] == 0 and pos["a1"][0] == 1 and pos["b1"][0] == pos["c"][0] == 2 and pos["cat"][0] == 3
+    assert pos["b1"][1] != pos["c"][1]                                   # parallel blocks side by side
+    assert blocks.has_edge("in", "cat") and pos["cat"][0] - pos["in"][0] == 3   # the skip spans layers
