@@ -110,7 +110,7 @@ def graph_figure(graph, img: Callable, plt_fn: Callable, max_nodes: int = 2000) 
     n_layers = 1 + max(x for x, _ in pos.values())
     height = 1 + max(y for _, y in pos.values()) - min(y for _, y in pos.values())
     plt = plt_fn()
-    fig, ax = plt.subplots(figsize=(min(14.0, max(5.0, 0.55 * n_layers)), min(7.0, max(2.6, 0.9 * height + 1.6))),
+    fig, ax = plt.subplots(figsize=(min(18.0, max(5.0, 0.55 * n_layers)), min(8.0, max(3.0, 0.9 * height + 2.4))),
                            dpi=90)
     for u, v in blocks.edges:
         (x0, y0), (x1, y1) = pos[u], pos[v]
@@ -118,19 +118,22 @@ def graph_figure(graph, img: Callable, plt_fn: Callable, max_nodes: int = 2000) 
         ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
                     arrowprops=dict(arrowstyle="-", lw=0.9 if skip else 0.7, color="#555" if skip else "#999",
                                     connectionstyle=f"arc3,rad={-0.35 if skip else 0.0}", shrinkA=4, shrinkB=4))
-    for b, (x, y) in pos.items():
+    for i, (b, (x, y)) in enumerate(sorted(pos.items(), key=lambda kv: kv[1])):
         colour, label = _block_style(sub, members[b])
         size = 40 + 12 * min(len(members[b]), 20)
         ax.scatter([x], [y], s=size, c=colour, zorder=3, edgecolors="#333", linewidths=0.4)
-        ax.annotate(label[:40], (x, y), xytext=(3, 6), textcoords="offset points", fontsize=6, rotation=35,
-                    ha="left", va="bottom", zorder=4)
+        if colour == OTHER_COLOUR:
+            continue                          # reshapes, concatenations, pointwise ops: the drawing says enough
+        up = i % 2 == 0                       # neighbours' labels alternate above and below
+        ax.annotate(label[:34], (x, y), xytext=(3, 6 if up else -6), textcoords="offset points", fontsize=6,
+                    rotation=35 if up else -35, ha="left", va="bottom" if up else "top", zorder=4)
     ax.set_xlim(-0.7, n_layers - 0.3)
     ys = [y for _, y in pos.values()]
-    ax.set_ylim(min(ys) - 1.0, max(ys) + 1.6)
+    ax.set_ylim(min(ys) - 1.6, max(ys) + 1.6)
     ax.set_axis_off()
     n_skips = sum(1 for u, v in blocks.edges if pos[v][0] - pos[u][0] > 1)
     ax.set_title(f"image path, input left: {len(nodes)} ops in {blocks.number_of_nodes()} blocks (chains collapsed), "
                  f"{n_skips} skip(s) as arcs. red border padding, purple stride, orange global op, "
-                 f"blue conv", fontsize=7)
+                 f"blue conv, grey other (unlabelled)", fontsize=7)
     fig.tight_layout()
     return img(fig, "layered graph of the network's image path")
