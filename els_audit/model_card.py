@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Optional
 
 __all__ = ["model_card", "model_index", "CARD_MARKER", "to_yaml"]
@@ -76,6 +77,11 @@ def model_index(s: dict) -> Optional[list[dict]]:
     }]
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+#: words YAML 1.1 reads as booleans or null: such keys are quoted
+_YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null"}
+
+
 def to_yaml(value: Any, indent: int = 0) -> str:
     """Block YAML of mappings, lists, strings, numbers, booleans and None (strings quoted as
     JSON, which YAML reads as double-quoted scalars)."""
@@ -85,7 +91,7 @@ def to_yaml(value: Any, indent: int = 0) -> str:
             return pad + "{}\n"
         out = []
         for k, v in value.items():
-            key = json.dumps(str(k)) if not str(k).replace("-", "").replace("_", "").isalnum() else str(k)
+            key = str(k) if _PLAIN_KEY.fullmatch(str(k)) and str(k).lower() not in _YAML_WORDS else json.dumps(str(k))
             if isinstance(v, (dict, list)) and v:
                 out.append(f"{pad}{key}:\n" + to_yaml(v, indent + 2))
             else:

@@ -77,7 +77,8 @@ def test_a_card_is_replaced_but_nothing_else_is(audited, tmp_path):
                                    "{braces}", "yes", "null", "0.5", "", "ünïcode ✓"])
 def test_yaml_strings_cannot_change_the_structure(value):
     doc = {"model-index": [{"name": value, "results": [{"task": {"type": value}, "metrics": [
-        {"type": "x", "value": 0.25, "verified": False, "args": {"k": value, "n": None}}]}]}], "tags": [value, "b"]}
+        {"type": "x", "value": 0.25, "verified": False, "args": {"k": value, "n": None, value: 1}}]}]}],
+        "tags": [value, "b"], "yes": 2, "on": [], "3d": {}}
     assert yaml.safe_load(to_yaml(doc)) == doc
 
 

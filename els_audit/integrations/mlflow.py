@@ -126,7 +126,8 @@ def log_audit(result: Any, *, report_folder: Union[None, str, Path] = None, expe
     if experiment is not None:
         mlflow.set_experiment(experiment)
     active = mlflow.active_run()
-    run = active if active is not None and experiment is None else mlflow.start_run(run_name=f"els-audit {s.get('name', '')}")
+    run = active if active is not None and experiment is None else mlflow.start_run(
+        run_name=f"els-audit {s.get('name', '')}", nested=active is not None)
     try:
         mlflow.log_params(_params(s))
         mlflow.log_metrics(summary_metrics(s))

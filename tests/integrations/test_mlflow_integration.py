@@ -106,3 +106,23 @@ def test_the_core_never_imports_mlflow():
     code = ("import sys, els_audit.cli, els_audit.audit, els_audit.outputs, els_audit.model_card, "
             "els_audit.integrations; assert 'mlflow' not in sys.modules, 'mlflow imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_log_audit_from_python_inside_an_active_run(store):
+    from els_audit.integrations.mlflow import log_audit
+
+    s = {"name": "m", "config": {"steps": 2}, "plan": {"settings": {"seeds": 4}}, "exit_code": 1,
+         "prediction": {"median_r": 0.5, "median_r2": float("nan"), "is_median_r": 0.2, "win_rate": 1.0},
+         "novelty": {"memorized_fraction": 0.0}, "machine": {"kind": "ELS", "scales": [3, 5]},
+         "structure": {"verdict_line": "equivariant"}, "erf": {"times": [1.0, 0.5], "x0_erf90": {"centre": [7, 5]}}}
+    mlflow.set_experiment("outer")
+    with mlflow.start_run() as outer:
+        inner = log_audit(s)                                  # into the active run
+        nested = log_audit(s, experiment="outer")             # a new run, nested under the active one
+    assert inner == outer.info.run_id and nested != inner
+    run = store.get_run(inner)
+    assert run.data.metrics["median_r"] == 0.5 and "median_r2" not in run.data.metrics    # NaN is not logged
+    assert run.data.tags["els_audit.passed"] == "false" and run.data.params["config.steps"] == "2"
+    assert [(h.step, h.value) for h in sorted(store.get_metric_history(inner, "erf90_centre"), key=lambda h: h.step)] \
+        == [(0, 5.0), (1, 7.0)]
+    assert store.get_run(nested).data.tags["mlflow.parentRunId"] == inner
