@@ -106,7 +106,9 @@ def glance(r, s: dict, img: Callable, gray: Callable, plt_fn: Callable) -> str:
     if s.get("scope") != "structure":
         pred, nov = s.get("prediction") or {}, s.get("novelty") or {}
         mr, ir = _num(pred.get("median_r")), _num(pred.get("is_median_r"))
-        expl = "pass" if mr is not None and ir is not None and mr > ir else "warn"
+        # the cards take the colour of the audit's own checks on the same numbers
+        status = {c.get("name"): c.get("status", "") for c in s.get("checks") or []}
+        expl = status.get("machine_beats_memorization", "")
         cards.append(_card("How much does locality explain?", f"r = {mr:.2f}" if mr is not None else "n/a",
                            f"median Pearson r of the fitted {_e(s['machine']['kind'])} machine against the network "
                            f"over {_e(pred.get('n_seeds'))} seeds; memorising IS machine "
@@ -114,7 +116,7 @@ def glance(r, s: dict, img: Callable, gray: Callable, plt_fn: Callable) -> str:
         mf = _num(nov.get("memorized_fraction"))
         cards.append(_card("Does it copy its training data?", f"{100 * mf:.0f}% copied" if mf is not None else "n/a",
                            "samples whose nearest training image is much closer than the second nearest",
-                           "pass" if mf == 0 else ("warn" if mf is not None and mf < 0.05 else "fail")))
+                           status.get("memorization", "")))
     else:
         cards += [_card("How much does locality explain?", "not measured", "structure-only audit"),
                   _card("Does it copy its training data?", "not measured", "structure-only audit")]

@@ -129,6 +129,9 @@ def test_the_first_screen_answers_the_four_questions(hostile_run, page):
     assert f"patch {int(np.median(hostile_run.scales))} px" in first
     assert html.escape(hostile_run.to_dict()["structure"]["verdict_line"]) in first
     assert first.count("<img ") == 1                                   # one figure
+    status = {c.name: c.status for c in hostile_run.checks}            # cards coloured as the checks say
+    assert f'<div class="card {status["memorization"]}"><div class=q>Does it copy' in first
+    assert f'<div class="card {status["machine_beats_memorization"]}"><div class=q>How much' in first
 
 
 def test_breakers_are_grouped_with_counts_and_amounts_in_words():
