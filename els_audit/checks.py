@@ -39,6 +39,8 @@ __all__ = [
     "Rule",
     "RuleError",
     "METRICS",
+    "HEADLINE_METRICS",
+    "metric_values",
     "OPERATORS",
     "STATUSES",
     "parse_rule",
@@ -211,6 +213,20 @@ def lookup(summary: Mapping[str, Any], path: str) -> Any:
         else:
             return _MISSING
     return cur
+
+
+#: the audit's headline numbers (what a registry or a model card records)
+HEADLINE_METRICS = ("median_r", "median_r2", "is_median_r", "win_rate", "memorized_fraction")
+
+
+def metric_values(summary: Mapping[str, Any], names: Sequence[str] = HEADLINE_METRICS) -> dict[str, float]:
+    """``{name: value}`` of the named :data:`METRICS` that the summary holds as finite numbers."""
+    out = {}
+    for name in names:
+        v = lookup(summary, METRICS[name])
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            out[name] = float(v)
+    return out
 
 
 def _number(v: Any) -> Optional[float]:

@@ -26,6 +26,8 @@ import math
 import re
 from typing import Any, Optional
 
+from .checks import metric_values
+
 __all__ = ["model_card", "model_index", "CARD_MARKER", "to_yaml"]
 
 #: the line that says a card file was written by els-audit (and may be replaced)
@@ -36,23 +38,26 @@ def _num(v: Any) -> Optional[float]:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+#: the metric names and what each means, in the card (the values: checks.metric_values)
+_METRIC_NAMES = {
+    "median_r": "median Pearson r, {kind} machine vs network (same seeds)",
+    "median_r2": "median R^2 of the {kind} machine's samples against the network's",
+    "is_median_r": "median Pearson r, ideal-score (memorising) machine vs network",
+    "win_rate": "fraction of seeds where the {kind} machine beats the ideal-score machine",
+    "memorized_fraction": "fraction of the network's samples that copy a training image",
+}
+
+
 def _metrics(s: dict) -> list[dict]:
     """The audit's numbers as model-index metrics (those that were measured and are finite)."""
     pred, nov = s.get("prediction") or {}, s.get("novelty") or {}
     kind = (s.get("machine") or {}).get("kind", "ELS")
     args = {"machine": kind, "dictionary_images": (s.get("machine") or {}).get("n_dictionary_images"),
             "steps": pred.get("steps"), "seeds": pred.get("n_seeds")}
-    rows = [
-        ("median_r", f"median Pearson r, {kind} machine vs network (same seeds)", pred.get("median_r")),
-        ("median_r2", f"median R^2 of the {kind} machine's samples against the network's", pred.get("median_r2")),
-        ("is_median_r", "median Pearson r, ideal-score (memorising) machine vs network", pred.get("is_median_r")),
-        ("win_rate", f"fraction of seeds where the {kind} machine beats the ideal-score machine", pred.get("win_rate")),
-        ("memorized_fraction", "fraction of the network's samples that copy a training image",
-         nov.get("memorized_fraction")),
-    ]
-    return [{"type": t, "name": n, "value": round(_num(v), 6), "args": args if t != "memorized_fraction" else
-             {"threshold": _num(nov.get("threshold"))}, "verified": False}
-            for t, n, v in rows if _num(v) is not None]
+    return [{"type": t, "name": _METRIC_NAMES[t].format(kind=kind), "value": round(v, 6),
+             "args": args if t != "memorized_fraction" else {"threshold": _num(nov.get("threshold"))},
+             "verified": False}
+            for t, v in metric_values(s, tuple(_METRIC_NAMES)).items()]
 
 
 def model_index(s: dict) -> Optional[list[dict]]:

@@ -26,7 +26,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -149,6 +149,25 @@ def _is_summary(path: Path) -> bool:
     return isinstance(d, dict) and d.get("schema") == SUMMARY_SCHEMA_ID and {"checks", "exit_code", "config"} <= set(d)
 
 
+def _output_file(given: PathLike, flag: str, folder_hint: str, ours: Callable[[Path], bool], not_ours: str,
+                 out: Optional[Path], inside_out: str, merge_hint: str = "") -> Path:
+    """An output file the tool may write (``--json``, ``--model-card``), else AuditError: a
+    symbolic link, a folder, an existing file ``ours`` does not recognise, a path inside the
+    report folder ``out``, or a place that cannot be written."""
+    path = Path(os.path.abspath(Path(given).expanduser()))
+    if path.is_symlink():
+        raise AuditError(f"{flag} {given} is a symbolic link; give the real path (a link is not replaced)")
+    if path.is_dir():
+        raise AuditError(f"{flag} {given} is a folder; give a file path{folder_hint}")
+    if path.exists() and not ours(path):
+        raise AuditError(f"{flag} {given} exists and {not_ours}; choose another path (nothing the tool did not "
+                         f"write is overwritten{merge_hint})")
+    if out is not None and (path == out or out in path.parents):
+        raise AuditError(f"{flag} {given} lies inside the report folder, which {inside_out}; choose a path outside it")
+    _writable_folder(path, flag, str(given))
+    return path
+
+
 def check_json_path(json_out: Optional[str], out: Optional[Path] = None) -> Optional[Path]:
     """The ``--json`` file (``None`` for none or ``-``, stdout), refused unless it may be written.
 
@@ -160,19 +179,8 @@ def check_json_path(json_out: Optional[str], out: Optional[Path] = None) -> Opti
         return None
     if not str(json_out).strip():
         raise AuditError("--json is empty; give a file path, or - for stdout")
-    path = Path(os.path.abspath(Path(json_out).expanduser()))
-    if path.is_symlink():
-        raise AuditError(f"--json {json_out} is a symbolic link; give the real path (a link is not replaced)")
-    if path.is_dir():
-        raise AuditError(f"--json {json_out} is a folder; give a file path")
-    if path.exists() and not _is_summary(path):
-        raise AuditError(f"--json {json_out} exists and is not an els-audit summary; choose another path "
-                         f"(nothing the tool did not write is overwritten)")
-    if out is not None and (path == out or out in path.parents):
-        raise AuditError(f"--json {json_out} lies inside the report folder, which already holds summary.json; "
-                         f"choose a path outside it")
-    _writable_folder(path, "--json", str(json_out))
-    return path
+    return _output_file(json_out, "--json", "", _is_summary, "is not an els-audit summary", out,
+                        "already holds summary.json")
 
 
 def _is_card(path: Path) -> bool:
@@ -195,20 +203,11 @@ def check_card_path(card: Optional[PathLike], out: Optional[Path] = None, json_p
         return None
     if not str(card).strip():
         raise AuditError("--model-card is empty; give a file path, e.g. README.md")
-    path = Path(os.path.abspath(Path(card).expanduser()))
-    if path.is_symlink():
-        raise AuditError(f"--model-card {card} is a symbolic link; give the real path (a link is not replaced)")
-    if path.is_dir():
-        raise AuditError(f"--model-card {card} is a folder; give a file path, e.g. {Path(card) / 'README.md'}")
-    if path.exists() and not _is_card(path):
-        raise AuditError(f"--model-card {card} exists and was not written by els-audit; choose another path "
-                         f"(nothing the tool did not write is overwritten; merge the cards with huggingface_hub)")
-    if out is not None and (path == out or out in path.parents):
-        raise AuditError(f"--model-card {card} lies inside the report folder, which is replaced as a whole; "
-                         f"choose a path outside it")
+    path = _output_file(card, "--model-card", f", e.g. {Path(card) / 'README.md'}", _is_card,
+                        "was not written by els-audit", out, "is replaced as a whole",
+                        "; merge the cards with huggingface_hub")
     if json_path is not None and path == json_path:
         raise AuditError(f"--model-card {card} is also the --json file; give two paths")
-    _writable_folder(path, "--model-card", str(card))
     return path
 
 

@@ -15,16 +15,14 @@ r(IS); novelty; published comparison; settings, versions and hashes.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
-from typing import Any, Iterable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
 from .report_glance import breaker_groups, breaker_table, glance
 from .report_graph import graph_figure
+from .report_html import _e, _fmt, _gray, _img, _plt, _table, figure_to_data_uri
 
 __all__ = ["render_html", "figure_to_data_uri"]
 
@@ -43,74 +41,6 @@ img{max-width:100%;height:auto}.gallery img{display:block}
 .card .n{font-size:1.5em;margin:.15em 0;overflow-wrap:anywhere}.card .n code{font-size:.6em}.card .w{color:#555;font-size:.85em}
 details summary{cursor:pointer;color:#345}.nodes{font-size:.85em;color:#444}
 """
-
-
-def _e(x: Any) -> str:
-    """Escape anything for HTML text or attribute context."""
-    return html.escape("" if x is None else str(x), quote=True)
-
-
-def _fmt(v: Any, nd: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, (float, np.floating)):
-        v = float(v)
-        if not np.isfinite(v):
-            return "–"
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
-def figure_to_data_uri(fig) -> str:
-    """A matplotlib figure as a ``data:image/png;base64,...`` URI (the figure is closed)."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _img(fig, alt: str) -> str:
-    return f'<img alt="{_e(alt)}" src="{figure_to_data_uri(fig)}">'
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], classes: Optional[Sequence[str]] = None) -> str:
-    """A table in a box that scrolls sideways on a narrow screen (the page itself never does)."""
-    out = ["<div class=scroll><table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>"]
-    for i, row in enumerate(rows):
-        cls = f' class="{_e(classes[i])}"' if classes else ""
-        out.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
-    out.append("</table></div>")
-    return "".join(out)
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _gray(ax, img: np.ndarray, title: str = "", lo: float = -1.0, hi: float = 1.0) -> None:
-    """Draw a (C, H, W) image in [lo, hi] (grey for C = 1, RGB for C = 3)."""
-    a = np.asarray(img, dtype=np.float64)
-    if a.ndim == 3 and a.shape[0] == 1:
-        ax.imshow(a[0], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
-    elif a.ndim == 3:
-        ax.imshow(np.clip((a[:3].transpose(1, 2, 0) - lo) / (hi - lo), 0, 1), interpolation="nearest")
-    else:
-        ax.imshow(a, cmap="gray", interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=8)
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,7 +123,7 @@ def _architecture(r, s: dict) -> str:
         out.append(f"<p class=warn>The network could not be traced: {_e(st['error'])}. The audit continues "
                    f"without the structural analysis (LS machine unless --machine says otherwise).</p>")
         return "".join(out)
-    g = graph_figure(r.graph, _img, _plt)
+    g = graph_figure(r.graph)
     if g:
         out.append(g)
     rf = st.get("theoretical_rf") or {}
@@ -210,7 +140,7 @@ def _architecture(r, s: dict) -> str:
                f"{_e(st.get('band_width'))} px; period {_e(st.get('period'))}; partial: {_fmt(st.get('partial'))}</p>")
     br = st.get("breakers") or []
     if br:
-        out.append(breaker_table(br, _table))
+        out.append(breaker_table(br))
         out.append(f"<p class=muted>{len(br)} breaking operation(s) in {len(breaker_groups(br))} group(s) of the "
                    f"same kind and cause; each one, with its measured amount, is in summary.json "
                    f"(<code>structure.breakers</code>).</p>")
@@ -509,7 +439,7 @@ def render_html(result) -> str:
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1><p class=muted>model <code>{_e(s['config']['model'])}</code>, data "
         f"<code>{_e(s['data'].get('spec'))}</code></p>",
-        "<h2 id=glance>At a glance</h2>", glance(result, s, _img, _gray, _plt),
+        "<h2 id=glance>At a glance</h2>", glance(result, s),
         "<h2 id=verdict>Verdict and checks</h2>", _verdict(result, s),
         "<h2 id=architecture>Architecture</h2>", _architecture(result, s),
         "<h2 id=erf>Effective receptive field per step</h2>", _erf_section(result),

@@ -11,10 +11,12 @@ node list folded away.  Like the rest of the report, this only reads the result.
 
 from __future__ import annotations
 
-import html
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
+
+from .checks import metric_values
+from .report_html import _e, _gray, _img, _plt, _table
 
 __all__ = ["glance", "breaker_groups", "amount_in_words"]
 
@@ -26,10 +28,6 @@ KIND_WORDS = {
                  "depends on every other",
     "position": "a position embedding: the output depends on absolute position",
 }
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
 
 
 def amount_in_words(amounts: list[Any]) -> str:
@@ -67,7 +65,7 @@ def breaker_groups(breakers: list[dict]) -> list[dict]:
     return out
 
 
-def breaker_table(breakers: list[dict], table: Callable) -> str:
+def breaker_table(breakers: list[dict]) -> str:
     """HTML: the grouped breakers, each group's nodes folded in a ``<details>``."""
     rows = []
     for g in breaker_groups(breakers):
@@ -77,11 +75,7 @@ def breaker_table(breakers: list[dict], table: Callable) -> str:
                      _e(g["cause"]), _e(g["count"]), _e(g["amount"]),
                      f"<details><summary>{_e(g['count'])} node{'s' if g['count'] != 1 else ''}</summary>"
                      f"<span class=nodes>{nodes}</span></details>"))
-    return table(["kind", "cause", "count", "amount", "where"], rows)
-
-
-def _num(v: Any) -> Optional[float]:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) else None
+    return _table(["kind", "cause", "count", "amount", "where"], rows)
 
 
 def _card(question: str, number: str, words: str, status: str = "") -> str:
@@ -89,7 +83,7 @@ def _card(question: str, number: str, words: str, status: str = "") -> str:
             f'<div class=w>{words}</div></div>')
 
 
-def glance(r, s: dict, img: Callable, gray: Callable, plt_fn: Callable) -> str:
+def glance(r, s: dict) -> str:
     """HTML: the four answers as cards, then one figure (network over machine samples)."""
     st = s.get("structure") or {}
     rf = (st.get("theoretical_rf") or {}).get("summary") or "not traced"
@@ -104,8 +98,8 @@ def glance(r, s: dict, img: Callable, gray: Callable, plt_fn: Callable) -> str:
     cards = [_card("How local is it?", local, local_words),
              _card("What breaks equivariance?", f"<code>{_e(st.get('verdict_line') or 'unknown')}</code>", eq_words)]
     if s.get("scope") != "structure":
-        pred, nov = s.get("prediction") or {}, s.get("novelty") or {}
-        mr, ir = _num(pred.get("median_r")), _num(pred.get("is_median_r"))
+        pred, m = s.get("prediction") or {}, metric_values(s)
+        mr, ir = m.get("median_r"), m.get("is_median_r")
         # the cards take the colour of the audit's own checks on the same numbers
         status = {c.get("name"): c.get("status", "") for c in s.get("checks") or []}
         expl = status.get("machine_beats_memorization", "")
@@ -113,7 +107,7 @@ def glance(r, s: dict, img: Callable, gray: Callable, plt_fn: Callable) -> str:
                            f"median Pearson r of the fitted {_e(s['machine']['kind'])} machine against the network "
                            f"over {_e(pred.get('n_seeds'))} seeds; memorising IS machine "
                            + (f"{ir:.2f}" if ir is not None else "n/a"), expl))
-        mf = _num(nov.get("memorized_fraction"))
+        mf = m.get("memorized_fraction")
         cards.append(_card("Does it copy its training data?", f"{100 * mf:.0f}% copied" if mf is not None else "n/a",
                            "samples whose nearest training image is much closer than the second nearest",
                            status.get("memorization", "")))
@@ -122,21 +116,21 @@ def glance(r, s: dict, img: Callable, gray: Callable, plt_fn: Callable) -> str:
                   _card("Does it copy its training data?", "not measured", "structure-only audit")]
     out = ['<div class=cards>' + "".join(cards) + "</div>"]
     if s.get("scope") != "structure" and r.prediction is not None:
-        out.append(_figure(r, img, gray, plt_fn))
+        out.append(_figure(r))
     return "".join(out)
 
 
-def _figure(r, img: Callable, gray: Callable, plt_fn: Callable) -> str:
+def _figure(r) -> str:
     """Network samples (top) over the fitted machine's (bottom) for up to 6 seeds, r above each."""
     pr = r.prediction
     n = min(6, len(pr.seeds))
     lo, hi = (float(v) for v in (r.denoiser.get("data_range") or (-1.0, 1.0)))
-    plt = plt_fn()
+    plt = _plt()
     fig, axes = plt.subplots(2, n, figsize=(1.3 * n, 2.8), dpi=80, squeeze=False)
     for i in range(n):
-        gray(axes[0][i], pr.network[i], f"seed {pr.seeds[i]}: r {pr.per_seed[i].r:.2f}", lo, hi)
-        gray(axes[1][i], pr.machine_samples[i], "", lo, hi)
+        _gray(axes[0][i], pr.network[i], f"seed {pr.seeds[i]}: r {pr.per_seed[i].r:.2f}", lo, hi)
+        _gray(axes[1][i], pr.machine_samples[i], "", lo, hi)
     axes[0][0].set_ylabel("network", fontsize=8)
     axes[1][0].set_ylabel(r.choice.kind, fontsize=8)
     fig.tight_layout()
-    return img(fig, "the network's samples over the fitted machine's, same seeds")
+    return _img(fig, "the network's samples over the fitted machine's, same seeds")

@@ -18,7 +18,9 @@ Like the rest of the report, this only reads the traced graph.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Optional
+from typing import Optional
+
+from .report_html import _img, _plt
 
 __all__ = ["collapse_chains", "layered_positions", "graph_figure", "BREAKER_COLOURS"]
 
@@ -93,7 +95,7 @@ def _block_style(graph, nodes: list) -> tuple[str, str]:
     return colour, ", ".join(parts)
 
 
-def graph_figure(graph, img: Callable, plt_fn: Callable, max_nodes: int = 2000) -> Optional[str]:
+def graph_figure(graph, max_nodes: int = 2000) -> Optional[str]:
     """HTML ``<img>`` of the image path, or None when there is nothing to draw."""
     import networkx as nx
 
@@ -109,7 +111,7 @@ def graph_figure(graph, img: Callable, plt_fn: Callable, max_nodes: int = 2000) 
     pos = layered_positions(blocks)
     n_layers = 1 + max(x for x, _ in pos.values())
     height = 1 + max(y for _, y in pos.values()) - min(y for _, y in pos.values())
-    plt = plt_fn()
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(min(18.0, max(5.0, 0.55 * n_layers)), min(8.0, max(3.0, 0.9 * height + 2.4))),
                            dpi=90)
     for u, v in blocks.edges:
@@ -136,4 +138,4 @@ def graph_figure(graph, img: Callable, plt_fn: Callable, max_nodes: int = 2000) 
                  f"{n_skips} skip(s) as arcs. red border padding, purple stride, orange global op, "
                  f"blue conv, grey other (unlabelled)", fontsize=7)
     fig.tight_layout()
-    return img(fig, "layered graph of the network's image path")
+    return _img(fig, "layered graph of the network's image path")

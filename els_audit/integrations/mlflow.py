@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -45,6 +44,9 @@ from typing import Any, Optional, Union
 import mlflow
 from mlflow.models.evaluation import EvaluationResult, ModelEvaluator
 from mlflow.tracking import MlflowClient
+
+from ..checks import metric_values
+from ..serialize import dumps
 
 __all__ = ["log_audit", "summary_metrics", "step_metrics", "audit_tags", "check_model_version", "ElsAuditEvaluator",
            "MODEL_TYPE"]
@@ -54,17 +56,12 @@ MODEL_TYPE = "els-audit"
 _PARAM_MAX = 500            # MLflow keeps param values up to 6000 characters; ours stay short
 
 
-def _finite(v: Any) -> Optional[float]:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
 def summary_metrics(s: dict) -> dict[str, float]:
-    """The audit's scalar metrics (those measured and finite)."""
-    pred, nov = s.get("prediction") or {}, s.get("novelty") or {}
-    got = {"median_r": pred.get("median_r"), "median_r2": pred.get("median_r2"),
-           "is_median_r": pred.get("is_median_r"), "win_rate": pred.get("win_rate"),
-           "memorized_fraction": nov.get("memorized_fraction"), "exit_code": s.get("exit_code")}
-    return {k: _finite(v) for k, v in got.items() if _finite(v) is not None}
+    """The audit's scalar metrics (those measured and finite) and its exit code."""
+    out = metric_values(s)
+    if isinstance(s.get("exit_code"), int):
+        out["exit_code"] = float(s["exit_code"])
+    return out
 
 
 def step_metrics(s: dict) -> dict[str, list[tuple[int, float]]]:
@@ -101,10 +98,11 @@ def _params(s: dict) -> dict[str, str]:
 
 
 def _summary_of(result: Any) -> dict:
+    """The summary dict as summary.json holds it."""
     if isinstance(result, dict):
         return result
     if hasattr(result, "to_dict"):
-        return json.loads(json.dumps(result.to_dict(), default=str, allow_nan=True))
+        return json.loads(dumps(result.to_dict()))
     raise TypeError(f"log_audit needs an AuditResult or its summary dict; got {type(result).__name__}")
 
 
@@ -123,6 +121,7 @@ def log_audit(result: Any, *, report_folder: Union[None, str, Path] = None, expe
         the run id.
     """
     s = _summary_of(result)
+    metrics = summary_metrics(s)
     if experiment is not None:
         mlflow.set_experiment(experiment)
     active = mlflow.active_run()
@@ -130,7 +129,7 @@ def log_audit(result: Any, *, report_folder: Union[None, str, Path] = None, expe
         run_name=f"els-audit {s.get('name', '')}", nested=active is not None)
     try:
         mlflow.log_params(_params(s))
-        mlflow.log_metrics(summary_metrics(s))
+        mlflow.log_metrics(metrics)
         for name, series in step_metrics(s).items():
             for step, value in series:
                 mlflow.log_metric(name, value, step=step)
@@ -149,8 +148,8 @@ def log_audit(result: Any, *, report_folder: Union[None, str, Path] = None, expe
         name, version = registered_model
         client = MlflowClient()
         tags = {**audit_tags(s), "els_audit.run_id": run_id}
-        if "median_r" in summary_metrics(s):
-            tags["els_audit.median_r"] = f"{summary_metrics(s)['median_r']:.4f}"
+        if "median_r" in metrics:
+            tags["els_audit.median_r"] = f"{metrics['median_r']:.4f}"
         for k, v in tags.items():
             client.set_model_version_tag(name, str(version), k, v)
     return run_id

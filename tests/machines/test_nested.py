@@ -206,6 +206,15 @@ def sparse_digits(N, H, W, seed=0):
     return imgs
 
 
+def noisy_queries(imgs, seed):
+    """(t, a, b, x): three of ``imgs`` (3, 0, 7) noised at t = 0.03, 0.3, 0.9 (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.tensor([0.03, 0.3, 0.9], dtype=torch.float64)
+    a, b = SCHED.alpha_sigma(t, dtype=torch.float64)
+    noise = torch.randn((3,) + tuple(imgs.shape[1:]), generator=g, dtype=torch.float64)
+    return t, a, b, a[:, None, None, None] * imgs[[3, 0, 7]] + b[:, None, None, None] * noise
+
+
 @pytest.mark.parametrize("shape,ks", [((1, 6, 7), (3, 5, 7)), ((3, 5, 6), (1, 3, 5)),
                                       ((1, 5, 8), (3, 5, 7, 9)), ((1, 7, 7), (3, 7))])
 def test_bbels_sweep_matches_brute_force(shape, ks):
@@ -223,11 +232,7 @@ def test_bbels_sweep_matches_brute_force(shape, ks):
 @pytest.mark.parametrize("tile_nodes,row_block", [(1, 7), (4, 1000), (33, 13)])
 def test_interior_tree_with_shallow_leaves_matches_single_k(tile_nodes, row_block):
     imgs = sparse_digits(12, 9, 11)
-    g = torch.Generator().manual_seed(1)
-    t = torch.tensor([0.03, 0.3, 0.9], dtype=torch.float64)
-    a, b = SCHED.alpha_sigma(t, dtype=torch.float64)
-    x = a[:, None, None, None] * imgs[[3, 0, 7]] + b[:, None, None, None] * torch.randn(3, 1, 9, 11, generator=g,
-                                                                                       dtype=torch.float64)
+    t, a, b, x = noisy_queries(imgs, seed=1)
     ks = (3, 5, 7, 9)
     nd = build_nested_dictionary(imgs, ks, mode="interior", tile_nodes=tile_nodes)
     # nodes end at every level, and every level's nodes under a tile hang below the
@@ -269,11 +274,7 @@ def test_valid_els_sweep_matches_brute_force(shape, ks):
 @pytest.mark.parametrize("tile_nodes,row_block", [(1, 7), (4, 1000), (33, 13)])
 def test_valid_tree_with_shallow_leaves_answers_every_pixel(tile_nodes, row_block):
     imgs = sparse_digits(12, 9, 11)
-    g = torch.Generator().manual_seed(2)
-    t = torch.tensor([0.03, 0.3, 0.9], dtype=torch.float64)
-    a, b = SCHED.alpha_sigma(t, dtype=torch.float64)
-    x = a[:, None, None, None] * imgs[[3, 0, 7]] + b[:, None, None, None] * torch.randn(3, 1, 9, 11, generator=g,
-                                                                                       dtype=torch.float64)
+    t, a, b, x = noisy_queries(imgs, seed=2)
     ks = (3, 5, 7, 9)
     nd = build_nested_dictionary(imgs, ks, mode="valid", tile_nodes=tile_nodes)
     assert [lv.n_nodes for lv in nd.levels] == [
