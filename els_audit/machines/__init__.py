@@ -35,9 +35,10 @@ import torch.nn.functional as F
 
 from ..schedules import NoiseSchedule, get_schedule
 from ._dictionary import PatchDictionary, build_dictionary, circular_pad as _circular_pad
-from ._engine import grouped_softmax_average
+from ._engine import LOG2E, grouped_softmax_average
 from ._nested import (NestedDictionary, build_nested_dictionary, interior_tree_bytes, nested_dictionary_bytes,
                       nested_softmax_average, palette_of)
+from ._partial import Partial, winner_hash
 
 __all__ = ["build_machine", "ScoreMachine", "ScoreDiagnostics", "MACHINE_KINDS", "scale_schedule_eps"]
 
@@ -121,9 +122,32 @@ class ScoreMachine:
         x, a, b = self._checked_coefficients(x, t)
         k = self._resolve_k(k)
         labels = self.check_label(label, x.shape[0])
-        mean, diag = self._means(x, a, b, k, labels, diagnostics)
+        mean, diag, _ = self._means(x, a, b, k, labels, diagnostics)
         score = self._score_from_mean(x, a, b, mean)
         return (score, diag) if diagnostics else score
+
+    def partial(self, x: torch.Tensor, t: Union[float, torch.Tensor], k: Optional[int] = None,
+                label: Union[None, int, torch.Tensor] = None, *, diagnostics: bool = False) -> Partial:
+        """This machine's answer as one shard of a larger dictionary: its softmax mean with
+        the absolute log2 normaliser that merges it exactly with other shards' answers
+        (:func:`._partial.merge_partials`), and with ``diagnostics`` its winning entries and
+        their content hashes.  A label with no images here is no error: its items get the
+        normaliser -inf (no keys in this shard)."""
+        x, a, b = self._checked_coefficients(x, t)
+        k = self._resolve_k(k)
+        labels = self.check_label(label, x.shape[0], present=False)
+        mean, diag, norm = self._means(x, a, b, k, labels, diagnostics, norms=True)
+        if not diagnostics:
+            return Partial(mean, norm)
+        return Partial(mean, norm, diag, winner_hash(self.images, self.kind, self.dictionary, k, diag))
+
+    def partial_sweep(self, x: torch.Tensor, t: Union[float, torch.Tensor], ks: Sequence[int],
+                      label: Union[None, int, torch.Tensor] = None) -> dict[int, Partial]:
+        """:meth:`partial` at several patch sizes, one nested pass where :meth:`score_sweep`
+        has one."""
+        ks = self._check_ks(ks)
+        _, means, norms = self._sweep_means(x, t, ks, label, norms=True)
+        return {k: Partial(means[k], norms[k]) for k in ks}
 
     def score_sweep(self, x: torch.Tensor, t: Union[float, torch.Tensor], ks: Sequence[int],
                     label: Union[None, int, torch.Tensor] = None) -> dict[int, torch.Tensor]:
@@ -137,7 +161,7 @@ class ScoreMachine:
         the image; LS runs one k at a time.
         """
         ks = self._check_ks(ks)
-        (x, a, b), means = self._sweep_means(x, t, ks, label)
+        (x, a, b), means, _ = self._sweep_means(x, t, ks, label)
         return {k: self._score_from_mean(x, a, b, mean) for k, mean in means.items()}
 
     def prepare_sweep(self, ks: Sequence[int], label: Union[None, int, torch.Tensor] = None) -> None:
@@ -162,7 +186,7 @@ class ScoreMachine:
                        label: Union[None, int, torch.Tensor] = None) -> dict[int, torch.Tensor]:
         """``{k: denoised(x, t, k)}``, one nested pass where :meth:`score_sweep` has one."""
         ks = self._check_ks(ks)
-        _, means = self._sweep_means(x, t, ks, label)
+        _, means, _ = self._sweep_means(x, t, ks, label)
         return means
 
     def eps(self, x: torch.Tensor, t: Union[float, torch.Tensor], label=None, k: Optional[int] = None):
@@ -216,54 +240,76 @@ class ScoreMachine:
             _check_k(k)
         return tuple(sorted(set(ks)))
 
-    def _means(self, x, a, b, k, labels, diagnostics=False):
-        """Mean centre (B, C, H, W) at one k (and diagnostics), one class subset at a time."""
+    def _means(self, x, a, b, k, labels, diagnostics=False, norms=False):
+        """(mean centre (B, C, H, W), diagnostics or None, log2 normaliser (B, H, W) float64
+        or None) at one k, one class subset at a time.  With ``norms``, items whose label has
+        no images here keep mean 0 and normaliser -inf (see :meth:`partial`)."""
         if labels is None:
-            return self._mean_centre(x, a, b, k, None, diagnostics)
-        mean = torch.empty_like(x)
+            return self._mean_centre(x, a, b, k, None, diagnostics, norms)
+        B, _, H, W = x.shape
+        mean = torch.zeros_like(x)
+        norm = torch.full((B, H, W), float("-inf"), dtype=torch.float64) if norms else None
         parts = []
-        for lab in torch.unique(labels).tolist():
-            sel = (labels == lab).nonzero().flatten()
-            m_l, d_l = self._mean_centre(x[sel], a[sel], b[sel], k, int(lab), diagnostics)
+        for lab, sel in self._label_groups(labels):
+            m_l, d_l, n_l = self._mean_centre(x[sel], a[sel], b[sel], k, lab, diagnostics, norms)
             mean[sel] = m_l
+            if norms:
+                norm[sel] = n_l
             parts.append((sel, d_l))
-        return mean, (_merge_diag(parts, x.shape[0]) if diagnostics else None)
+        return mean, (_merge_diag(parts, B) if diagnostics and parts else None), norm
+
+    def _label_groups(self, labels: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """[(label, item indices)] for the labels of ``labels`` that have images here."""
+        present = set(torch.unique(self.labels).tolist())
+        return [(int(lab), (labels == lab).nonzero().flatten()) for lab in torch.unique(labels).tolist()
+                if lab in present]
 
     @staticmethod
     def _score_from_mean(x, a, b, mean):
         return -(x - a[:, None, None, None] * mean) / (b**2)[:, None, None, None]
 
-    def _sweep_means(self, x, t, ks, label):
-        """((x, a, b), {k: mean centre (B, C, H, W)}) for a sweep over ``ks``."""
+    def _sweep_means(self, x, t, ks, label, norms=False):
+        """((x, a, b), {k: mean centre (B, C, H, W)}, {k: log2 normaliser (B, H, W)} or
+        None) for a sweep over ``ks``; ``norms`` as in :meth:`_means`."""
         x, a, b = self._checked_coefficients(x, t)
-        B = x.shape[0]
-        labels = self.check_label(label, B)
+        B, _, H, W = x.shape
+        labels = self.check_label(label, B, present=not norms)
         if not self._nests(ks):
-            return (x, a, b), {k: self._means(x, a, b, k, labels)[0] for k in ks}
+            res = {k: self._means(x, a, b, k, labels, norms=norms) for k in ks}
+            return (x, a, b), {k: r[0] for k, r in res.items()}, ({k: r[2] for k, r in res.items()} if norms else None)
         tree_ks = self._tree_ks(ks)
-        means = {k: torch.full_like(x, float("nan")) for k in ks}
-        groups = [(None, torch.arange(B))] if labels is None else [
-            (int(lab), (labels == lab).nonzero().flatten()) for lab in torch.unique(labels).tolist()]
+        means = {k: torch.full_like(x, float("nan") if labels is None else 0.0) for k in ks}
+        lnorms = {k: torch.full((B, H, W), float("-inf"), dtype=torch.float64) for k in ks} if norms else None
+        groups = [(None, torch.arange(B))] if labels is None else self._label_groups(labels)
         for lab, sel in groups:
             xs, a_s, b_s = x[sel], a[sel], b[sel]
-            out = nested_softmax_average(self._nested_dictionary(tree_ks, lab), xs, a_s, b_s, ks=tree_ks)
+            got = {} if norms else None
+            out = nested_softmax_average(self._nested_dictionary(tree_ks, lab), xs, a_s, b_s, ks=tree_ks,
+                                         log_norms=got)
             for k in ks:
-                mean = out[k] if k in out else means[k][sel]
+                mean = out[k] if k in out else torch.full_like(xs, float("nan"))
+                norm = got[k] if norms and k in got else (
+                    torch.full((len(sel), H, W), float("nan"), dtype=torch.float64) if norms else None)
                 if self.kind == "bbELS":                  # the tree answers the interior group
-                    self._edge_means(mean, xs, a_s, b_s, k, lab)
+                    self._edge_means(mean, xs, a_s, b_s, k, lab, norm)
                 means[k][sel] = mean
-        return (x, a, b), means
+                if norms:
+                    lnorms[k][sel] = norm
+        return (x, a, b), means, lnorms
 
-    def _edge_means(self, mean, x, a, b, k, label) -> None:
+    def _edge_means(self, mean, x, a, b, k, label, norm=None) -> None:
         """Write into ``mean`` (B, C, H, W) the bbELS answer at the pixels outside the
-        interior group at k (those within k // 2 of an edge), one k at a time."""
+        interior group at k (those within k // 2 of an edge), one k at a time; and into
+        ``norm`` (B, H, W), if given, their log2 normalisers."""
         dic = self._dictionary(k, label, interior=False)
         if not dic.groups:
             return
         B, C, H, W = x.shape
-        res = grouped_softmax_average(dic, F.unfold(x, k, padding=k // 2), a, b)
+        res = grouped_softmax_average(dic, F.unfold(x, k, padding=k // 2), a, b, log_norm=norm is not None)
         pix = torch.cat([g.query_pixels for g in dic.groups])
         mean.view(B, C, H * W)[:, :, pix] = res.mean_centre[:, :, pix]
+        if norm is not None:
+            norm.view(B, H * W)[:, pix] = res.log2_norm[:, pix]
 
     def _tree_ks(self, ks) -> tuple[int, ...]:
         """The sizes of ks a nested tree answers: all of them for periodic ELS; for bbELS
@@ -326,26 +372,27 @@ class ScoreMachine:
         self._materialize_within_budget(d)
         return d
 
-    def _mean_centre(self, x, a, b, k, label, diagnostics):
+    def _mean_centre(self, x, a, b, k, label, diagnostics, norms=False):
         B, C, H, W = x.shape
         imgs, ids = self._images_for(label)
         if self.kind == "IS":
-            return _ideal_mean(imgs, ids, x, a, b, diagnostics)
+            return _ideal_mean(imgs, ids, x, a, b, diagnostics, norms)
         dic = self._dictionary(k, label)
         r = k // 2
         if dic.mode == "zeros":
             q = F.unfold(x, k, padding=r)                                              # (B, Ckk, HW)
         else:
             q = F.unfold(_circular_pad(x, r), k)                                        # (B, Ckk, HW)
-        res = grouped_softmax_average(dic, q, a, b, diagnostics=diagnostics)
+        res = grouped_softmax_average(dic, q, a, b, diagnostics=diagnostics, log_norm=norms)
         mean = res.mean_centre.reshape(B, C, H, W)
+        norm = res.log2_norm.reshape(B, H, W) if norms else None
         if not diagnostics:
-            return mean, None
+            return mean, None, norm
         src = res.winner_source.reshape(B, H, W, 3)
         diag = ScoreDiagnostics(src[..., 0], src[..., 1], src[..., 2],
                                 res.winner_weight.reshape(B, H, W),
                                 res.winner_count.reshape(B, H, W), res.entropy.reshape(B, H, W))
-        return mean, diag
+        return mean, diag, norm
 
     def _images_for(self, label):
         if label is None:
@@ -436,10 +483,11 @@ class ScoreMachine:
             raise ValueError(f"t must be a float or a ({B},) tensor; got shape {tuple(t.shape)}")
         return t
 
-    def check_label(self, label, B: int) -> Optional[torch.Tensor]:
+    def check_label(self, label, B: int, present: bool = True) -> Optional[torch.Tensor]:
         """None, an int for every item, or one label per item -> (B,) long tensor or None.
 
-        Raises ValueError when the machine has no labels or a label has no training images.
+        Raises ValueError when the machine has no labels or (``present``) a label has no
+        training images.
         """
         if label is None:
             return None
@@ -450,10 +498,10 @@ class ScoreMachine:
             lab = lab.expand(B)
         if lab.shape != (B,):
             raise ValueError(f"label must be an int or a ({B},) tensor; got shape {tuple(lab.shape)}")
-        present = set(torch.unique(self.labels).tolist())
-        missing = sorted(set(lab.tolist()) - present)
+        have = set(torch.unique(self.labels).tolist())
+        missing = sorted(set(lab.tolist()) - have) if present else []
         if missing:
-            raise ValueError(f"no training images with label(s) {missing}; labels present: {sorted(present)}")
+            raise ValueError(f"no training images with label(s) {missing}; labels present: {sorted(have)}")
         return lab
 
 
@@ -524,7 +572,7 @@ def _check_k(k) -> None:
         raise ValueError(f"patch size k must be a positive odd integer; got {k!r}")
 
 
-def _ideal_mean(imgs, ids, x, a, b, diagnostics):
+def _ideal_mean(imgs, ids, x, a, b, diagnostics, norms=False):
     """IS: one softmax over whole images (the optimum of score matching)."""
     B = x.shape[0]
     flat_d = imgs.reshape(imgs.shape[0], -1)                                              # (N, D)
@@ -536,9 +584,14 @@ def _ideal_mean(imgs, ids, x, a, b, diagnostics):
     logz = torch.logsumexp(logits, 1, keepdim=True)
     w = torch.exp(logits - logz)                                                         # (B, N)
     mean = (w @ flat_d).reshape(x.shape)
-    if not diagnostics:
-        return mean, None
     _, H, W = x.shape[1:]
+    norm = None
+    if norms:                                          # absolute, as _engine.log2_norm_of
+        q64, b64 = q.to(torch.float64), b.to(torch.float64)
+        norm = (LOG2E * (logz[:, 0].to(torch.float64) - (q64 * q64).sum(1) / (2 * b64 * b64)))
+        norm = norm[:, None, None].expand(B, H, W).contiguous()
+    if not diagnostics:
+        return mean, None, norm
     best = w.argmax(1)                                                                   # (B,)
     ent = -(w * torch.log(w.clamp_min(torch.finfo(w.dtype).tiny))).sum(1)
     yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
@@ -546,7 +599,7 @@ def _ideal_mean(imgs, ids, x, a, b, diagnostics):
     diag = ScoreDiagnostics(full(ids[best]), yy.expand(B, H, W).clone(), xx.expand(B, H, W).clone(),
                             full(w.gather(1, best[:, None])[:, 0]), torch.ones(B, H, W, dtype=torch.long),
                             full(ent))
-    return mean, diag
+    return mean, diag, norm
 
 
 def _merge_diag(parts, B):
@@ -554,7 +607,7 @@ def _merge_diag(parts, B):
     fields = {}
     for f in first.__dataclass_fields__:
         ref = getattr(first, f)
-        out = torch.empty((B,) + tuple(ref.shape[1:]), dtype=ref.dtype)
+        out = torch.zeros((B,) + tuple(ref.shape[1:]), dtype=ref.dtype)
         for sel, d in parts:
             out[sel] = getattr(d, f)
         fields[f] = out

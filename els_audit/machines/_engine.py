@@ -52,7 +52,7 @@ import torch
 from . import _native as native
 from ._dictionary import PatchDictionary
 
-__all__ = ["GroupedResult", "grouped_softmax_average", "SKIP_BITS", "exp2_floor", "skip_threshold",
+__all__ = ["GroupedResult", "grouped_softmax_average", "log2_norm_of", "SKIP_BITS", "exp2_floor", "skip_threshold",
            "REFINE_BITS", "REFINE_MIN_COEF", "refine_rows", "Float64Refinement"]
 
 LOG2E = 1.0 / math.log(2.0)
@@ -204,6 +204,10 @@ class GroupedResult:
       winner_weight: (B, HW) weight of that single entry (duplicates share weight equally)
       winner_count: (B, HW) long, how many identical entries share that weight
       entropy: (B, HW) softmax entropy in nats over the full (non-merged) dictionary
+      log2_norm: (B, HW) float64 (with ``log_norm=True``): the softmax's log2 normaliser in
+          absolute terms, ``log2 sum_j count_j 2**(-log2(e) ||q - a p_j||^2 / (2 b^2))``,
+          free of the group's shift patch: partial answers over disjoint key sets (shards)
+          merge exactly with it (:func:`log2_norm_of`)
     """
 
     mean_centre: torch.Tensor
@@ -211,6 +215,19 @@ class GroupedResult:
     winner_weight: Optional[torch.Tensor] = None
     winner_count: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
+    log2_norm: Optional[torch.Tensor] = None
+
+
+def log2_norm_of(m: torch.Tensor, z: torch.Tensor, q_shifted: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(R,) float64 absolute log2 normaliser of rows whose engine sums are ``z = sum_j
+    2**(S_j - m)`` (S the engine's base-2 logits, which leave out the per-query constant
+    ``log2(e) ||q'||^2 / (2 b^2)``); q_shifted (R, K) the rows' ``q' = q - a mu``, b (R,).
+
+    In float64: at low noise the constant is thousands of bits, and the merge of shards
+    weighs each by ``2**(log2_norm_s - max)``."""
+    q = q_shifted.to(torch.float64)
+    b = b.to(torch.float64)
+    return m.to(torch.float64) + torch.log2(z.to(torch.float64)) - LOG2E * (q * q).sum(1) / (2 * b * b)
 
 
 # fused kernel (native.nested_tile): keys per call here; the running max is raised only when a
@@ -251,7 +268,7 @@ def _fused_group_means(g, qa: torch.Tensor, R: int, C: int, lo: float, skip: flo
             bias=0 if bias is None else bias.data_ptr())
         native.nested_tile(torch.tensor([fields], dtype=torch.int64), C + 1, lo, skip, FUSED_SLACK_BITS, block,
                            scratch, csr, threads)
-    return (acc[:C, :R] / acc[C, :R]).t()
+    return (acc[:C, :R] / acc[C, :R]).t(), m[:R], acc[C, :R]
 
 
 def grouped_softmax_average(
@@ -261,6 +278,7 @@ def grouped_softmax_average(
     b: torch.Tensor,
     *,
     diagnostics: bool = False,
+    log_norm: bool = False,
     tile_elems: int = 1 << 18,
 ) -> GroupedResult:
     """Softmax-weighted average of key centres for every query pixel.
@@ -270,6 +288,7 @@ def grouped_softmax_average(
         queries: (B, K, HW) query patches (``F.unfold`` layout, padded as the machine needs).
         a, b: (B,) schedule coefficients per query image.
         diagnostics: also return the winning entry, its weight and the entropy.
+        log_norm: also return the absolute log2 normaliser (``GroupedResult.log2_norm``).
         tile_elems: logits per (query tile x key chunk) tile; bounds the working memory.
     Returns:
         :class:`GroupedResult`.
@@ -283,6 +302,7 @@ def grouped_softmax_average(
         w_wt = torch.empty(B, HW, dtype=dtype)
         w_cnt = torch.empty(B, HW, dtype=torch.long)
         ent = torch.empty(B, HW, dtype=dtype)
+    norm = torch.empty(B, HW, dtype=torch.float64) if log_norm else None
     # base-2 logits: exp2 is ~3x faster than exp here (module docstring)
     underflow = exp2_floor(dtype)
     coef_lin = LOG2E * a / b**2                                                        # (B,)
@@ -313,8 +333,11 @@ def grouped_softmax_average(
         if use_native and refine is None and R >= FUSED_MIN_ROWS * torch.get_num_threads():
             # float32 without the refinement: logits and softmax fused in C, one call per key chunk
             # (its threads split the query rows: small groups, e.g. bbELS edges, keep the GEMM)
-            mean_c = _fused_group_means(g, qa, R, C, underflow, skip_below)               # (R, C)
+            mean_c, m, z = _fused_group_means(g, qa, R, C, underflow, skip_below)       # (R, C)
             out[:, :, g.query_pixels] = mean_c.reshape(B, P, C).permute(0, 2, 1)
+            if norm is not None:
+                norm[:, g.query_pixels] = log2_norm_of(m, z, q.reshape(R, K), b[:, None].expand(B, P).reshape(R)
+                                                       ).reshape(B, P)
             continue
         buf = None
         for ch in g.chunks(Mc):
@@ -366,6 +389,7 @@ def grouped_softmax_average(
             if refine is not None:
                 refine.prune(m)
         z = acc[:, C]                                                                   # (R,)
+        z_norm = z
         if refine is None:
             mean_c = (acc[:, :C] / z[:, None]).reshape(B, P, C).permute(0, 2, 1)
         else:
@@ -378,7 +402,11 @@ def grouped_softmax_average(
 
             acc64 = refine.corrected(acc[:, : C + 1], m, exact)
             mean_c = (acc64[:, :C] / acc64[:, C:]).to(dtype).reshape(B, P, C).permute(0, 2, 1)
+            z_norm = acc64[:, C]
         out[:, :, g.query_pixels] = mean_c
+        if norm is not None:
+            norm[:, g.query_pixels] = log2_norm_of(m, z_norm, q.reshape(R, K),
+                                                   b[:, None].expand(B, P).reshape(R)).reshape(B, P)
         if diagnostics:
             # entropy over entries: H = log Z - T1/Z + T2/Z  (see module docstring of machines)
             h = torch.log(z) - (t1 / LOG2E) / z + acc[:, C + 1] / z                      # t1 in base 2
@@ -388,5 +416,5 @@ def grouped_softmax_average(
             w_src[:, g.query_pixels] = g.source(best_i).reshape(B, P, 3)
             w_cnt[:, g.query_pixels] = g.multiplicity(best_i).reshape(B, P)
     if diagnostics:
-        return GroupedResult(out, w_src, w_wt, w_cnt, ent)
-    return GroupedResult(out)
+        return GroupedResult(out, w_src, w_wt, w_cnt, ent, norm)
+    return GroupedResult(out, log2_norm=norm)

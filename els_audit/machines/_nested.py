@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from ._dictionary import _hash_dedup, _KeyEnumerator, background_of, circular_pad, patch_offsets, prefix_rows
 from . import _native as native
-from ._engine import (FUSED_SCRATCH_BYTES, FUSED_SLACK_BITS, LOG2E, Float64Refinement, exact_logits, exp2_floor,
+from ._engine import (FUSED_SCRATCH_BYTES, FUSED_SLACK_BITS, LOG2E, Float64Refinement, exact_logits, exp2_floor, log2_norm_of,
                       refine_rows, skip_threshold)
 
 __all__ = ["NestedLevel", "NestedDictionary", "build_nested_dictionary", "nested_softmax_average",
@@ -490,12 +490,13 @@ def _fused_row_block(nd: NestedDictionary, levels: list[NestedLevel], wanted: li
         if fields:
             native.nested_tile(torch.tensor(fields, dtype=torch.int64), C + 1, lo, skip, FUSED_SLACK_BITS, block,
                                scratch, csr, threads)
-    return acc
+    return acc, m
 
 
 def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
                            ks: Optional[Sequence[int]] = None, row_block: int = 1024,
-                           stats: Optional[dict] = None, fuse: bool = True) -> dict[int, torch.Tensor]:
+                           stats: Optional[dict] = None, fuse: bool = True,
+                           log_norms: Optional[dict] = None) -> dict[int, torch.Tensor]:
     """Softmax average of key centres at every level, for every query pixel.
 
     Per (tile, level) the softmax either takes the tile's maximum first (and skips the tile
@@ -519,6 +520,9 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
             (the fused C step counts every step with a softmax as "done").
         fuse: run each tile's levels as one fused C step where it applies (float32 without
             the float64 refinement, native kernels built); False: the step by step path.
+        log_norms: if a dict, receives ``{k: (B, H, W) float64}`` the absolute log2
+            normaliser of each wanted level (:func:`._engine.log2_norm_of`; NaN where the
+            level does not answer), with which answers over disjoint trees merge exactly.
     Returns:
         {k: (B, C, H, W) mean centre}; for interior trees NaN at the pixels closer than
         k // 2 to an edge (not in the interior group at that k).
@@ -557,6 +561,12 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
     underflow = exp2_floor(dtype)
     skip_below = skip_threshold(nd.total_keys)
     means = torch.full((L, C, R), float("nan"), dtype=dtype)
+    norms = torch.full((L, R), float("nan"), dtype=torch.float64) if log_norms is not None else None
+
+    def keep_norm(i: int, rr: slice, m_i: torch.Tensor, z_i: torch.Tensor) -> None:
+        if norms is not None:
+            width = C * levels[i].k ** 2                                                   # the level's window
+            norms[i, rr] = log2_norm_of(m_i, z_i, Q[rr, :width], b_row[rr])
     # float32 softmax sums run fused in C when the native kernels build (:mod:`._native`)
     use_native = dtype == torch.float32 and C <= native.MAX_CHANNELS and native.available()
     # float32 without the float64 refinement: the whole tile step fused in C (els_nested_tile)
@@ -568,10 +578,12 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
         nr = [max(0, min(Rb, n - r0)) for n in n_rows]                                     # active rows per level
         Lb = sum(1 for n in nr if n)                                                       # levels with rows
         if fused:
-            acc = _fused_row_block(nd, levels[:Lb], wanted, Q[r0:r1], coef_lin[r0:r1], coef_sq[r0:r1], nr,
-                                   underflow, skip_below, nmax, counts)
+            acc, m = _fused_row_block(nd, levels[:Lb], wanted, Q[r0:r1], coef_lin[r0:r1], coef_sq[r0:r1], nr,
+                                      underflow, skip_below, nmax, counts)
             for i in range(Lb):
                 means[i, :, r0:r0 + nr[i]] = acc[i, :C, : nr[i]] / acc[i, C, : nr[i]]
+                if wanted[i]:
+                    keep_norm(i, slice(r0, r0 + nr[i]), m[i, : nr[i]], acc[i, C, : nr[i]])
             continue
         qaT = [_query_columns(Q[r0:r1], lv.cols, coef_lin[r0:r1], coef_sq[r0:r1], n)
                for lv, n in zip(levels[:Lb], nr)]                                        # (ring+2, rows)
@@ -644,6 +656,8 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
         for i in range(Lb):
             if refine is None:
                 means[i, :, r0:r0 + nr[i]] = acc[i][:C] / acc[i][C:]
+                if wanted[i]:
+                    keep_norm(i, slice(r0, r0 + nr[i]), m[i], acc[i][C])
                 continue
             lv = levels[i]
             win = all_off[: C * lv.k * lv.k]                                               # the level's window
@@ -657,6 +671,8 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
 
             acc64 = refine[i].corrected(acc[i].t(), m[i], exact)                               # (rows, C+1)
             means[i, :, r0:r0 + nr[i]] = (acc64[:, :C] / acc64[:, C:]).t().to(dtype)
+            if wanted[i]:
+                keep_norm(i, slice(r0, r0 + nr[i]), m[i], acc64[:, C])
     if stats is not None:
         stats.update(counts)
     out = {}
@@ -666,4 +682,8 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
         full = torch.full((C, B * H * W), float("nan"), dtype=dtype)
         full[:, rows] = means[i]
         out[k] = full.reshape(C, B, H * W).permute(1, 0, 2).reshape(B, C, H, W).contiguous()
+        if norms is not None:
+            nfull = torch.full((B * H * W,), float("nan"), dtype=torch.float64)
+            nfull[rows] = norms[i]
+            log_norms[k] = nfull.reshape(B, H, W)
     return out

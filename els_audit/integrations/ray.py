@@ -1,0 +1,129 @@
+"""The machines' dictionary sharded over Ray actors (the extra ``els-audit[ray]``).
+
+Each actor holds one :class:`els_audit.machines.sharded.Shard`: the machines over every S-th
+training image, built in the actor.  The driver sends each evaluation to every actor at once
+and merges their partial answers exactly (:mod:`els_audit.machines._partial`), so the answer
+is the single-process one within float32 rounding, whatever the number of shards.
+
+- Cluster: ``address="auto"`` joins the cluster this machine belongs to (``ray start``, or
+  ``RAY_ADDRESS``) and starts a local one when there is none; any other address is passed to
+  ``ray.init``.  The workers import ``els_audit``: on a multi-node cluster install it there
+  (or ship it with a ``runtime_env``) as for any Ray job.
+- Shards and placement (:func:`plan_shards`): one shard per CPU of the cluster, more when a
+  shard's images and its deduplicated dictionary at one size would not fit half of
+  ``memory_budget`` (the budget each actor's machines keep to); each actor reserves its share
+  of the CPUs and runs that many torch threads.  The machines run on the CPU (GPU placement
+  waits for the machines on CUDA).
+- Faults: actors restart up to ``max_restarts`` times (Ray rebuilds the shard by running its
+  constructor again) and a call in flight on a dead actor is retried on the restarted one.
+  When the restarts are spent, the evaluation raises :class:`ShardError` with one line: there
+  is never a silently partial answer.
+
+Usage::
+
+    from els_audit.integrations.ray import RayShardPool
+    from els_audit.machines.sharded import sharded_machines
+    pool = RayShardPool(images, labels, [("ELS", "periodic"), ("IS", "periodic")], address="auto")
+    els, ideal = sharded_machines(pool, images, labels)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import ray
+import torch
+
+from ..machines import DEFAULT_MEMORY_BUDGET
+from ..machines._dictionary import DEDUP_BYTES_PER_KEY
+from ..machines.sharded import Shard, ShardError, shard_ids
+from ..schedules import NoiseSchedule
+
+__all__ = ["RayShardPool", "connect", "plan_shards"]
+
+
+def connect(address: str = "auto") -> dict:
+    """Join the Ray cluster at ``address`` (``"auto"``: this machine's, else a new local
+    one); a no-op when this process is connected already.  Returns the cluster's resources."""
+    if not ray.is_initialized():
+        if address == "auto":
+            try:
+                ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+            except ConnectionError:
+                ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        else:
+            try:
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            except ConnectionError as exc:
+                raise ShardError(f"cannot reach the Ray cluster at {address!r} ({exc}); start it with "
+                                 "'ray start --head' or pass --ray auto") from None
+    return dict(ray.cluster_resources())
+
+
+def shard_bytes(images: torch.Tensor, n_shards: int) -> int:
+    """What one shard keeps at one patch size: its images (padded) and the deduplication's
+    bookkeeping per key (:func:`els_audit.machines._dictionary.build_dictionary`)."""
+    N, C, H, W = images.shape
+    n = math.ceil(N / n_shards)
+    return n * C * H * W * images.element_size() * 2 + n * H * W * (DEDUP_BYTES_PER_KEY + 4 * C)
+
+
+def plan_shards(images: torch.Tensor, cpus: float, memory_budget: int) -> int:
+    """Shards: one per CPU (at least one), more while a shard's dictionary at one size
+    would not fit half its ``memory_budget``; never more than the images."""
+    n = max(1, int(cpus))
+    while n < images.shape[0] and shard_bytes(images, n) > memory_budget // 2:
+        n += 1
+    return min(n, images.shape[0])
+
+
+class RayShardPool:
+    """Shards held by Ray actors (module docstring); ``call`` runs a method on all at once."""
+
+    name = "ray"
+
+    def __init__(self, images: torch.Tensor, labels: Optional[torch.Tensor], specs: Sequence[tuple[str, str]], *,
+                 address: str = "auto", schedule: Union[str, NoiseSchedule] = "cosine-legacy",
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET, n_shards: Optional[int] = None,
+                 max_restarts: int = 3):
+        resources = connect(address)
+        cpus = float(resources.get("CPU", 1.0))
+        self.specs = list(specs)
+        self.n_shards = n_shards or plan_shards(images, cpus, memory_budget)
+        self.cpus_per_actor = cpus / self.n_shards if self.n_shards > cpus else 1.0
+        threads = max(1, int(self.cpus_per_actor))
+        actor = ray.remote(Shard).options(num_cpus=self.cpus_per_actor, max_restarts=max_restarts,
+                                          max_task_retries=max_restarts)
+        self.actors = []
+        for ids in shard_ids(images.shape[0], self.n_shards):
+            self.actors.append(actor.remote(images[ids].contiguous(), None if labels is None else labels[ids], ids,
+                                            self.specs, schedule, int(memory_budget), threads))
+        self.pids = self._get([a.pid.remote() for a in self.actors])     # built, or the build's error
+
+    def call(self, method: str, *args) -> list:
+        shared = [ray.put(a) if isinstance(a, torch.Tensor) else a for a in args]     # sent once, read by all
+        return self._get([getattr(a, method).remote(*shared) for a in self.actors])
+
+    def _get(self, refs: list) -> list:
+        try:
+            return ray.get(refs)
+        except ray.exceptions.ActorDiedError as exc:
+            raise ShardError(f"a Ray actor holding one of {self.n_shards} shards died and could not be restarted "
+                             f"({_first_line(exc)}); stopped rather than give a partial answer") from None
+        except ray.exceptions.RayActorError as exc:
+            raise ShardError(f"a Ray actor holding one of {self.n_shards} shards is unavailable "
+                             f"({_first_line(exc)}); stopped rather than give a partial answer") from None
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "shards": self.n_shards, "cpus_per_shard": self.cpus_per_actor}
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:200]

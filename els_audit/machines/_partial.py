@@ -1,0 +1,148 @@
+"""Answers over parts of a dictionary, and their exact merge (the sharded machines).
+
+Every machine's answer at a query pixel is a softmax-weighted average over its keys::
+
+    mean = sum_j w_j centre_j,   w_j = count_j 2**(s_j) / Z,   Z = sum_j count_j 2**(s_j)
+
+with the absolute base-2 logit ``s_j = -log2(e) ||q - a p_j||^2 / (2 b^2)``.  Split the keys
+into disjoint shards s (here: the training images, dealt out in turn) and each shard's answer
+is the same average over its own keys with its own normaliser ``Z_s``.  Then, exactly,
+
+    Z = sum_s Z_s,    mean = sum_s (Z_s / Z) mean_s,
+
+computed as a log-sum-exp over the shards' ``log2 Z_s`` (kept in float64: at low noise the
+logits are thousands of bits).  Identical patches in different shards are not merged into one
+key, but they enter the sum with their counts either way, so the answer does not change.
+
+The diagnostics merge too: the winning entry is the shard winner with the largest absolute
+logit ``log2(weight_s) + log2 Z_s``; identical patches are one entry of the whole dictionary,
+so the winners whose patch content equals the overall winner's (a hash of their values, see
+:func:`winner_hash`) add their multiplicities and the first occurrence (lowest image index,
+then row-major position) stands for them, as in one process.  The entropy over the whole
+dictionary is ``H = sum_s pi_s (H_s - ln pi_s)`` with ``pi_s = Z_s / Z``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:                                           # pragma: no cover
+    from . import ScoreDiagnostics
+
+__all__ = ["Partial", "merge_partials", "winner_hash"]
+
+
+@dataclass
+class Partial:
+    """One shard's answer for a batch of B queries.
+
+    mean: (B, C, H, W) the softmax mean over this shard's keys (any value where the
+    normaliser is -inf); log2_norm: (B, H, W) float64 absolute log2 normaliser, -inf where
+    this shard has no key for the query (a class it holds no image of); diagnostics: a
+    ``ScoreDiagnostics`` over this shard with image indices into the WHOLE training set;
+    winner_hash: (B, H, W) int64 content hash of each winning entry's patch.
+    """
+
+    mean: torch.Tensor
+    log2_norm: torch.Tensor
+    diagnostics: Optional["ScoreDiagnostics"] = None
+    winner_hash: Optional[torch.Tensor] = None
+
+    def with_image_ids(self, ids: torch.Tensor) -> "Partial":
+        """This answer with the winners' image indices mapped through ``ids`` (local index ->
+        index in the whole training set)."""
+        if self.diagnostics is None:
+            return self
+        d = self.diagnostics
+        mapped = type(d)(ids[d.source_image], d.source_y, d.source_x, d.weight, d.multiplicity, d.entropy)
+        return Partial(self.mean, self.log2_norm, mapped, self.winner_hash)
+
+
+def merge_partials(parts: Sequence[Partial], *, merge_duplicates: bool = True):
+    """(mean (B, C, H, W), diagnostics or None) of the whole dictionary from its shards'
+    answers (module docstring).  ``merge_duplicates``: False for IS, whose entries are whole
+    images and are never merged (multiplicity 1 everywhere)."""
+    if not parts:
+        raise ValueError("no shard answers to merge")
+    norms = torch.stack([p.log2_norm for p in parts])                                   # (S, B, H, W)
+    top = norms.amax(0)
+    if not bool(torch.isfinite(top).all()):
+        raise ValueError("some queries have no key in any shard (a label without training images?)")
+    pi = torch.exp2(norms - top)                                                        # (S, B, H, W), 0 for -inf
+    pi = pi / pi.sum(0)
+    dtype = parts[0].mean.dtype
+    mean = torch.zeros(parts[0].mean.shape, dtype=torch.float64)
+    for p, w in zip(parts, pi):
+        mean += torch.where(w[:, None] > 0, w[:, None] * p.mean.to(torch.float64), 0.0)
+    diag = None
+    if parts[0].diagnostics is not None:
+        diag = _merge_winners(parts, norms, top, pi, merge_duplicates)
+    return mean.to(dtype), diag
+
+
+def _merge_winners(parts, norms, top, pi, merge_duplicates: bool):
+    ds = [p.diagnostics for p in parts]
+    live = torch.isfinite(norms)                                                        # (S, B, H, W)
+    logit = torch.where(live, torch.log2(torch.stack([d.weight.to(torch.float64) for d in ds])) + norms,
+                        float("-inf"))
+    # the best shard; exact ties (the same patch in two shards) go to the lower image index
+    src = torch.stack([d.source_image for d in ds])
+    order = torch.where(live, src, torch.iinfo(torch.long).max)
+    best_logit = logit.amax(0)
+    cand = logit == best_logit
+    win = torch.where(cand, order, torch.iinfo(torch.long).max).argmin(0)              # (B, H, W)
+    pick = lambda v: v.gather(0, win[None])[0]                                          # noqa: E731
+    ys, xs = torch.stack([d.source_y for d in ds]), torch.stack([d.source_x for d in ds])
+    hashes = torch.stack([p.winner_hash for p in parts])
+    counts = torch.stack([d.multiplicity for d in ds])
+    h_win = pick(hashes)
+    same = live & (hashes == h_win[None])                                               # the winner's patch
+    # first occurrence among them: lowest (image, y, x)
+    H, W = src.shape[-2:]
+    pos = torch.where(same, (src * H + ys) * W + xs, torch.iinfo(torch.long).max)
+    first = pos.argmin(0)
+    first_of = lambda v: v.gather(0, first[None])[0]                                    # noqa: E731
+    count = torch.where(same, counts, 0).sum(0) if merge_duplicates else torch.ones_like(counts[0])
+    if not merge_duplicates:                                    # IS: the lowest index among equal images
+        first = win
+    weight = torch.exp2(best_logit - torch.log2(torch.exp2(norms - top[None]).sum(0)) - top)
+    ent = torch.stack([d.entropy.to(torch.float64) for d in ds])
+    h = torch.where(pi > 0, pi * (ent - torch.log(pi.clamp_min(torch.finfo(torch.float64).tiny))), 0.0).sum(0)
+    dtype = ds[0].weight.dtype
+    return type(ds[0])(first_of(src), first_of(ys), first_of(xs), weight.to(dtype), count, h.to(dtype))
+
+
+_HASH_SEED = 0x5EED
+
+
+def winner_hash(images: torch.Tensor, kind: str, dictionary: str, k: Optional[int],
+                diagnostics: "ScoreDiagnostics") -> torch.Tensor:
+    """(B, H, W) int64 hash of the values of each winning entry: the k x k patch (padded as
+    the machine pads: circularly for periodic ELS, with zeros otherwise) centred at the
+    winner's position in its image, or the whole image for IS.  Equal patches get equal
+    hashes (their bits are hashed, wrapping in int64); different ones collide with
+    probability about 2**-60."""
+    d = diagnostics
+    B, H, W = d.source_image.shape
+    src = d.source_image.reshape(-1)
+    if kind == "IS":
+        vals = images[src].reshape(src.numel(), -1)
+    else:
+        r = k // 2
+        padded = (F.pad(images, (r, r, r, r), mode="circular") if kind == "ELS" and dictionary == "periodic"
+                  else F.pad(images, (r, r, r, r)))
+        C = images.shape[1]
+        dy = torch.arange(k)
+        rows = (d.source_y.reshape(-1)[:, None] + dy[None, :])                          # (n, k) padded coords
+        cols = (d.source_x.reshape(-1)[:, None] + dy[None, :])
+        vals = padded[src[:, None, None, None], torch.arange(C)[None, :, None, None],
+                      rows[:, None, :, None], cols[:, None, None, :]].reshape(src.numel(), -1)
+    bits = vals.contiguous().view(torch.int32 if vals.dtype == torch.float32 else torch.int64).to(torch.int64)
+    gen = torch.Generator().manual_seed(_HASH_SEED)
+    coef = torch.randint(-(1 << 62), 1 << 62, (bits.shape[1],), generator=gen, dtype=torch.int64) | 1
+    h = (bits * coef[None, :]).sum(1)
+    return (h ^ (h >> 29)).reshape(B, H, W)
