@@ -297,3 +297,17 @@ def test_memory_budget_limits_materialisation():
     st = tight.dictionary_stats(k=5)
     assert st["deduplicated"] and 0.0 < st["materialized_fraction"] < 1.0      # a prefix kept
     assert rel_err(got, full.score(x, 0.5, k=5)) < 1e-13                       # other chunking
+
+
+def test_equal_keys_are_merged_wherever_they_sit():
+    """Three equal images: every key of each group is merged with its copies (the hash of a
+    row must not depend on its place in the chunk; BLAS's gemv once split them)."""
+    g = torch.Generator().manual_seed(0)
+    img = (torch.rand(1, 1, 6, 6, generator=g) > 0.6).double() * 2 - 1
+    imgs = img.repeat(3, 1, 1, 1)
+    for kind in ("LS", "ELS", "bbELS"):
+        d = build_machine(kind, imgs)._dictionary(5, None)
+        for grp in d.groups:
+            assert bool((grp.count % 3 == 0).all()), kind
+    alone = build_machine("ELS", img).dictionary_stats(5)["unique_keys"]
+    assert build_machine("ELS", imgs).dictionary_stats(5)["unique_keys"] == alone
