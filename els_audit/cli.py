@@ -137,6 +137,11 @@ class _Command(click.Command):
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch threads (on a loaded 2-core machine one is often fastest).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--memory-budget", "memory_budget", metavar="SIZE", default="2G", show_default=True,
+              help="Memory each machine keeps to (each Ray actor's with --ray), e.g. 2G, 512M.")
+@click.option("--ray", "ray", metavar="auto|ADDRESS", default=None,
+              help="Shard the machines' dictionary over Ray actors (needs els-audit[ray]): 'auto' joins this "
+                   "machine's Ray cluster or starts a local one; else a cluster address.  Same answers.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--debug", is_flag=True, help="Show the traceback when the audit cannot run.")
 @click.pass_context
@@ -151,6 +156,7 @@ def main(ctx: click.Context, **opts) -> int:
     could not run.
     """
     from .audit import AuditError, model_name, run_audit
+    from .machines.sharded import ShardError
     from .outputs import plan_outputs, write_outputs
     from .serialize import dumps
 
@@ -189,7 +195,7 @@ def main(ctx: click.Context, **opts) -> int:
         # NB: a signal during the final renames is held until they are done (els_audit.atomic)
         written = written or (plan is not None and _written_since(plan.folder / "summary.json", started))
         return _error(f"{what}; " + ("the report had been written" if written else "nothing was written"))
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ShardError) as exc:
         return _error(text(exc), debug)
     except Exception as exc:  # noqa: BLE001 - exit code 2 for anything that stops the audit
         return _error(f"internal error ({type(exc).__name__}: {text(exc, 300)}); rerun with --debug for the "
@@ -222,7 +228,7 @@ def _config(opts: dict):
     """The :class:`~els_audit.audit.AuditConfig` the options describe (the rules file's rules
     added to ``--fail-on``)."""
     from .audit import AuditConfig, parse_arch_kwargs, parse_scales
-    from .config import parse_duration
+    from .config import parse_bytes, parse_duration
     from .checks import load_rules
 
     rules = list(opts["fail_on"])
@@ -232,10 +238,11 @@ def _config(opts: dict):
                                    "prediction", "call_style", "num_train_steps", "data_range", "steps", "seeds",
                                    "calibration_seeds", "seed_offset", "conditional", "label", "machine", "dictionary",
                                    "criterion", "compare_criteria", "spread", "memorized_threshold", "threads", "device",
-                                   "only")}
+                                   "only", "ray")}
     return AuditConfig(**passed, data_limit=opts["data_limit"], budget=parse_duration(opts["budget"]),
                        arch_kwargs=parse_arch_kwargs(opts["arch_kwargs"]), format=opts["format_"],
-                       scales=parse_scales(opts["scales"]), fail_on=tuple(rules))
+                       scales=parse_scales(opts["scales"]), fail_on=tuple(rules),
+                       memory_budget=parse_bytes(opts["memory_budget"]))
 
 
 def _mlflow_logger(experiment, model_version):

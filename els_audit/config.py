@@ -65,6 +65,23 @@ DEFAULT_BUDGET = 600.0
 PLANNED = ("data_limit", "steps", "calibration_seeds", "seeds")
 
 
+def parse_bytes(text: str) -> int:
+    """``--memory-budget``: ``2G``, ``512M``, ``1.5GiB``, ``3000000000`` (bytes) -> bytes.
+
+    Raises:
+        AuditError: not a positive size.
+    """
+    s = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(s[-1:], None)
+    try:
+        value = float(s[:-1] if unit is not None else s) * (unit or 1)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 1 << 20 and math.isfinite(value)):
+        raise AuditError(f"--memory-budget {text!r} is not a size of at least 1M; write e.g. 2G or 512M")
+    return int(value)
+
+
 def parse_duration(text: str) -> Optional[float]:
     """``--budget``: ``90s``, ``10m``, ``1.5h``, ``600`` (seconds) -> seconds; ``none`` -> ``None``
     (no limit: full fidelity).
@@ -161,6 +178,12 @@ class AuditConfig:
         only: ``None`` (the whole audit) or ``"structure"``: the architecture review (see
             :data:`ONLY_CHOICES`); the summary then has no machine, prediction, novelty or
             published section.
+        memory_budget: bytes each machine (each shard's, with ``ray``) keeps its
+            dictionaries and working memory within.
+        ray: ``None`` (the machines run in this process), ``"auto"`` (this machine's Ray
+            cluster, else a new local one) or a Ray address: the machines' dictionary is
+            sharded over Ray actors (:mod:`els_audit.integrations.ray`, the extra
+            ``els-audit[ray]``), with answers equal to one process's.
     """
 
     model: str
@@ -197,6 +220,8 @@ class AuditConfig:
     threads: Optional[int] = None
     device: str = "cpu"
     only: Optional[str] = None
+    memory_budget: int = 2 * 1024**3
+    ray: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -240,6 +265,11 @@ class AuditConfig:
             object.__setattr__(self, "scales", sc)
         if not (isinstance(self.memorized_threshold, (int, float)) and 0 < self.memorized_threshold <= 1):
             raise AuditError(f"--memorized-threshold must be in (0, 1]; got {self.memorized_threshold!r}")
+        if isinstance(self.memory_budget, bool) or not isinstance(self.memory_budget, int) or \
+                self.memory_budget < 1 << 20:
+            raise AuditError(f"--memory-budget must be at least 1M (bytes); got {self.memory_budget!r}")
+        if self.ray is not None and (not isinstance(self.ray, str) or not self.ray.strip()):
+            raise AuditError(f"--ray must be 'auto' or a Ray cluster address (host:port or ray://...); got {self.ray!r}")
         if self.device not in ("cpu", "cuda"):
             raise AuditError(f"--device must be cpu or cuda; got {self.device!r}")
         object.__setattr__(self, "fail_on", tuple(self.fail_on))

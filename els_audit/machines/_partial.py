@@ -106,9 +106,8 @@ def _merge_winners(parts, norms, top, pi, merge_duplicates: bool):
     pos = torch.where(same, (src * H + ys) * W + xs, torch.iinfo(torch.long).max)
     first = pos.argmin(0)
     first_of = lambda v: v.gather(0, first[None])[0]                                    # noqa: E731
+    # IS: equal images are separate entries (multiplicity 1); the lowest index stands first
     count = torch.where(same, counts, 0).sum(0) if merge_duplicates else torch.ones_like(counts[0])
-    if not merge_duplicates:                                    # IS: the lowest index among equal images
-        first = win
     weight = torch.exp2(best_logit - torch.log2(torch.exp2(norms - top[None]).sum(0)) - top)
     ent = torch.stack([d.entropy.to(torch.float64) for d in ds])
     h = torch.where(pi > 0, pi * (ent - torch.log(pi.clamp_min(torch.finfo(torch.float64).tiny))), 0.0).sum(0)
@@ -143,6 +142,19 @@ def winner_hash(images: torch.Tensor, kind: str, dictionary: str, k: Optional[in
                       rows[:, None, :, None], cols[:, None, None, :]].reshape(src.numel(), -1)
     bits = vals.contiguous().view(torch.int32 if vals.dtype == torch.float32 else torch.int64).to(torch.int64)
     gen = torch.Generator().manual_seed(_HASH_SEED)
-    coef = torch.randint(-(1 << 62), 1 << 62, (bits.shape[1],), generator=gen, dtype=torch.int64) | 1
-    h = (bits * coef[None, :]).sum(1)
-    return (h ^ (h >> 29)).reshape(B, H, W)
+    salt = torch.randint(-(1 << 62), 1 << 62, (bits.shape[1],), generator=gen, dtype=torch.int64)
+    # each (position, value) mixed on its own (a sum of raw bits times constants would
+    # collide: the bits of 1.0 and -1.0 differ by 2**63), then summed
+    return _mix64(bits ^ salt[None, :]).sum(1).reshape(B, H, W)
+
+
+_M1, _M2 = 0xFF51AFD7ED558CCD - (1 << 64), 0xC4CEB9FE1A85EC53 - (1 << 64)
+
+
+def _mix64(v: torch.Tensor) -> torch.Tensor:
+    """A 64-bit finaliser (MurmurHash3's fmix64 shape: shift-xor, multiply, wrapping in int64)."""
+    v = v ^ ((v >> 33) & ((1 << 31) - 1))
+    v = v * _M1
+    v = v ^ ((v >> 33) & ((1 << 31) - 1))
+    v = v * _M2
+    return v ^ ((v >> 33) & ((1 << 31) - 1))

@@ -122,8 +122,7 @@ def fit_machine(cfg, clock: Clock, inp: Inputs, probes: Probes) -> FittedMachine
     clock.say(f"machine: {choice.kind} ({choice.reason})")
     labels = inp.dic.labels if inp.conditional else None
     sched = inp.den.schedule
-    machine = build_machine(choice.kind, inp.dict_images, labels, schedule=sched, dictionary=cfg.dictionary)
-    is_machine = build_machine("IS", inp.dict_images, labels, schedule=sched)
+    machine, is_machine = build_machines(cfg, clock, choice, inp.dict_images, labels, sched)
     if isinstance(cfg.scales, tuple):
         return FittedMachine(choice, machine, is_machine, cfg.scales, "given (--scales)")
     if cfg.scales == "erf":
@@ -142,6 +141,27 @@ def fit_machine(cfg, clock: Clock, inp: Inputs, probes: Probes) -> FittedMachine
         crit = "cosine" if cfg.criterion == "x0" else "x0"
         other = calibrate(crit, f"calibrate ({crit}, for comparison)")
     return FittedMachine(choice, machine, is_machine, calibration.scales, source, calibration, other)
+
+
+def build_machines(cfg, clock: Clock, choice: MachineChoice, images, labels, sched) -> tuple[ScoreMachine, ScoreMachine]:
+    """The chosen machine and the IS baseline over ``images``: in this process, or (``cfg.ray``)
+    sharded over Ray actors, one actor per shard holding both (:mod:`els_audit.integrations.ray`)."""
+    specs = [(choice.kind, cfg.dictionary), ("IS", "periodic")]
+    if cfg.ray is None:
+        return tuple(build_machine(kind, images, labels, schedule=sched, dictionary=dic,
+                                   memory_budget=cfg.memory_budget) for kind, dic in specs)
+    try:
+        from ..integrations.ray import RayShardPool
+    except ImportError as exc:
+        raise AuditError(f"--ray needs Ray ({exc}); install the extra: pip install 'els-audit[ray]'") from None
+    from ..machines.sharded import sharded_machines
+    clock.say(f"ray: sharding the dictionary ({images.shape[0]} images) over Ray actors ({cfg.ray}) ...")
+    pool = RayShardPool(images, labels, specs, address=cfg.ray, schedule=sched, memory_budget=cfg.memory_budget)
+    d = pool.describe()
+    clock.say(f"ray: {d['shards']} shards, {d['cpus_per_shard']:g} CPU each, memory budget "
+              f"{cfg.memory_budget / 2**30:.2g} GiB each")
+    machine, is_machine = sharded_machines(pool, images, labels, schedule=sched, memory_budget=cfg.memory_budget)
+    return machine, is_machine
 
 
 def calibration_seeds(cfg) -> list[int]:

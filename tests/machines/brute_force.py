@@ -78,3 +78,25 @@ def brute_score(kind, images, x, t_a_b, k=None, dictionary="periodic", diagnosti
                 per_pix[(y, xx)] = (ents, w)
         diag.append(per_pix)
     return (s, diag) if diagnostics else s
+
+
+def brute_log2_norm(kind, images, x, t_a_b, k=None, dictionary="periodic"):
+    """(B, H, W) log2 of the softmax normaliser sum_j exp(-||Omega_p(x) - a patch_j||^2 / (2 b^2))
+    over every entry competing at each pixel (duplicates counted), straight from the loops."""
+    B, C, H, W = x.shape
+    out = torch.zeros(B, H, W, dtype=torch.float64)
+    ln2 = torch.log(torch.tensor(2.0, dtype=torch.float64))
+    for bi in range(B):
+        a, b = t_a_b[bi]
+        if kind == "IS":
+            d2 = torch.stack([((x[bi] - a * images[j]) ** 2).sum() for j in range(images.shape[0])])
+            out[bi] = torch.logsumexp(-d2.double() / (2 * b * b), 0) / ln2
+            continue
+        qmode = "circular" if kind == "ELS" else "zeros"
+        for y in range(H):
+            for xx in range(W):
+                q = window(x[bi], y, xx, k, qmode)
+                ents = entries(kind, images, y, xx, k, dictionary)
+                d2 = torch.stack([((q - a * window(images[j], qy, qx, k, m)) ** 2).sum() for j, qy, qx, m in ents])
+                out[bi, y, xx] = torch.logsumexp(-d2.double() / (2 * b * b), 0) / ln2
+    return out
