@@ -95,10 +95,14 @@ class RayShardPool:
         threads = max(1, int(self.cpus_per_actor))
         actor = ray.remote(Shard).options(num_cpus=self.cpus_per_actor, max_restarts=max_restarts,
                                           max_task_retries=max_restarts)
-        self.actors = []
+        self.actors, self._held = [], []
         for ids in shard_ids(images.shape[0], self.n_shards):
-            self.actors.append(actor.remote(images[ids].contiguous(), None if labels is None else labels[ids], ids,
-                                            self.specs, schedule, int(memory_budget), threads))
+            # NB: the pool holds its shards' images in the object store: a restarted actor
+            # reads its constructor's arguments again, and they must not have gone out of scope
+            held = ray.put(images[ids].contiguous())
+            self._held.append(held)
+            self.actors.append(actor.remote(held, None if labels is None else labels[ids], ids, self.specs, schedule,
+                                            int(memory_budget), threads))
         self.pids = self._get([a.pid.remote() for a in self.actors])     # built, or the build's error
 
     def call(self, method: str, *args) -> list:
@@ -121,7 +125,7 @@ class RayShardPool:
     def close(self) -> None:
         for a in self.actors:
             ray.kill(a)
-        self.actors = []
+        self.actors, self._held = [], []
 
 
 def _first_line(exc: BaseException) -> str:
