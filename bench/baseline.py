@@ -1,6 +1,6 @@
 """The straightforward way: unfold + GEMM, the honest baseline for bench_machines.py.
 
-What a competent engineer writes in an afternoon from theory.md section 2: unfold every
+What a competent engineer writes in an afternoon from docs/theory.md section 2: unfold every
 k x k patch of every training image once per k (the dictionary is built once and kept),
 then for each query group compute ``(a q.p - a^2 |p|^2 / 2) / b^2`` by GEMM over key chunks
 with an online log-sum-exp, and average the centres.  No deduplication, no mean shift.

@@ -2,7 +2,7 @@
 
 References:
 - M. Kamb and S. Ganguli, "An analytic theory of creativity in convolutional diffusion
-  models", ICML 2025 (arXiv 2412.20292); theory.md sections 1-4 (one DDIM grid and one
+  models", ICML 2025 (arXiv 2412.20292); docs/theory.md sections 1-4 (one DDIM grid and one
   seed for network and machines; the machines; per-step scale calibration; the metric and
   the published numbers).
 - docs/conventions.md: this module is the pipeline as one pure function,

@@ -2,16 +2,16 @@
 
 References:
 - M. Kamb and S. Ganguli, "An analytic theory of creativity in convolutional diffusion
-  models", ICML 2025 (arXiv 2412.20292), and theory.md section 3: run the network's own
+  models", ICML 2025 (arXiv 2412.20292), and docs/theory.md section 3: run the network's own
   reverse process from a seed; at each step compare the network's score ``-eps/b_t`` with
   each candidate machine's score at the same x_t (cosine similarity), keep the best k, take
   the median over seeds.
-- theory.md section 1: the DDIM grid ``t_i = i/T`` and ``x0_hat = (x_t - b_t eps) / a_t``.
+- docs/theory.md section 1: the DDIM grid ``t_i = i/T`` and ``x0_hat = (x_t - b_t eps) / a_t``.
 
 Step convention (the one :func:`els_audit.machines.scale_schedule_eps` uses): ``scales[j]``,
 j = 0..T-1, is the patch size at grid time ``t_{j+1} = (j+1)/T``, i.e. index 0 = least
 noise (the last sampler step, t = 1/T), index T-1 = the first step (t = 1), matching the
-table of theory.md section 3.  ``scales[j]`` is calibrated on the network's state x at
+table of docs/theory.md section 3.  ``scales[j]`` is calibrated on the network's state x at
 ``t_{j+1}`` and is later applied to the machine's state at the same ``t_{j+1}``.  NB: the
 authors' public code applies the scale calibrated for step i+1 at step i (off by one) and
 starts its machine at t = 1 - 1/T; we do neither.
@@ -126,7 +126,7 @@ def _check_k(k) -> int:
 
 
 def default_candidates(image_shape: Sequence[int]) -> tuple[int, ...]:
-    """Odd k from 3 up to the larger image side (theory.md section 3).
+    """Odd k from 3 up to the larger image side (docs/theory.md section 3).
 
     Args:
         image_shape: (C, H, W).
@@ -305,7 +305,7 @@ def calibrate_scales(
         eps_fn: the network as ``eps(x, t, label)``: x (B, C, H, W) in the machine's dtype,
             t (B,) float times in [0, 1], label (B,) long or ``None``; returns (B, C, H, W).
         machine: a local machine (LS, ELS or bbELS) over the training images or a subset
-            (the best k depends on dictionary size: theory.md section 3).
+            (the best k depends on dictionary size: docs/theory.md section 3).
         seeds: calibration seeds (distinct integers).
         steps: T, the DDIM grid ``t_i = i/T``.
         schedule: the network's schedule; ``None`` = the machine's.  Must give the same

@@ -8,7 +8,7 @@ References (file formats; no code is taken from them):
   ``labels`` list of N ints; ``batches.meta`` holds ``label_names``).
 - ``.npz``: numpy's zip of ``.npy`` arrays (``numpy.lib.format``), read with
   ``allow_pickle=False``.
-- Kamb & Ganguli, ICML 2025 (theory.md): the machines see pixels in [-1, 1].
+- Kamb & Ganguli, ICML 2025 (docs/theory.md): the machines see pixels in [-1, 1].
 
 A **spec** picks a data set and options (grammar: ``SOURCE[:key=value[:key=value...]]``)::
 

@@ -2,10 +2,10 @@
 
 References:
 - M. Kamb and S. Ganguli, "An analytic theory of creativity in convolutional diffusion
-  models", ICML 2025 (arXiv 2412.20292).  theory.md section 4: the paper's "r^2" is the
+  models", ICML 2025 (arXiv 2412.20292).  docs/theory.md section 4: the paper's "r^2" is the
   Pearson correlation r between two images: subtract each image's global mean (over all
   pixels and channels), L2-normalise, take the dot product.  It is r, not its square.
-- R^2 = 1 - SSE / SST, the coefficient of determination (theory.md section 4).
+- R^2 = 1 - SSE / SST, the coefficient of determination (docs/theory.md section 4).
 
 Every function accepts torch tensors or numpy arrays and computes in float64.  The single
 versions treat the whole input as one image (any shape); the ``*_batch`` versions treat dim
@@ -83,7 +83,7 @@ def _r2(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def pearson_r(a: ArrayLike, b: ArrayLike) -> float:
-    """The paper's r between two images (theory.md section 4).
+    """The paper's r between two images (docs/theory.md section 4).
 
     Args:
         a, b: two images of the same shape, e.g. (C, H, W); every element counts.

@@ -5,7 +5,7 @@ References:
   2023: a generated image is a copy when its nearest training image is much nearer than the
   second nearest (ratio test).
 - M. Kamb and S. Ganguli, "An analytic theory of creativity in convolutional diffusion
-  models", ICML 2025 (arXiv 2412.20292), Theorem 4.1 and theory.md section 2: at t -> 0
+  models", ICML 2025 (arXiv 2412.20292), Theorem 4.1 and docs/theory.md section 2: at t -> 0
   every output pixel is the centre of its nearest training patch (a patch mosaic); the
   machine's diagnostics say which training image and location each pixel came from.
 

@@ -2,7 +2,7 @@
 
 References:
 - M. Kamb and S. Ganguli, "An analytic theory of creativity in convolutional diffusion
-  models", ICML 2025 (arXiv 2412.20292).  theory.md section 1 (one DDIM grid, one seed,
+  models", ICML 2025 (arXiv 2412.20292).  docs/theory.md section 1 (one DDIM grid, one seed,
   for network and machines alike) and section 4 (the paper's r, the true R^2, the IS
   baseline, the win rate).
 

@@ -3,12 +3,12 @@
 References:
 - M. Kamb and S. Ganguli, "An analytic theory of creativity in convolutional diffusion
   models", ICML 2025 (arXiv 2412.20292); public code github.com/Kambm/convolutional_diffusion.
-- theory.md section 3 (the per-step scales the authors calibrated for their own networks,
+- docs/theory.md section 3 (the per-step scales the authors calibrated for their own networks,
   20 steps, index 0 = least noise, as published with their code) and section 4 (median r
   over 100 seeds; networks sampled with 150 DDIM steps, machines with 20).
 
 NB: the published scales were calibrated with the paper's cosine criterion, and the public
-code applies the scale calibrated for step i+1 at step i (theory.md section 3).  The table
+code applies the scale calibrated for step i+1 at step i (docs/theory.md section 3).  The table
 is reproduced as published, without correcting that shift.
 
 Usage::
@@ -51,7 +51,7 @@ R_PROTOCOL = {
 
 @dataclass(frozen=True)
 class PublishedScales:
-    """One row of theory.md section 3: per-step patch sizes, index 0 = least noise."""
+    """One row of docs/theory.md section 3: per-step patch sizes, index 0 = least noise."""
 
     dataset: str
     arch: str
@@ -67,10 +67,10 @@ class PublishedScales:
 
 @dataclass(frozen=True)
 class PublishedR:
-    """One row of theory.md section 4: median r of each machine vs the network.
+    """One row of docs/theory.md section 4: median r of each machine vs the network.
 
     ``els_net20``: the ELS median when the network is also sampled with 20 steps, where
-    theory.md quotes it (else ``None``).
+    docs/theory.md quotes it (else ``None``).
     """
 
     dataset: str

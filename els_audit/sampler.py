@@ -1,6 +1,6 @@
 """The one deterministic DDIM sampler that drives networks and machines alike.
 
-Reference: Song et al. 2021 (DDIM, eta = 0); theory.md section 1.  On the grid
+Reference: Song et al. 2021 (DDIM, eta = 0); docs/theory.md section 1.  On the grid
 ``t_i = i / T``, i = T..1:
 
     x <- (a_{i-1} / a_i) x + (b_{i-1} - (a_{i-1} / a_i) b_i) eps_hat(x, t_i)

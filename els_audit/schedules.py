@@ -1,7 +1,7 @@
 """Noise schedules as (a_t, b_t) pairs on t in [0, 1].
 
 References:
-- Kamb & Ganguli, ICML 2025 (arXiv 2412.20292), and theory.md section 1: the forward
+- Kamb & Ganguli, ICML 2025 (arXiv 2412.20292), and docs/theory.md section 1: the forward
   process ``x_t = a_t x_0 + b_t eps`` with ``a_t^2 + b_t^2 = 1`` (variance preserving).
 - Ho et al. 2020 (DDPM linear betas); Nichol & Dhariwal 2021 (improved cosine, s = 0.008).
 

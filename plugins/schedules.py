@@ -1,6 +1,6 @@
 """First-party noise schedules (entry-point group ``els_audit.schedules``).
 
-References: theory.md section 1; Kamb & Ganguli 2025 (cosine-legacy); Nichol & Dhariwal
+References: docs/theory.md section 1; Kamb & Ganguli 2025 (cosine-legacy); Nichol & Dhariwal
 2021 (improved cosine); Ho et al. 2020 (linear DDPM betas).
 """
 

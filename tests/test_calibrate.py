@@ -59,7 +59,7 @@ def test_recovers_the_schedule_of_an_els_network(els, criterion):
 
 
 def test_cosine_is_nearly_blind_at_t1_and_x0_is_not(els):
-    # theory.md section 3: at t = 1 the shared -x/b^2 term makes every candidate's score
+    # docs/theory.md section 3: at t = 1 the shared -x/b^2 term makes every candidate's score
     # nearly parallel to the network's.  Measured here, not assumed: the worst wrong
     # candidate's cosine deficit is tiny while its x0 MSE relative to the true one is huge.
     net = scale_schedule_eps(els, TRUE, STEPS)

@@ -1,4 +1,4 @@
-"""The published numbers against theory.md (sections 3 and 4) and the closest-setting lookup."""
+"""The published numbers against docs/theory.md (sections 3 and 4) and the closest-setting lookup."""
 
 import json
 import re
@@ -10,8 +10,7 @@ from els_audit.published import (PUBLISHED_R, PUBLISHED_SCALES, R_PROTOCOL, clos
                                  normalize_dataset, normalize_padding)
 
 ROOT = Path(__file__).resolve().parents[1]
-THEORY = next((p for p in (ROOT / "shared/docs/theory.md", ROOT / "docs/theory.md",
-                           ROOT.parent / "shared/docs/theory.md") if p.is_file()), None)
+THEORY = ROOT / "docs" / "theory.md"          # the repository's own restatement
 
 
 def r_row(dataset, arch, padding, cond):
@@ -26,7 +25,7 @@ def scales_row(dataset, arch, padding, cond):
 
 
 def test_spot_values_from_the_text():
-    # theory.md section 4: "| MNIST | ResNet | zeros | .94 | .82 | .61 |"
+    # docs/theory.md section 4: "| MNIST | ResNet | zeros | .94 | .82 | .61 |"
     r = r_row("MNIST", "ResNet", "zeros", False)
     assert (r.els, r.ls, r.is_) == (0.94, 0.82, 0.61)
     r = r_row("CIFAR10", "UNet+attention", "zeros", True)
@@ -51,7 +50,6 @@ def test_table_shapes():
         assert all(0 < v < 1 for v in (r.els, r.ls, r.is_))
 
 
-@pytest.mark.skipif(THEORY is None, reason="theory.md not found beside the repository")
 def test_tables_match_theory_md_text():
     text = THEORY.read_text()
     # section 3 rows: "| CIFAR10 ResNet circular cond. | 3 3 3 ... |"

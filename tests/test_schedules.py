@@ -8,7 +8,7 @@ from els_audit.schedules import NoiseSchedule
 
 
 def test_cosine_legacy_matches_published_values():
-    # theory.md: a(1) = 0.0125, a(0.95) = 0.090, abar(0.5) = 0.506, abar(0.05) = 0.994
+    # docs/theory.md: a(1) = 0.0125, a(0.95) = 0.090, abar(0.5) = 0.506, abar(0.05) = 0.994
     s = get_schedule("cosine-legacy")
     a, b = s.alpha_sigma(torch.tensor([1.0, 0.95, 0.5, 0.05], dtype=torch.float64))
     assert a[0].item() == pytest.approx(0.0125, abs=5e-5)

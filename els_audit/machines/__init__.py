@@ -2,7 +2,7 @@
 
 References:
 - M. Kamb and S. Ganguli, "An analytic theory of creativity in convolutional diffusion
-  models", ICML 2025 (arXiv 2412.20292); eq. 38 for ELS.  theory.md section 2 restates the
+  models", ICML 2025 (arXiv 2412.20292); eq. 38 for ELS.  docs/theory.md section 2 restates the
   machines; section 1 the conversion ``eps_hat = -b_t * s``.
 - Public code: github.com/Kambm/convolutional_diffusion (MIT).  Deviations, on purpose:
   the softmax is normalised over the WHOLE dictionary (the public code averages per batch);
@@ -190,7 +190,7 @@ class ScoreMachine:
         return means
 
     def eps(self, x: torch.Tensor, t: Union[float, torch.Tensor], label=None, k: Optional[int] = None):
-        """Noise prediction ``eps_hat = -b_t * score`` (theory.md section 1)."""
+        """Noise prediction ``eps_hat = -b_t * score`` (docs/theory.md section 1)."""
         x = self._check_x(x)
         t_vec = self._check_t(t, x.shape[0], x.dtype)
         _, b = self.schedule.alpha_sigma(t_vec, dtype=x.dtype)
@@ -512,7 +512,7 @@ def build_machine(kind: str, images: torch.Tensor, labels: Optional[torch.Tensor
 
     Args:
         kind: "IS" (ideal score), "LS" (local score), "ELS" (equivariant local score) or
-            "bbELS" (boundary-broken ELS); see theory.md section 2.
+            "bbELS" (boundary-broken ELS); see docs/theory.md section 2.
         images: (N, C, H, W) training images, usually in [-1, 1]; float32 or float64 (the
             computation runs in this dtype).
         labels: optional (N,) integer class labels, enabling ``label=`` in ``score``.
@@ -548,7 +548,7 @@ def scale_schedule_eps(machine: ScoreMachine, scales: Sequence[int], steps: int)
     """An ``eps(x, t, label)`` callable that uses ``scales[i-1]`` at grid time ``t_i = i/steps``.
 
     ``scales`` has one odd patch size per step, index 0 = least noise (t = 1/steps), as in
-    theory.md's table.  Drive it with :func:`els_audit.sampler.ddim_sample` on the same
+    docs/theory.md's table.  Drive it with :func:`els_audit.sampler.ddim_sample` on the same
     ``steps``.
     """
     if len(scales) != steps:

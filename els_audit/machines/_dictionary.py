@@ -1,7 +1,7 @@
 """Patch dictionaries: which training patches compete at which query pixel.
 
 References:
-- Kamb & Ganguli, ICML 2025 (arXiv 2412.20292), eq. 38 (ELS), and theory.md section 2
+- Kamb & Ganguli, ICML 2025 (arXiv 2412.20292), eq. 38 (ELS), and docs/theory.md section 2
   (LS, ELS periodic / valid, bbELS).
 
 Every local machine is a *grouped* softmax: query pixels are split into groups that see the

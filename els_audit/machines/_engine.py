@@ -3,7 +3,7 @@
 References:
 - Kamb & Ganguli, ICML 2025 (arXiv 2412.20292): the machines' score
   ``s(x)[p] = -(x[p] - a * sum_j w_j(p) centre_j) / b^2`` with
-  ``w_j(p) = softmax_j(-||Omega_p(x) - a patch_j||^2 / (2 b^2))`` (theory.md section 2).
+  ``w_j(p) = softmax_j(-||Omega_p(x) - a patch_j||^2 / (2 b^2))`` (docs/theory.md section 2).
 - Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"; Dao et al. 2022
   (FlashAttention): tiled online log-sum-exp.
 

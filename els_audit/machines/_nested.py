@@ -1,7 +1,7 @@
 """ELS / bbELS at several patch sizes in one pass: nested windows over a tree of patches.
 
 References:
-- Kamb & Ganguli, ICML 2025 (arXiv 2412.20292), eq. 38 (ELS); theory.md section 2.
+- Kamb & Ganguli, ICML 2025 (arXiv 2412.20292), eq. 38 (ELS); docs/theory.md section 2.
 - The single-k kernel and its base-2 online softmax: :mod:`._engine`.
 
 A calibration sweep asks for the ELS score at the same ``x`` and ``t`` for several patch

@@ -1,7 +1,7 @@
 """The denoiser adapter: any loaded model -> one interface ``eps(x, t, label=None)``.
 
 References:
-- theory.md section 1: VP forward process ``x_t = a_t x_0 + b_t eps`` (a_t^2 + b_t^2 = 1);
+- docs/theory.md section 1: VP forward process ``x_t = a_t x_0 + b_t eps`` (a_t^2 + b_t^2 = 1);
   a score gives ``eps = -b_t s``.
 - Salimans & Ho 2022 (v-prediction): ``v = a_t eps - b_t x_0``, hence
   ``eps = a_t v + b_t x_t`` (using a^2 + b^2 = 1).

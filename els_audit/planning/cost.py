@@ -46,7 +46,7 @@ _LOGIT_WORK = 24.0
 
 def pair_fraction(kind: str, H: int, W: int, k: int, dictionary: str = "periodic") -> float:
     """The fraction of (query pixel, dictionary position) pairs a machine compares at size k,
-    counted exactly from its definition (theory.md section 2):
+    counted exactly from its definition (docs/theory.md section 2):
 
     - ELS, periodic dictionary: every pixel meets every position: 1;
     - ELS, valid dictionary: the (H - k + 1)(W - k + 1) positions whose patch fits;

@@ -4,7 +4,7 @@ References:
 - W. Luo, Y. Li, R. Urtasun, R. Zemel, "Understanding the Effective Receptive Field in
   Deep Convolutional Neural Networks", NeurIPS 2016: the ERF is the map of
   |d out[p] / d x|, concentrated far inside the theoretical field.
-- Kamb & Ganguli, ICML 2025 (theory.md sections 2-3): the ELS machine denoises pixel p from
+- Kamb & Ganguli, ICML 2025 (docs/theory.md sections 2-3): the ELS machine denoises pixel p from
   the k x k patch around it, with k fitted per step; Niedoba et al., ICML 2025: patch
   supports derived from gradient sensitivity maps.
 - captum ``Saliency`` (Simonyan et al. 2014): |gradient| attribution with per-example
@@ -25,7 +25,7 @@ The same gradients also give the map of the implied clean-image estimate
 diagonal it is ``J_eps`` scaled by ``b_t / a_t``; on the diagonal it is ``|1 - b_t J|``.
 At high noise eps is close to x itself (``J_eps ~ I``), so the eps map is a spike at p
 that hides how far the network looks; the x0 map removes that shared identity term (the
-same reason theory.md gives for comparing predicted x0 when calibrating).
+same reason docs/theory.md gives for comparing predicted x0 when calibrating).
 
 Predicted ELS patch size per step: ``k_t = ERF_q(centre)`` of the x0 map (``patch_from``,
 default ``"x0"``; ``"eps"`` reads the eps map) with ``q = els_mass`` (default 0.9), odd

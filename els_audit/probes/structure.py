@@ -3,7 +3,7 @@ equivariance, read off the traced graph (the shift tests that measure it are in
 :mod:`els_audit.probes.measured`).
 
 References:
-- Kamb & Ganguli, ICML 2025 (theory.md sections 2-3): the ELS machine models circular
+- Kamb & Ganguli, ICML 2025 (docs/theory.md sections 2-3): the ELS machine models circular
   CNNs (equivariant); the boundary-broken ELS models zero-padded ones, whose pixels within
   the boundary band see the padding; UNets with stride-2 steps are equivariant only to
   shifts by multiples of 2^levels.

@@ -1,6 +1,6 @@
 """Stage 3 of an audit: which machine models the network, from the structural verdict
-(theory.md section 2), built over the dictionary, with its scales given, predicted by the
-ERF or calibrated against the network (theory.md section 3)."""
+(docs/theory.md section 2), built over the dictionary, with its scales given, predicted by the
+ERF or calibrated against the network (docs/theory.md section 3)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ _EVERYWHERE = ("position-embedding", "coordinate-channels", "position-dependent"
 
 
 def choose_machine(structure: Optional[dict], override: str = "auto", dictionary: str = "periodic") -> MachineChoice:
-    """The machine the verdict calls for (theory.md section 2).
+    """The machine the verdict calls for (docs/theory.md section 2).
 
     Rules: equivariant (circular padding, period 1) -> ELS; a boundary band (zero-type
     padding) -> bbELS; translation symmetry broken everywhere (position embeddings,

@@ -1,6 +1,6 @@
 """Brute-force reference machines: explicit loops over pixels and dictionary entries.
 
-Written straight from theory.md section 2, independently of the engine (no grouping, no
+Written straight from docs/theory.md section 2, independently of the engine (no grouping, no
 deduplication, no dot-product rewriting): for every query pixel p, enumerate the entries
 that compete there, compute ||Omega_p(x) - a patch||^2 directly, softmax, average centres.
 Only for tiny sizes.

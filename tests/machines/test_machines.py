@@ -1,5 +1,5 @@
 """The machines against the brute-force reference (tests/machines/brute_force.py) and
-against the properties theory.md states.  float64 throughout unless a test says otherwise."""
+against the properties docs/theory.md states.  float64 throughout unless a test says otherwise."""
 
 
 import pytest

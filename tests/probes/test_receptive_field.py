@@ -308,7 +308,7 @@ def test_even_kernel_same_padding_is_asymmetric():
 def test_paper_resnet_field_17():
     from els_audit.models.zoo import PaperResNet
 
-    # conv3 up + 6 residual conv3 + conv3 down: 1 + 2 * 8 = 17 (theory.md section 3)
+    # conv3 up + 6 residual conv3 + conv3 down: 1 + 2 * 8 = 17 (docs/theory.md section 3)
     tr, rf = _field(PaperResNet(width=4, time_dim=8), (1, 24, 24))
     assert rf.size("H") == 17 and rf.size("W") == 17 and not rf.is_global
     pr = probe_receptive_field(tr, rf, n_inputs=2)

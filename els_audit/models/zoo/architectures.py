@@ -1,7 +1,7 @@
 """Small denoiser architectures for the bundled model zoo.
 
 References:
-- Kamb & Ganguli, ICML 2025 (arXiv 2412.20292), appendix and theory.md section 3: the
+- Kamb & Ganguli, ICML 2025 (arXiv 2412.20292), appendix and docs/theory.md section 3: the
   paper's ResNet (conv3 up-projection, 6 residual conv3+ReLU layers with the time embedding
   added, conv3 down-projection, no normalisation; receptive field 17 px) and its UNet
   (maxpool down, stride-2 transposed conv up, skip concatenation).

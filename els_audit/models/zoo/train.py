@@ -5,7 +5,7 @@ Usage::
     python -m els_audit.models.zoo.train NAME [--epochs E] [--device cpu|cuda] [--out DIR]
                                        [--max-minutes M] [--set KEY=VALUE ...]
 
-References: Kamb & Ganguli, ICML 2025 (theory.md section 1): eps-prediction with the
+References: Kamb & Ganguli, ICML 2025 (docs/theory.md section 1): eps-prediction with the
 cosine-legacy schedule, ``x_t = a_t x_0 + b_t eps``, training times
 ``t = randint(0, 1000) / 1000`` (a network never sees t = 1); loss ``|eps_hat - eps|^2``.
 Ho et al. 2020 for the simple loss; EMA of the weights as is common practice.

@@ -4,7 +4,7 @@ References:
 - A. Araujo, W. Norris, J. Sim, "Computing Receptive Fields of Convolutional Neural
   Networks", Distill 2019: per layer ``r_l = r_{l-1} + (k_l - 1) d_l j_{l-1}``,
   ``j_l = j_{l-1} s_l`` (jump, size, offset), for chains.
-- Kamb & Ganguli, ICML 2025 (theory.md section 3): the paper's ResNet has a 17 px field;
+- Kamb & Ganguli, ICML 2025 (docs/theory.md section 3): the paper's ResNet has a 17 px field;
   its UNet is equivariant only to shifts by multiples of 2^levels.
 
 What we do beyond the chain recursion (which folds layers in execution order and is wrong
