@@ -54,6 +54,7 @@ from .predict import PredictionResult
 from .published import PublishedMatch
 from .serialize import json_safe
 from .planning import LADDER, Plan
+from .stages.machine import ray_integration
 from .stages import (Clock, Inputs, MachineChoice, Probes, ProgressFn, choose_machine, fit_machine, load_inputs,
                      plan_audit, published_match, run_novelty, run_prediction, run_probes, settle_inputs)
 
@@ -267,6 +268,8 @@ def _run(config: AuditConfig, progress: Optional[ProgressFn]) -> AuditResult:
         raise AuditError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     clock = Clock(progress)
     structure_only = cfg.only == "structure"
+    if cfg.ray is not None and not structure_only:
+        ray_integration().connect(cfg.ray)            # a missing extra or a bad address: before any work
     inp = load_inputs(cfg, clock, sanity=not structure_only)                          # 1. load
     # NB: the ERF is measured on the finest grid the plan may choose; a coarser plan reads
     # it at its own times (the grids nest)

@@ -18,7 +18,7 @@ from els_audit.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 #: flags of other programs the package mentions: the C compiler and pip
-OTHER_PROGRAMS = {"--version", "--force-reinstall"}
+OTHER_PROGRAMS = {"--version", "--force-reinstall", "--head"}         # pip, ray start
 TRAINER = ROOT / "els_audit" / "models" / "zoo" / "train.py"
 
 

@@ -12,8 +12,9 @@ is the single-process one within float32 rounding, whatever the number of shards
 - Shards and placement (:func:`plan_shards`): one shard per CPU of the cluster, more when a
   shard's images and its deduplicated dictionary at one size would not fit half of
   ``memory_budget`` (the budget each actor's machines keep to); each actor reserves its share
-  of the CPUs and runs that many torch threads.  The machines run on the CPU (GPU placement
-  waits for the machines on CUDA).
+  of the CPUs and runs that many torch threads; actors spread over the nodes.  The machines
+  run on the CPU (GPU placement waits for the machines on CUDA).  Actors the cluster cannot
+  place within ``start_timeout`` seconds are a :class:`ShardError`, not a hang.
 - Faults: actors restart up to ``max_restarts`` times (Ray rebuilds the shard by running its
   constructor again) and a call in flight on a dead actor is retried on the restarted one.
   When the restarts are spent, the evaluation raises :class:`ShardError` with one line: there
@@ -86,7 +87,7 @@ class RayShardPool:
     def __init__(self, images: torch.Tensor, labels: Optional[torch.Tensor], specs: Sequence[tuple[str, str]], *,
                  address: str = "auto", schedule: Union[str, NoiseSchedule] = "cosine-legacy",
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, n_shards: Optional[int] = None,
-                 max_restarts: int = 3):
+                 max_restarts: int = 3, start_timeout: float = 300.0):
         resources = connect(address)
         cpus = float(resources.get("CPU", 1.0))
         self.specs = list(specs)
@@ -94,7 +95,7 @@ class RayShardPool:
         self.cpus_per_actor = cpus / self.n_shards if self.n_shards > cpus else 1.0
         threads = max(1, int(self.cpus_per_actor))
         actor = ray.remote(Shard).options(num_cpus=self.cpus_per_actor, max_restarts=max_restarts,
-                                          max_task_retries=max_restarts)
+                                          max_task_retries=max_restarts, scheduling_strategy="SPREAD")
         self.actors, self._held = [], []
         for ids in shard_ids(images.shape[0], self.n_shards):
             # NB: the pool holds its shards' images in the object store: a restarted actor
@@ -103,15 +104,21 @@ class RayShardPool:
             self._held.append(held)
             self.actors.append(actor.remote(held, None if labels is None else labels[ids], ids, self.specs, schedule,
                                             int(memory_budget), threads))
-        self.pids = self._get([a.pid.remote() for a in self.actors])     # built, or the build's error
+        try:                                                         # built, or the build's error
+            self.pids = self._get([a.pid.remote() for a in self.actors], timeout=start_timeout)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise ShardError(f"the Ray cluster did not start {self.n_shards} actors of {self.cpus_per_actor:g} CPU "
+                             f"within {start_timeout:g} s (free: {ray.available_resources().get('CPU', 0):g} CPU); "
+                             "free the cluster or add nodes") from None
 
     def call(self, method: str, *args) -> list:
         shared = [ray.put(a) if isinstance(a, torch.Tensor) else a for a in args]     # sent once, read by all
         return self._get([getattr(a, method).remote(*shared) for a in self.actors])
 
-    def _get(self, refs: list) -> list:
+    def _get(self, refs: list, timeout: Optional[float] = None) -> list:
         try:
-            return ray.get(refs)
+            return ray.get(refs, timeout=timeout)
         except ray.exceptions.ActorDiedError as exc:
             raise ShardError(f"a Ray actor holding one of {self.n_shards} shards died and could not be restarted "
                              f"({_first_line(exc)}); stopped rather than give a partial answer") from None

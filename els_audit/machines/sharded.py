@@ -162,6 +162,8 @@ class ShardedMachine(ScoreMachine):
         """The shards' dictionaries together: keys add up; identical patches in different
         shards count once per shard in ``unique_keys``."""
         k = self._resolve_k(k)
+        if label is not None:
+            self.check_label(label, 1)
         stats = [s for s in self.pool.call("dictionary_stats", self.which, k, label) if s is not None]
         out = dict(stats[0])
         for key in ("keys", "unique_keys", "bytes"):

@@ -391,13 +391,15 @@ def grid_scales(predicted_fine: Sequence[int], steps: int) -> list[int]:
 
 
 def predict_costs(tp: Throughput, s: Settings, *, shape: Sequence[int], predicted_fine: Sequence[int],
-                  scales_mode, spread: int, n_train: int, share: float = 1.0) -> StageCost:
+                  scales_mode, spread: int, n_train: int, share: float = 1.0, workers: float = 1.0) -> StageCost:
     """Seconds of calibration, prediction and novelty at settings ``s``.
 
     ``predicted_fine``: the ERF's sizes per step on the grid the probe used; ``scales_mode``:
     the config's ``scales`` (a tuple = given, ``"erf"``, ``"auto"`` or ``"calibrate"``);
     ``share``: the fraction of the dictionary one query meets (a conditional audit's
-    queries meet their class's images only).
+    queries meet their class's images only); ``workers``: how many times this process's
+    engine the machines run at (sharded over a Ray cluster: its CPUs over this process's
+    threads); the network and the novelty search stay here.
     """
     C, H, W = (int(v) for v in shape)
     work_of = Work(tp.kind, (C, H, W), tp.dictionary)
@@ -408,14 +410,15 @@ def predict_costs(tp: Throughput, s: Settings, *, shape: Sequence[int], predicte
     if scales_mode in ("auto", "calibrate"):
         cands = step_candidates(scales_mode, (C, H, W), ks, spread)
         union = sorted({k for c in cands for k in c})
-        calibrate = tp.tree_fixed + tp.tree_unit * s.n_dictionary * work_of(union)
+        calibrate = (tp.tree_fixed + tp.tree_unit * s.n_dictionary * work_of(union)) / workers
         for t, c in zip(times, cands):
             calibrate += (s.calibration_seeds * tp.net_unit
-                          + tp.eval_seconds("sweep", t, s.calibration_seeds * n_meet, work_of(c)))
-    predict = sum(tp.dict_fixed + tp.dict_unit * s.n_dictionary * build_work(C, k) for k in set(ks))
+                          + tp.eval_seconds("sweep", t, s.calibration_seeds * n_meet, work_of(c)) / workers)
+    predict = sum(tp.dict_fixed + tp.dict_unit * s.n_dictionary * build_work(C, k) for k in set(ks)) / workers
     for j, (t, k) in enumerate(zip(times, ks)):
         which = "diag" if j == 0 else "single"                          # step 0 (least noise) runs last
-        predict += (s.seeds * (tp.net_unit + tp.is_unit * n_meet)
-                    + tp.eval_seconds(which, t, s.seeds * n_meet, work_of([k])) * tp.kept_factor(n_meet, C, k))
+        machine = (s.seeds * tp.is_unit * n_meet
+                   + tp.eval_seconds(which, t, s.seeds * n_meet, work_of([k])) * tp.kept_factor(n_meet, C, k))
+        predict += s.seeds * tp.net_unit + machine / workers
     novelty = tp.nn_unit * n_train * (s.seeds + min(300, n_train))
     return StageCost(calibrate, predict, novelty)

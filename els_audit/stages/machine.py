@@ -150,10 +150,7 @@ def build_machines(cfg, clock: Clock, choice: MachineChoice, images, labels, sch
     if cfg.ray is None:
         return tuple(build_machine(kind, images, labels, schedule=sched, dictionary=dic,
                                    memory_budget=cfg.memory_budget) for kind, dic in specs)
-    try:
-        from ..integrations.ray import RayShardPool
-    except ImportError as exc:
-        raise AuditError(f"--ray needs Ray ({exc}); install the extra: pip install 'els-audit[ray]'") from None
+    RayShardPool = ray_integration().RayShardPool
     from ..machines.sharded import sharded_machines
     clock.say(f"ray: sharding the dictionary ({images.shape[0]} images) over Ray actors ({cfg.ray}) ...")
     pool = RayShardPool(images, labels, specs, address=cfg.ray, schedule=sched, memory_budget=cfg.memory_budget)
@@ -162,6 +159,15 @@ def build_machines(cfg, clock: Clock, choice: MachineChoice, images, labels, sch
               f"{cfg.memory_budget / 2**30:.2g} GiB each")
     machine, is_machine = sharded_machines(pool, images, labels, schedule=sched, memory_budget=cfg.memory_budget)
     return machine, is_machine
+
+
+def ray_integration():
+    """:mod:`els_audit.integrations.ray`, or a one-line error naming the extra."""
+    try:
+        from ..integrations import ray as ray_integration_module
+    except ImportError as exc:
+        raise AuditError(f"--ray needs Ray ({exc}); install the extra: pip install 'els-audit[ray]'") from None
+    return ray_integration_module
 
 
 def calibration_seeds(cfg) -> list[int]:

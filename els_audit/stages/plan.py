@@ -7,11 +7,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+import torch
+
 from ..config import PLANNED
 from ..planning import Plan, Settings, Throughput, make_plan, predict_costs, probe_throughput
 from .clock import Clock
 from .inputs import Inputs
-from .machine import choose_machine, scale_candidates
+from .machine import choose_machine, ray_integration, scale_candidates
 from .probes import Probes
 
 #: the most dictionary images the cost probe uses, and the time it may take: 5 % of the
@@ -24,6 +26,19 @@ PROBE_IMAGES = 400
 def probe_seconds(budget: float) -> float:
     """About how long the cost probe may take within ``budget`` seconds."""
     return min(max(0.05 * budget, 15.0), 0.2 * budget)
+
+
+def ray_workers(cfg, clock: Clock) -> float:
+    """How many times this process's engine the machines will run at: 1 in this process; with
+    ``--ray``, the cluster's CPUs over this process's torch threads (the shards split the
+    dictionary evenly; the report's predicted against measured seconds show how well)."""
+    if cfg.ray is None:
+        return 1.0
+    resources = ray_integration().connect(cfg.ray)
+    workers = max(1.0, float(resources.get("CPU", 1.0)) / torch.get_num_threads())
+    clock.say(f"plan: the machines will run on Ray ({resources.get('CPU', 0):g} CPUs): predicted at {workers:g}x "
+              "this process's engine")
+    return workers
 
 
 def plan_audit(cfg, clock: Clock, inp: Inputs, probes: Probes) -> tuple[Plan, Any]:
@@ -52,9 +67,11 @@ def plan_audit(cfg, clock: Clock, inp: Inputs, probes: Probes) -> tuple[Plan, An
                               candidates=cands, eps_fn=inp.eps_fn, n_probe=PROBE_IMAGES, seed=cfg.data_seed,
                               label=label, device=str(inp.device), target_seconds=probe_seconds(cfg.budget))
 
+    workers = ray_workers(cfg, clock) if tp is not None else 1.0
+
     def cost(s: Settings):
         return predict_costs(tp, s, shape=inp.shape, predicted_fine=fine, scales_mode=cfg.scales,
-                             spread=cfg.spread, n_train=n_full, share=share)
+                             spread=cfg.spread, n_train=n_full, share=share, workers=workers)
 
     plan = make_plan(budget=cfg.budget, given=given, n_full=n_full, spent=spent, cost=cost, probe=tp,
                      seed_cap=10_000 - cfg.seed_offset)

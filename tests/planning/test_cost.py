@@ -54,6 +54,20 @@ def test_predict_costs_is_the_sum_over_steps():
     assert got.novelty == pytest.approx(tp.nn_unit * 5000 * (8 + 300))
 
 
+def test_machine_work_divides_over_workers_the_network_does_not():
+    """With the machines sharded over W workers (--ray) only their share of each stage
+    shrinks: the network's calls and the novelty search stay in this process."""
+    tp = _tp(net_unit=0.5)
+    kw = dict(shape=(1, 32, 32), predicted_fine=(3, 5, 7, 9), scales_mode="auto", spread=1, n_train=5000)
+    s = Settings(n_dictionary=1000, steps=4, calibration_seeds=2, seeds=8)
+    one = predict_costs(tp, s, **kw)
+    four = predict_costs(tp, s, **kw, workers=4.0)
+    net_cal, net_pred = 4 * 2 * tp.net_unit, 4 * 8 * tp.net_unit
+    assert four.calibrate == pytest.approx(net_cal + (one.calibrate - net_cal) / 4)
+    assert four.predict == pytest.approx(net_pred + (one.predict - net_pred) / 4)
+    assert four.novelty == one.novelty
+
+
 def _pattern(c: int, n: int, r: int):
     """A coordinate's padding class along an axis of n at radius r: interior, or itself."""
     return "in" if r <= c <= n - 1 - r else c
