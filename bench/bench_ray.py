@@ -4,7 +4,9 @@ numbers for a dictionary that no single machine holds.
     python bench/bench_ray.py --data /tmp/cifar/cifar10/train --n 50000     # unconditional CIFAR-10
     python bench/bench_ray.py --smoke                                       # 2,000 MNIST digits
 
-One local Ray cluster (``ray.init(num_cpus=2)``, loopback).  Each row evaluates the same
+One local Ray cluster on loopback, declared with 3 logical CPUs so that the 1-actor and the
+2-actor pools (1 CPU each) stay up side by side; only one row runs at a time, on the
+machine's 2 cores.  Each row evaluates the same
 unconditional ELS score (periodic dictionary, one k, float32) for the same noisy query:
 
 - ``process``: the ordinary machine in this process, 1 torch thread;
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
     x = query(imgs, args.t, args.batch)
     print(f"dictionary: {N} images {C}x{H}x{W} ({ds.spec}), k = {args.k}, t = {args.t}, {args.batch} query image(s)")
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     rows = {}
     t0 = time.perf_counter()
     local = build_machine("ELS", imgs)

@@ -94,16 +94,16 @@ class RayShardPool:
         self.n_shards = n_shards or plan_shards(images, cpus, memory_budget)
         self.cpus_per_actor = cpus / self.n_shards if self.n_shards > cpus else 1.0
         threads = max(1, int(self.cpus_per_actor))
-        actor = ray.remote(Shard).options(num_cpus=self.cpus_per_actor, max_restarts=max_restarts,
+        actor = ray.remote(_RayShard).options(num_cpus=self.cpus_per_actor, max_restarts=max_restarts,
                                           max_task_retries=max_restarts, scheduling_strategy="SPREAD")
         self.actors, self._held = [], []
         for ids in shard_ids(images.shape[0], self.n_shards):
-            # NB: the pool holds its shards' images in the object store: a restarted actor
-            # reads its constructor's arguments again, and they must not have gone out of scope
-            held = ray.put(images[ids].contiguous())
+            # NB: the pool holds each shard's data in the object store for as long as it lives:
+            # a restarted actor reads it again (an argument Ray put there itself would be
+            # dropped once the first actor had read it, and the restart would fail)
+            held = ray.put((images[ids].contiguous(), None if labels is None else labels[ids], ids))
             self._held.append(held)
-            self.actors.append(actor.remote(held, None if labels is None else labels[ids], ids, self.specs, schedule,
-                                            int(memory_budget), threads))
+            self.actors.append(actor.remote([held], self.specs, schedule, int(memory_budget), threads))
         try:                                                         # built, or the build's error
             self.pids = self._get([a.pid.remote() for a in self.actors], timeout=start_timeout)
         except ray.exceptions.GetTimeoutError:
@@ -133,6 +133,15 @@ class RayShardPool:
         for a in self.actors:
             ray.kill(a)
         self.actors, self._held = [], []
+
+
+class _RayShard(Shard):
+    """A :class:`Shard` whose data comes as a reference the pool holds (passed inside a list,
+    so that Ray does not resolve it into a by-value argument of the constructor)."""
+
+    def __init__(self, held: list, specs, schedule, memory_budget: int, threads: int):
+        images, labels, ids = ray.get(held[0])
+        super().__init__(images, labels, ids, specs, schedule, memory_budget, threads)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -57,7 +57,10 @@ def plan_audit(cfg, clock: Clock, inp: Inputs, probes: Probes) -> tuple[Plan, An
         counts = inp.full.label_counts()
         share = counts[label] / n_full if inp.label is not None else 1.0 / len(inp.classes)
     tp: Optional[Throughput] = None
-    if cfg.budget is not None and any(v is None for v in given.values()):
+    # NB: calibration seeds cost nothing when the scales are given or the ERF's (no calibration)
+    calibrates = cfg.scales in ("auto", "calibrate")
+    open_costly = [k for k, v in given.items() if v is None and (k != "calibration_seeds" or calibrates)]
+    if cfg.budget is not None and open_costly:
         kind = choose_machine(probes.structure, cfg.machine, cfg.dictionary).kind
         cands = scale_candidates(cfg, inp.shape, fine)[0] if cfg.scales in ("auto", "calibrate") else None
         clock.say(f"plan: probing this machine's engine ({kind}, up to {min(PROBE_IMAGES, n_full)} images, "
