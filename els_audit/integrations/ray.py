@@ -31,6 +31,9 @@ Usage::
 from __future__ import annotations
 
 import math
+import signal
+import socket
+import threading
 from typing import Optional, Sequence, Union
 
 import ray
@@ -46,20 +49,56 @@ __all__ = ["RayShardPool", "connect", "plan_shards"]
 
 def connect(address: str = "auto") -> dict:
     """Join the Ray cluster at ``address`` (``"auto"``: this machine's, else a new local
-    one); a no-op when this process is connected already.  Returns the cluster's resources."""
+    one); a no-op when this process is connected already.  Returns the cluster's resources.
+
+    An address is first tried with a plain TCP connection (5 s): ``ray.init`` retries an
+    unreachable one for minutes.  The process's signal handlers are kept (``ray.init``
+    replaces SIGTERM's with its own exit, which would skip the audit's clean-up)."""
     if not ray.is_initialized():
-        if address == "auto":
-            try:
-                ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
-            except ConnectionError:
-                ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        else:
-            try:
-                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-            except ConnectionError as exc:
-                raise ShardError(f"cannot reach the Ray cluster at {address!r} ({exc}); start it with "
-                                 "'ray start --head' or pass --ray auto") from None
+        saved = _signal_handlers()
+        try:
+            if address == "auto":
+                try:
+                    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+                except ConnectionError:
+                    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            else:
+                _reachable(address)
+                try:
+                    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+                except ConnectionError as exc:
+                    raise ShardError(f"cannot join the Ray cluster at {address!r} ({_first_line(exc)}); start it "
+                                     "with 'ray start --head' or pass --ray auto") from None
+        finally:
+            _restore(saved)
     return dict(ray.cluster_resources())
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ShardError(f"--ray {address!r} is not a Ray address; give host:port (or ray://host:port) or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ShardError(f"cannot reach the Ray cluster at {address!r} ({exc.strerror or exc}); start it with "
+                         "'ray start --head' or pass --ray auto") from None
+
+
+_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, n))
+
+
+def _signal_handlers() -> dict:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.getsignal(s) for s in _SIGNALS}
+
+
+def _restore(saved: dict) -> None:
+    for s, handler in saved.items():
+        if handler is not None:
+            signal.signal(s, handler)
 
 
 def shard_bytes(images: torch.Tensor, n_shards: int) -> int:

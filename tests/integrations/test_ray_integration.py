@@ -136,3 +136,25 @@ def test_core_never_imports_ray():
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_an_unreachable_address_is_one_line_at_once(tmp_path):
+    started = time.time()
+    p = subprocess.run([sys.executable, "-m", "els_audit", "zoo:resnet-zeros", "--ray", "127.0.0.1:1", "--out",
+                        str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and time.time() - started < 60
+    (line,) = p.stderr.strip().splitlines()
+    assert "cannot reach the Ray cluster at '127.0.0.1:1'" in line and "ray start --head" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_joining_a_cluster_keeps_the_signal_handlers(cluster):
+    """ray.init replaces SIGTERM's handler with an exit; the audit's own (which reports and
+    cleans up) must stay."""
+    code = ("import signal; from els_audit.integrations.ray import connect\n"
+            "def mine(*a): pass\n"
+            "signal.signal(signal.SIGTERM, mine)\n"
+            "res = connect('auto')\n"
+            "print(signal.getsignal(signal.SIGTERM) is mine, res.get('CPU'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["True", "2.0"]                   # and it joined the running cluster
