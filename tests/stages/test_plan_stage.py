@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from els_audit.audit import AuditConfig, AuditError, run_audit
-from els_audit.config import parse_duration
+from els_audit.config import parse_bytes, parse_duration
 
 jsonschema = pytest.importorskip("jsonschema")
 SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "els_audit" / "summary_schema.json").read_text())
@@ -74,3 +74,22 @@ def test_a_conditional_audit_probes_one_class_and_plans():
     probe = plan["probe"]
     assert probe["n_small"] == 2 and probe["n_probe"] >= 4 * probe["n_small"] // 2   # images of class 3 met
     assert plan["stages"]["calibrate"]["predicted_s"] == 0.0 and plan["stages"]["predict"]["predicted_s"] > 0
+
+
+@pytest.mark.parametrize("text,want", [("2G", 2 << 30), ("512M", 512 << 20), ("1.5GiB", 3 << 29), ("3000000000", 3_000_000_000),
+                                       ("64mb", 64 << 20)])
+def test_parse_bytes_reads_sizes(text, want):
+    assert parse_bytes(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "G", "-1G", "10", "lots", "nanG", "1K"])
+def test_parse_bytes_refuses_what_is_not_a_size_of_a_megabyte_or_more(text):
+    with pytest.raises(AuditError, match="--memory-budget .* is not a size of at least 1M"):
+        parse_bytes(text)
+
+
+def test_config_refuses_a_bad_memory_budget_or_ray_address():
+    with pytest.raises(AuditError, match="--memory-budget must be at least 1M"):
+        AuditConfig(model="zoo:resnet-zeros", memory_budget=1000)
+    with pytest.raises(AuditError, match="--ray must be 'auto' or a Ray cluster address"):
+        AuditConfig(model="zoo:resnet-zeros", ray=" ")
