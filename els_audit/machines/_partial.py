@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ._dictionary import circular_pad
+
 if TYPE_CHECKING:                                           # pragma: no cover
     from . import ScoreDiagnostics
 
@@ -132,13 +134,15 @@ def winner_hash(images: torch.Tensor, kind: str, dictionary: str, k: Optional[in
         vals = images[src].reshape(src.numel(), -1)
     else:
         r = k // 2
-        padded = (F.pad(images, (r, r, r, r), mode="circular") if kind == "ELS" and dictionary == "periodic"
-                  else F.pad(images, (r, r, r, r)))
+        used, which = torch.unique(src, return_inverse=True)            # pad only the winners' images
+        sub = images[used]
+        padded = (circular_pad(sub, r) if kind == "ELS" and dictionary == "periodic"      # may wrap more than once
+                  else F.pad(sub, (r, r, r, r)))
         C = images.shape[1]
         dy = torch.arange(k)
         rows = (d.source_y.reshape(-1)[:, None] + dy[None, :])                          # (n, k) padded coords
         cols = (d.source_x.reshape(-1)[:, None] + dy[None, :])
-        vals = padded[src[:, None, None, None], torch.arange(C)[None, :, None, None],
+        vals = padded[which[:, None, None, None], torch.arange(C)[None, :, None, None],
                       rows[:, None, :, None], cols[:, None, None, :]].reshape(src.numel(), -1)
     bits = vals.contiguous().view(torch.int32 if vals.dtype == torch.float32 else torch.int64).to(torch.int64)
     gen = torch.Generator().manual_seed(_HASH_SEED)
