@@ -30,9 +30,13 @@ Usage::
 
 from __future__ import annotations
 
+import atexit
 import math
+import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 from typing import Optional, Sequence, Union
 
@@ -53,9 +57,14 @@ def connect(address: str = "auto") -> dict:
 
     An address is first tried with a plain TCP connection (5 s): ``ray.init`` retries an
     unreachable one for minutes.  The process's signal handlers are kept (``ray.init``
-    replaces SIGTERM's with its own exit, which would skip the audit's clean-up)."""
+    replaces SIGTERM's with its own exit, which would skip the audit's clean-up).  And
+    ``ray.init`` runs from an empty private folder: it puts the driver's current folder on
+    every worker's ``sys.path``, so the workers would import whatever modules the user's
+    folder holds (the audit itself drops that folder from its own path)."""
     if not ray.is_initialized():
         saved = _signal_handlers()
+        here = os.getcwd()
+        os.chdir(_empty_folder())
         try:
             if address == "auto":
                 try:
@@ -70,8 +79,20 @@ def connect(address: str = "auto") -> dict:
                     raise ShardError(f"cannot join the Ray cluster at {address!r} ({_first_line(exc)}); start it "
                                      "with 'ray start --head' or pass --ray auto") from None
         finally:
+            os.chdir(here)
             _restore(saved)
     return dict(ray.cluster_resources())
+
+
+_EMPTY: list[str] = []
+
+
+def _empty_folder() -> str:
+    """A private empty folder for this process (removed at exit)."""
+    if not _EMPTY:
+        _EMPTY.append(tempfile.mkdtemp(prefix="els-audit-ray-"))
+        atexit.register(shutil.rmtree, _EMPTY[0], ignore_errors=True)
+    return _EMPTY[0]
 
 
 def _reachable(address: str, timeout: float = 5.0) -> None:

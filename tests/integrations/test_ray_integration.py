@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +159,19 @@ def test_joining_a_cluster_keeps_the_signal_handlers(cluster):
             "print(signal.getsignal(signal.SIGTERM) is mine, res.get('CPU'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["True", "2.0"]                   # and it joined the running cluster
+
+
+def test_workers_do_not_import_from_the_users_folder(cluster, tmp_path):
+    """ray.init puts the driver's current folder on the workers' sys.path: a folder holding a
+    package named like ours must not be imported by them (the audit drops it from its own)."""
+    plant = tmp_path / "plant"
+    (plant / "els_audit").mkdir(parents=True)
+    marker = tmp_path / "imported"
+    (plant / "els_audit" / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'a').write('x')\nraise ImportError('planted')\n")
+    script = Path(sys.executable).with_name("els-audit")          # the console script: the folder is not on its path
+    p = subprocess.run([str(script), "zoo:resnet-zeros", *TINY_CLI, "--scales", "erf",
+                        "--ray", "auto", "--out", str(tmp_path / "r")], cwd=plant, capture_output=True, text=True,
+                       timeout=300)
+    assert not marker.exists(), "a Ray worker imported the planted package"
+    assert p.returncode == 0, p.stderr
