@@ -19,7 +19,8 @@ from pathlib import Path
 
 import click
 
-from .console import ConsoleCapture, Terminated, signals_raise, silence_after_exit, text
+from .console import (ConsoleCapture, Terminated, pending_termination, raise_if_terminated, signals_raise,
+                      silence_after_exit, text)
 from .terminal import TerminalProgress
 from .models.settings import CALL_STYLES, PREDICTIONS, TIME_INPUTS
 
@@ -171,6 +172,12 @@ def main(ctx: click.Context, **opts) -> int:
     progress = lines if quiet or not _is_terminal(sys.stderr) else TerminalProgress(lambda: console.err)
 
     started, plan, written = time.time(), None, False
+
+    def stopped(exc: BaseException) -> int:
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"terminated by {exc}"
+        # NB: a signal during the final renames is held until they are done (els_audit.atomic)
+        done = written or (plan is not None and _written_since(plan.folder / "summary.json", started))
+        return _error(f"{what}; " + ("the report had been written" if done else "nothing was written"))
     try:
         with signals_raise(), console:
             cfg = _config(opts)
@@ -182,6 +189,7 @@ def main(ctx: click.Context, **opts) -> int:
             mlflow_log = _mlflow_logger(opts["mlflow_experiment"], opts["mlflow_model"])
             try:
                 result = run_audit(cfg, progress=progress)
+                raise_if_terminated()                     # a signal whose exception a library lost
             finally:
                 if isinstance(progress, TerminalProgress):
                     progress.close()                      # before any error line
@@ -191,13 +199,13 @@ def main(ctx: click.Context, **opts) -> int:
                 run_id = mlflow_log(result, folder)
                 progress(f"mlflow: run {run_id} in experiment {opts['mlflow_experiment']}")
     except (KeyboardInterrupt, Terminated) as exc:
-        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"terminated by {exc}"
-        # NB: a signal during the final renames is held until they are done (els_audit.atomic)
-        written = written or (plan is not None and _written_since(plan.folder / "summary.json", started))
-        return _error(f"{what}; " + ("the report had been written" if written else "nothing was written"))
+        return stopped(exc)
     except (ValueError, OSError, ShardError) as exc:
-        return _error(text(exc), debug)
+        # NB: a signal inside a library's C code (Ray's ray.get) can surface as another error
+        return stopped(pending_termination()) if pending_termination() else _error(text(exc), debug)
     except Exception as exc:  # noqa: BLE001 - exit code 2 for anything that stops the audit
+        if pending_termination():
+            return stopped(pending_termination())
         return _error(f"internal error ({type(exc).__name__}: {text(exc, 300)}); rerun with --debug for the "
                       f"traceback and report it", debug)
     except BaseException as exc:  # noqa: BLE001 - SystemExit & co. from the model's own code

@@ -60,21 +60,44 @@ class Terminated(BaseException):
         super().__init__(signal.Signals(signum).name)
 
 
+#: the signals that raised :class:`Terminated` in the current block: kept, because a library's
+#: C code may swallow the exception (Ray's ``ray.get`` turned it into a SystemError, or lost it)
+_PENDING: list[int] = []
+_INSIDE: list[bool] = []                    # one entry per open signals_raise block
+
+
+def raise_if_terminated() -> None:
+    """Inside a :func:`signals_raise` block: raise :class:`Terminated` again if a signal
+    arrived whose exception was lost on the way."""
+    if _PENDING and _INSIDE:
+        raise Terminated(_PENDING[0])
+
+
+def pending_termination() -> Optional[Terminated]:
+    """The :class:`Terminated` a signal in the current block raised, if one did."""
+    return Terminated(_PENDING[0]) if _PENDING else None
+
+
 @contextmanager
 def signals_raise() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise :class:`Terminated` inside the block (the main thread only)."""
+    """SIGTERM and SIGHUP raise :class:`Terminated` inside the block (the main thread only);
+    the signal is also kept (:func:`raise_if_terminated`)."""
     names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _PENDING.clear()
 
     def handler(signum, frame):
+        _PENDING.append(signum)
         raise Terminated(signum)
 
     old = {n: signal.signal(getattr(signal, n), handler) for n in names}
+    _INSIDE.append(True)
     try:
         yield
     finally:
+        _INSIDE.pop()
         for n, h in old.items():
             signal.signal(getattr(signal, n), h)
 

@@ -4,6 +4,8 @@ import os
 import sys
 import warnings
 
+import pytest
+
 from els_audit.console import ConsoleCapture, text
 
 
@@ -46,3 +48,52 @@ def test_text_never_fails():
 
     assert text(Loop()) == "<Loop that cannot be shown as text>"
     assert text("a\n  b", limit=10) == "a b" and text("x" * 20, limit=10) == "xxxxxxx..."
+
+
+def test_a_signal_whose_exception_a_library_swallowed_is_raised_again():
+    """C code (Ray's ray.get) can turn the Terminated a signal raised into another error, or
+    lose it: the signal is kept, and raise_if_terminated raises it again inside the block."""
+    import signal
+
+    from els_audit.console import Terminated, pending_termination, raise_if_terminated, signals_raise
+
+    with signals_raise():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):                        # the handler runs between bytecodes
+                pass
+        except BaseException:                            # noqa: BLE001 - what a library might do
+            pass
+        assert str(pending_termination()) == "SIGTERM"
+        with pytest.raises(Terminated, match="SIGTERM"):
+            raise_if_terminated()
+    raise_if_terminated()                                # outside the block: nothing to raise
+    with signals_raise():
+        assert pending_termination() is None             # a new block starts clean
+        raise_if_terminated()
+
+
+@pytest.mark.parametrize("then", ["raises another error", "returns as if nothing happened"])
+def test_the_command_reports_a_swallowed_signal_and_writes_nothing(tmp_path, monkeypatch, then):
+    import signal
+
+    from cli_helpers import runner
+
+    from els_audit.cli import main
+
+    def swallowing_audit(*a, **k):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass
+        except BaseException:                            # noqa: BLE001
+            pass
+        if then == "raises another error":
+            raise SystemError("<built-in method __new__> returned a result with an exception set")
+        return object()                                  # never written: the signal is raised first
+
+    monkeypatch.setattr("els_audit.audit.run_audit", swallowing_audit)
+    res = runner().invoke(main, ["zoo:resnet-zeros", "--out", str(tmp_path / "r"), "--quiet"])
+    assert res.exit_code == 2
+    assert res.stderr.strip().splitlines() == ["els-audit: error: terminated by SIGTERM; nothing was written"]
+    assert not (tmp_path / "r").exists()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
+from ..console import raise_if_terminated
+
 ProgressFn = Callable[[str], None]
 
 
@@ -33,6 +35,7 @@ class Clock:
         return time.perf_counter() - self.t0
 
     def say(self, msg: str) -> None:
+        raise_if_terminated()                 # a signal whose exception a library's C code lost
         if self.progress is not None:
             self.progress(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}")
 
