@@ -202,10 +202,12 @@ def main(ctx: click.Context, **opts) -> int:
         return stopped(exc)
     except (ValueError, OSError, ShardError) as exc:
         # NB: a signal inside a library's C code (Ray's ray.get) can surface as another error
-        return stopped(pending_termination()) if pending_termination() else _error(text(exc), debug)
+        lost = pending_termination()
+        return stopped(lost) if lost else _error(text(exc), debug)
     except Exception as exc:  # noqa: BLE001 - exit code 2 for anything that stops the audit
-        if pending_termination():
-            return stopped(pending_termination())
+        lost = pending_termination()
+        if lost:
+            return stopped(lost)
         return _error(f"internal error ({type(exc).__name__}: {text(exc, 300)}); rerun with --debug for the "
                       f"traceback and report it", debug)
     except BaseException as exc:  # noqa: BLE001 - SystemExit & co. from the model's own code

@@ -179,12 +179,11 @@ class RayShardPool:
     def _get(self, refs: list, timeout: Optional[float] = None) -> list:
         try:
             return ray.get(refs, timeout=timeout)
-        except ray.exceptions.ActorDiedError as exc:
-            raise ShardError(f"a Ray actor holding one of {self.n_shards} shards died and could not be restarted "
-                             f"({_first_line(exc)}); stopped rather than give a partial answer") from None
-        except ray.exceptions.RayActorError as exc:
-            raise ShardError(f"a Ray actor holding one of {self.n_shards} shards is unavailable "
-                             f"({_first_line(exc)}); stopped rather than give a partial answer") from None
+        except ray.exceptions.RayActorError as exc:                  # ActorDiedError is one
+            what = ("died and could not be restarted" if isinstance(exc, ray.exceptions.ActorDiedError)
+                    else "is unavailable")
+            raise ShardError(f"a Ray actor holding one of {self.n_shards} shards {what} ({_first_line(exc)}); "
+                             "stopped rather than give a partial answer") from None
 
     def describe(self) -> dict:
         return {"backend": self.name, "shards": self.n_shards, "cpus_per_shard": self.cpus_per_actor}

@@ -92,6 +92,7 @@ class ScoreMachine:
         self.memory_budget = int(memory_budget)
         self._cache: "OrderedDict[tuple, PatchDictionary]" = OrderedDict()
         self._palette_coded: Optional[bool] = None        # see _nests
+        self._labels_present: Optional[frozenset] = None  # see labels_present
 
     # -- public ---------------------------------------------------------------------------
     @property
@@ -260,9 +261,15 @@ class ScoreMachine:
 
     def _label_groups(self, labels: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """[(label, item indices)] for the labels of ``labels`` that have images here."""
-        present = set(torch.unique(self.labels).tolist())
         return [(int(lab), (labels == lab).nonzero().flatten()) for lab in torch.unique(labels).tolist()
-                if lab in present]
+                if lab in self.labels_present]
+
+    @property
+    def labels_present(self) -> frozenset:
+        """The labels that have training images here (empty without labels)."""
+        if self._labels_present is None:
+            self._labels_present = frozenset() if self.labels is None else frozenset(torch.unique(self.labels).tolist())
+        return self._labels_present
 
     @staticmethod
     def _score_from_mean(x, a, b, mean):
@@ -288,8 +295,9 @@ class ScoreMachine:
                                          log_norms=got)
             for k in ks:
                 mean = out[k] if k in out else torch.full_like(xs, float("nan"))
-                norm = got[k] if norms and k in got else (
-                    torch.full((len(sel), H, W), float("nan"), dtype=torch.float64) if norms else None)
+                norm = None
+                if norms:
+                    norm = got.get(k, torch.full((len(sel), H, W), float("nan"), dtype=torch.float64))
                 if self.kind == "bbELS":                  # the tree answers the interior group
                     self._edge_means(mean, xs, a_s, b_s, k, lab, norm)
                 means[k][sel] = mean
@@ -498,7 +506,7 @@ class ScoreMachine:
             lab = lab.expand(B)
         if lab.shape != (B,):
             raise ValueError(f"label must be an int or a ({B},) tensor; got shape {tuple(lab.shape)}")
-        have = set(torch.unique(self.labels).tolist())
+        have = self.labels_present
         missing = sorted(set(lab.tolist()) - have) if present else []
         if missing:
             raise ValueError(f"no training images with label(s) {missing}; labels present: {sorted(have)}")

@@ -319,6 +319,7 @@ def grouped_softmax_average(
                         coef_sq[:, None, None].expand(B, P, 1)], dim=2).reshape(B * P, K + 1)
         R = B * P
         M = g.n_keys
+        b_rows = b[:, None].expand(B, P).reshape(R)                                     # (R,) b of each row
         ncol = C + 2 if diagnostics else C + 1                                          # centre, 1, [log count]
         acc = torch.zeros(R, ncol, dtype=dtype)
         m = torch.full((R,), float("-inf"), dtype=dtype)
@@ -336,8 +337,7 @@ def grouped_softmax_average(
             mean_c, m, z = _fused_group_means(g, qa, R, C, underflow, skip_below)       # (R, C)
             out[:, :, g.query_pixels] = mean_c.reshape(B, P, C).permute(0, 2, 1)
             if norm is not None:
-                norm[:, g.query_pixels] = log2_norm_of(m, z, q.reshape(R, K), b[:, None].expand(B, P).reshape(R)
-                                                       ).reshape(B, P)
+                norm[:, g.query_pixels] = log2_norm_of(m, z, q.reshape(R, K), b_rows).reshape(B, P)
             continue
         buf = None
         for ch in g.chunks(Mc):
@@ -405,8 +405,7 @@ def grouped_softmax_average(
             z_norm = acc64[:, C]
         out[:, :, g.query_pixels] = mean_c
         if norm is not None:
-            norm[:, g.query_pixels] = log2_norm_of(m, z_norm, q.reshape(R, K),
-                                                   b[:, None].expand(B, P).reshape(R)).reshape(B, P)
+            norm[:, g.query_pixels] = log2_norm_of(m, z_norm, q.reshape(R, K), b_rows).reshape(B, P)
         if diagnostics:
             # entropy over entries: H = log Z - T1/Z + T2/Z  (see module docstring of machines)
             h = torch.log(z) - (t1 / LOG2E) / z + acc[:, C + 1] / z                      # t1 in base 2

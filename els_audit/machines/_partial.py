@@ -24,6 +24,7 @@ dictionary is ``H = sum_s pi_s (H_s - ln pi_s)`` with ``pi_s = Z_s / Z``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -74,19 +75,19 @@ def merge_partials(parts: Sequence[Partial], *, merge_duplicates: bool = True):
     top = norms.amax(0)
     if not bool(torch.isfinite(top).all()):
         raise ValueError("some queries have no key in any shard (a label without training images?)")
-    pi = torch.exp2(norms - top)                                                        # (S, B, H, W), 0 for -inf
-    pi = pi / pi.sum(0)
+    log2_total = top + torch.log2(torch.exp2(norms - top).sum(0))                      # (B, H, W): log2 Z
+    pi = torch.exp2(norms - log2_total)                                                 # (S, B, H, W), 0 for -inf
     dtype = parts[0].mean.dtype
     mean = torch.zeros(parts[0].mean.shape, dtype=torch.float64)
     for p, w in zip(parts, pi):
         mean += torch.where(w[:, None] > 0, w[:, None] * p.mean.to(torch.float64), 0.0)
     diag = None
     if parts[0].diagnostics is not None:
-        diag = _merge_winners(parts, norms, top, pi, merge_duplicates)
+        diag = _merge_winners(parts, norms, log2_total, pi, merge_duplicates)
     return mean.to(dtype), diag
 
 
-def _merge_winners(parts, norms, top, pi, merge_duplicates: bool):
+def _merge_winners(parts, norms, log2_total, pi, merge_duplicates: bool):
     ds = [p.diagnostics for p in parts]
     live = torch.isfinite(norms)                                                        # (S, B, H, W)
     logit = torch.where(live, torch.log2(torch.stack([d.weight.to(torch.float64) for d in ds])) + norms,
@@ -110,7 +111,7 @@ def _merge_winners(parts, norms, top, pi, merge_duplicates: bool):
     first_of = lambda v: v.gather(0, first[None])[0]                                    # noqa: E731
     # IS: equal images are separate entries (multiplicity 1); the lowest index stands first
     count = torch.where(same, counts, 0).sum(0) if merge_duplicates else torch.ones_like(counts[0])
-    weight = torch.exp2(best_logit - torch.log2(torch.exp2(norms - top[None]).sum(0)) - top)
+    weight = torch.exp2(best_logit - log2_total)
     ent = torch.stack([d.entropy.to(torch.float64) for d in ds])
     h = torch.where(pi > 0, pi * (ent - torch.log(pi.clamp_min(torch.finfo(torch.float64).tiny))), 0.0).sum(0)
     dtype = ds[0].weight.dtype
@@ -145,11 +146,16 @@ def winner_hash(images: torch.Tensor, kind: str, dictionary: str, k: Optional[in
         vals = padded[which[:, None, None, None], torch.arange(C)[None, :, None, None],
                       rows[:, None, :, None], cols[:, None, None, :]].reshape(src.numel(), -1)
     bits = vals.contiguous().view(torch.int32 if vals.dtype == torch.float32 else torch.int64).to(torch.int64)
-    gen = torch.Generator().manual_seed(_HASH_SEED)
-    salt = torch.randint(-(1 << 62), 1 << 62, (bits.shape[1],), generator=gen, dtype=torch.int64)
     # each (position, value) mixed on its own (a sum of raw bits times constants would
     # collide: the bits of 1.0 and -1.0 differ by 2**63), then summed
-    return _mix64(bits ^ salt[None, :]).sum(1).reshape(B, H, W)
+    return _mix64(bits ^ _salt(bits.shape[1])[None, :]).sum(1).reshape(B, H, W)
+
+
+@functools.lru_cache(maxsize=8)
+def _salt(width: int) -> torch.Tensor:
+    """(width,) int64: a fixed random value per patch position."""
+    gen = torch.Generator().manual_seed(_HASH_SEED)
+    return torch.randint(-(1 << 62), 1 << 62, (width,), generator=gen, dtype=torch.int64)
 
 
 _M1, _M2 = 0xFF51AFD7ED558CCD - (1 << 64), 0xC4CEB9FE1A85EC53 - (1 << 64)

@@ -71,15 +71,14 @@ class Shard:
     def prepare_sweep(self, which: int, ks, label) -> None:
         m = self.machines[which]
         if label is not None and m.labels is not None:
-            have = set(torch.unique(m.labels).tolist())
-            label = [lab for lab in torch.as_tensor(label).reshape(-1).tolist() if lab in have]
+            label = [lab for lab in torch.as_tensor(label).reshape(-1).tolist() if lab in m.labels_present]
             if not label:
                 return
         m.prepare_sweep(ks, label)
 
     def dictionary_stats(self, which: int, k, label) -> Optional[dict]:
         m = self.machines[which]
-        if label is not None and int(label) not in set(torch.unique(m.labels).tolist()):
+        if label is not None and int(label) not in m.labels_present:
             return None
         return m.dictionary_stats(k, label)
 
