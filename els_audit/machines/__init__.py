@@ -39,6 +39,7 @@ from ._engine import LOG2E, grouped_softmax_average
 from ._nested import (NestedDictionary, build_nested_dictionary, interior_tree_bytes, nested_dictionary_bytes,
                       nested_softmax_average, palette_of)
 from ._partial import Partial, winner_hash
+from .supports import SupportSchedule, check_supports, column_scale
 
 __all__ = ["build_machine", "ScoreMachine", "ScoreDiagnostics", "MACHINE_KINDS", "scale_schedule_eps"]
 
@@ -82,8 +83,10 @@ class ScoreMachine:
     """
 
     def __init__(self, kind: str, images: torch.Tensor, labels: Optional[torch.Tensor],
-                 schedule: NoiseSchedule, dictionary: str, k: Optional[int], memory_budget: int):
+                 schedule: NoiseSchedule, dictionary: str, k: Optional[int], memory_budget: int,
+                 supports: Optional[SupportSchedule] = None):
         self.kind = kind
+        self.supports = supports
         self.images = images
         self.labels = labels
         self.schedule = schedule
@@ -104,7 +107,8 @@ class ScoreMachine:
         return {"kind": self.kind, "dictionary": self.dictionary if self.kind == "ELS" else None,
                 "schedule": getattr(self.schedule, "name", repr(self.schedule)),
                 "n_images": N, "image_shape": [C, H, W], "default_k": self.default_k,
-                "conditional": self.labels is not None, "dtype": str(self.images.dtype)}
+                "conditional": self.labels is not None, "dtype": str(self.images.dtype),
+                "support": "square" if self.supports is None else self.supports.kind}
 
     def score(self, x: torch.Tensor, t: Union[float, torch.Tensor], k: Optional[int] = None,
               label: Union[None, int, torch.Tensor] = None, *, diagnostics: bool = False):
@@ -123,7 +127,7 @@ class ScoreMachine:
         x, a, b = self._checked_coefficients(x, t)
         k = self._resolve_k(k)
         labels = self.check_label(label, x.shape[0])
-        mean, diag, _ = self._means(x, a, b, k, labels, diagnostics)
+        mean, diag, _ = self._means(x, a, b, k, labels, diagnostics, t=self._support_time(x, t))
         score = self._score_from_mean(x, a, b, mean)
         return (score, diag) if diagnostics else score
 
@@ -137,10 +141,12 @@ class ScoreMachine:
         x, a, b = self._checked_coefficients(x, t)
         k = self._resolve_k(k)
         labels = self.check_label(label, x.shape[0], present=False)
-        mean, diag, norm = self._means(x, a, b, k, labels, diagnostics, norms=True)
+        t_s = self._support_time(x, t)
+        mean, diag, norm = self._means(x, a, b, k, labels, diagnostics, norms=True, t=t_s)
         if not diagnostics:
             return Partial(mean, norm)
-        return Partial(mean, norm, diag, winner_hash(self.images, self.kind, self.dictionary, k, diag))
+        window = k if self.supports is None or k is None else self.supports.window(t_s, k)[0]
+        return Partial(mean, norm, diag, winner_hash(self.images, self.kind, self.dictionary, window, diag))
 
     def partial_sweep(self, x: torch.Tensor, t: Union[float, torch.Tensor], ks: Sequence[int],
                       label: Union[None, int, torch.Tensor] = None) -> dict[int, Partial]:
@@ -241,18 +247,28 @@ class ScoreMachine:
             _check_k(k)
         return tuple(sorted(set(ks)))
 
-    def _means(self, x, a, b, k, labels, diagnostics=False, norms=False):
+    def _support_time(self, x, t) -> Optional[float]:
+        """The one time of a call of a machine with shaped supports (they are per step), else None."""
+        if self.supports is None:
+            return None
+        t_vec = self._check_t(t, x.shape[0], torch.float64)
+        if bool((t_vec != t_vec[0]).any()):
+            raise ValueError("a machine with shaped supports takes one t per call (its support is per step)")
+        return float(t_vec[0])
+
+    def _means(self, x, a, b, k, labels, diagnostics=False, norms=False, t=None):
         """(mean centre (B, C, H, W), diagnostics or None, log2 normaliser (B, H, W) float64
         or None) at one k, one class subset at a time.  With ``norms``, items whose label has
-        no images here keep mean 0 and normaliser -inf (see :meth:`partial`)."""
+        no images here keep mean 0 and normaliser -inf (see :meth:`partial`).  ``t``: the
+        call's time, for shaped supports."""
         if labels is None:
-            return self._mean_centre(x, a, b, k, None, diagnostics, norms)
+            return self._mean_centre(x, a, b, k, None, diagnostics, norms, t)
         B, _, H, W = x.shape
         mean = torch.zeros_like(x)
         norm = torch.full((B, H, W), float("-inf"), dtype=torch.float64) if norms else None
         parts = []
         for lab, sel in self._label_groups(labels):
-            m_l, d_l, n_l = self._mean_centre(x[sel], a[sel], b[sel], k, lab, diagnostics, norms)
+            m_l, d_l, n_l = self._mean_centre(x[sel], a[sel], b[sel], k, lab, diagnostics, norms, t)
             mean[sel] = m_l
             if norms:
                 norm[sel] = n_l
@@ -282,7 +298,8 @@ class ScoreMachine:
         B, _, H, W = x.shape
         labels = self.check_label(label, B, present=not norms)
         if not self._nests(ks):
-            res = {k: self._means(x, a, b, k, labels, norms=norms) for k in ks}
+            t_s = self._support_time(x, t)
+            res = {k: self._means(x, a, b, k, labels, norms=norms, t=t_s) for k in ks}
             return (x, a, b), {k: r[0] for k, r in res.items()}, ({k: r[2] for k, r in res.items()} if norms else None)
         tree_ks = self._tree_ks(ks)
         means = {k: torch.full_like(x, float("nan") if labels is None else 0.0) for k in ks}
@@ -350,7 +367,7 @@ class ScoreMachine:
         'valid' dictionary has the same keys as the interior tree and follows the same rule.
         """
         tree_ks = self._tree_ks(ks)
-        if not tree_ks:
+        if not tree_ks or self.supports is not None:          # shaped supports: one k at a time
             return False
         if len(tree_ks) < 2:
             return any(key[0] == "nested" and set(tree_ks) <= set(key[1]) for key in self._cache)
@@ -380,18 +397,22 @@ class ScoreMachine:
         self._materialize_within_budget(d)
         return d
 
-    def _mean_centre(self, x, a, b, k, label, diagnostics, norms=False):
+    def _mean_centre(self, x, a, b, k, label, diagnostics, norms=False, t=None):
         B, C, H, W = x.shape
         imgs, ids = self._images_for(label)
         if self.kind == "IS":
             return _ideal_mean(imgs, ids, x, a, b, diagnostics, norms)
+        scale = None
+        if self.supports is not None:
+            k, weights = self.supports.window(t, k)               # erf-area may widen the window
+            scale = column_scale(weights, C, x.dtype)
         dic = self._dictionary(k, label)
         r = k // 2
         if dic.mode == "zeros":
             q = F.unfold(x, k, padding=r)                                              # (B, Ckk, HW)
         else:
             q = F.unfold(_circular_pad(x, r), k)                                        # (B, Ckk, HW)
-        res = grouped_softmax_average(dic, q, a, b, diagnostics=diagnostics, log_norm=norms)
+        res = grouped_softmax_average(dic, q, a, b, diagnostics=diagnostics, log_norm=norms, col_scale=scale)
         mean = res.mean_centre.reshape(B, C, H, W)
         norm = res.log2_norm.reshape(B, H, W) if norms else None
         if not diagnostics:
@@ -515,7 +536,8 @@ class ScoreMachine:
 
 def build_machine(kind: str, images: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
                   schedule: Union[str, NoiseSchedule] = "cosine-legacy", dictionary: str = "periodic",
-                  k: Optional[int] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> ScoreMachine:
+                  k: Optional[int] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                  supports: Optional[SupportSchedule] = None) -> ScoreMachine:
     """Build a closed-form score machine over training images.
 
     Args:
@@ -530,6 +552,9 @@ def build_machine(kind: str, images: torch.Tensor, labels: Optional[torch.Tensor
         k: default odd patch size for ``score`` (not used by IS).
         memory_budget: bytes; cached dictionaries are evicted beyond half of it and the
             kernel's tiles are small, so memory is bounded whatever N, H, W and k are.
+        supports: shaped supports per step (:mod:`.supports`; LS, ELS, bbELS), None for the
+            square k x k windows of the paper.  The machine then takes one t per call, on
+            the supports' step grid, and sweeps run one k at a time.
     Returns:
         :class:`ScoreMachine`.
     """
@@ -549,7 +574,9 @@ def build_machine(kind: str, images: torch.Tensor, labels: Optional[torch.Tensor
             raise ValueError(f"labels must have shape ({images.shape[0]},); got {tuple(labels.shape)}")
     if k is not None:
         _check_k(k)
-    return ScoreMachine(kind, images.contiguous(), labels, get_schedule(schedule), dictionary, k, memory_budget)
+    check_supports(supports, kind)
+    return ScoreMachine(kind, images.contiguous(), labels, get_schedule(schedule), dictionary, k, memory_budget,
+                        supports)
 
 
 def scale_schedule_eps(machine: ScoreMachine, scales: Sequence[int], steps: int):

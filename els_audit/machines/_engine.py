@@ -50,7 +50,7 @@ import warnings
 import torch
 
 from . import _native as native
-from ._dictionary import PatchDictionary
+from ._dictionary import KeyChunk, PatchDictionary
 
 __all__ = ["GroupedResult", "grouped_softmax_average", "log2_norm_of", "SKIP_BITS", "exp2_floor", "skip_threshold",
            "REFINE_BITS", "REFINE_MIN_COEF", "refine_rows", "Float64Refinement"]
@@ -239,11 +239,12 @@ FUSED_SCRATCH_BYTES = 512 << 10
 FUSED_MIN_ROWS = 128          # per thread (two of the kernel's 64-row blocks)
 
 
-def _fused_group_means(g, qa: torch.Tensor, R: int, C: int, lo: float, skip: float) -> torch.Tensor:
+def _fused_group_means(chunks, qa: torch.Tensor, R: int, C: int, lo: float, skip: float) -> torch.Tensor:
     """(R, C) softmax means of one group's key centres for float32 query rows ``qa`` (R, K + 1)
     (``[q' a/b^2 log2e, coef_sq]``), with ``els_nested_tile`` as a one-level tree per key
-    chunk: the log2 multiplicity enters as the level's bias, each row keeps a running
-    maximum and the chunk's sums are added at its end (:mod:`._native`)."""
+    chunk (``chunks(size)`` yields the group's :class:`KeyChunk` s): the log2 multiplicity
+    enters as the level's bias, each row keeps a running maximum and the chunk's sums are
+    added at its end (:mod:`._native`)."""
     mw = native.NESTED_MICRO_ROWS
     pad = -(-R // mw) * mw
     D = qa.shape[1]
@@ -253,7 +254,7 @@ def _fused_group_means(g, qa: torch.Tensor, R: int, C: int, lo: float, skip: flo
     acc = torch.zeros(C + 1, pad, dtype=qa.dtype)
     threads = torch.get_num_threads()
     n = 0                                    # keys the buffers hold (streaming chunks are whole images)
-    for ch in g.chunks(FUSED_CHUNK_KEYS):
+    for ch in chunks(FUSED_CHUNK_KEYS):
         kaug = ch.kaug if ch.kaug.stride(1) == 1 else ch.kaug.contiguous()                # (mc, K + 1)
         mc = kaug.shape[0]
         if mc > n:
@@ -271,6 +272,24 @@ def _fused_group_means(g, qa: torch.Tensor, R: int, C: int, lo: float, skip: flo
     return (acc[:C, :R] / acc[C, :R]).t(), m[:R], acc[C, :R]
 
 
+def _scaled_chunks(g, scale: torch.Tensor):
+    """``g.chunks`` with every key row ``[p', ||p'||^2]`` replaced by ``[s p', ||s p'||^2]``
+    for the column scale s (K,), into one reused buffer (each chunk is consumed first)."""
+    K = scale.numel()
+
+    def chunks(size: int):
+        buf = None
+        for ch in g.chunks(size):
+            mc = ch.kaug.shape[0]
+            if buf is None or buf.shape[0] < mc:
+                buf = torch.empty(mc, K + 1, dtype=ch.kaug.dtype)
+            out = buf[:mc]
+            torch.mul(ch.kaug[:, :K], scale, out=out[:, :K])
+            out[:, K] = (out[:, :K] * out[:, :K]).sum(1)
+            yield KeyChunk(out, ch.centre, ch.log_count, ch.start)
+    return chunks
+
+
 def grouped_softmax_average(
     dic: PatchDictionary,
     queries: torch.Tensor,
@@ -279,6 +298,7 @@ def grouped_softmax_average(
     *,
     diagnostics: bool = False,
     log_norm: bool = False,
+    col_scale: Optional[torch.Tensor] = None,
     tile_elems: int = 1 << 18,
 ) -> GroupedResult:
     """Softmax-weighted average of key centres for every query pixel.
@@ -289,6 +309,9 @@ def grouped_softmax_average(
         a, b: (B,) schedule coefficients per query image.
         diagnostics: also return the winning entry, its weight and the entropy.
         log_norm: also return the absolute log2 normaliser (``GroupedResult.log2_norm``).
+        col_scale: (K,) non-negative square roots of per-element weights: the distance
+            becomes ``sum_i col_scale_i^2 (q_i - a p_i)^2`` (a shaped support,
+            :mod:`.supports`); keys and queries are scaled, the centres are not.
         tile_elems: logits per (query tile x key chunk) tile; bounds the working memory.
     Returns:
         :class:`GroupedResult`.
@@ -315,6 +338,9 @@ def grouped_softmax_average(
         P = g.query_pixels.numel()
         q_raw = queries[:, :, g.query_pixels].permute(0, 2, 1)                          # (B, P, K)
         q = q_raw - a[:, None, None] * g.mean                                          # q' = q - a mu
+        if col_scale is not None:
+            q = q * col_scale
+        chunks = g.chunks if col_scale is None else _scaled_chunks(g, col_scale)
         qa = torch.cat([q * coef_lin[:, None, None],
                         coef_sq[:, None, None].expand(B, P, 1)], dim=2).reshape(B * P, K + 1)
         R = B * P
@@ -334,13 +360,13 @@ def grouped_softmax_average(
         if use_native and refine is None and R >= FUSED_MIN_ROWS * torch.get_num_threads():
             # float32 without the refinement: logits and softmax fused in C, one call per key chunk
             # (its threads split the query rows: small groups, e.g. bbELS edges, keep the GEMM)
-            mean_c, m, z = _fused_group_means(g, qa, R, C, underflow, skip_below)       # (R, C)
+            mean_c, m, z = _fused_group_means(chunks, qa, R, C, underflow, skip_below)       # (R, C)
             out[:, :, g.query_pixels] = mean_c.reshape(B, P, C).permute(0, 2, 1)
             if norm is not None:
                 norm[:, g.query_pixels] = log2_norm_of(m, z, q.reshape(R, K), b_rows).reshape(B, P)
             continue
         buf = None
-        for ch in g.chunks(Mc):
+        for ch in chunks(Mc):
             mc = ch.kaug.shape[0]
             Rt = max(1, min(R, tile_elems // mc))
             if buf is None or buf.numel() < Rt * mc:
@@ -394,10 +420,12 @@ def grouped_softmax_average(
             mean_c = (acc[:, :C] / z[:, None]).reshape(B, P, C).permute(0, 2, 1)
         else:
             q_rows = q_raw.reshape(R, K)
+            w = torch.ones(K, dtype=dtype) if col_scale is None else col_scale
 
             def exact(rows, keys):
                 bi = rows // P
-                s64 = exact_logits(q_rows[rows], g.patches(keys), a[bi], b[bi], g.mean, g.log2_multiplicity(keys))
+                s64 = exact_logits(q_rows[rows] * w, g.patches(keys) * w, a[bi], b[bi], g.mean * w,
+                                   g.log2_multiplicity(keys))
                 return s64, torch.cat([g.centre[keys], torch.ones(keys.numel(), 1, dtype=dtype)], 1)
 
             acc64 = refine.corrected(acc[:, : C + 1], m, exact)

@@ -28,11 +28,18 @@ import torch
 
 from . import DEFAULT_MEMORY_BUDGET, ScoreMachine, build_machine
 from ._partial import Partial, merge_partials
+from .supports import SupportSchedule
 from ..schedules import NoiseSchedule, get_schedule
 
 __all__ = ["Shard", "LocalShardPool", "ShardedMachine", "ShardError", "sharded_machines", "shard_ids"]
 
-Spec = tuple[str, str]                              # (kind, dictionary)
+Spec = tuple                  # (kind, dictionary) or (kind, dictionary, SupportSchedule or None)
+
+
+def spec_parts(spec: Spec) -> tuple[str, str, Optional[SupportSchedule]]:
+    """(kind, dictionary, supports) of a spec; the supports (shaped windows) are optional."""
+    kind, dic, *rest = spec
+    return kind, dic, (rest[0] if rest else None)
 
 
 class ShardError(RuntimeError):
@@ -60,7 +67,8 @@ class Shard:
             torch.set_num_threads(int(threads))
         self.ids = torch.as_tensor(ids, dtype=torch.long)
         self.machines = [build_machine(kind, images, labels, schedule=schedule, dictionary=dic,
-                                       memory_budget=memory_budget) for kind, dic in specs]
+                                       memory_budget=memory_budget, supports=sup)
+                         for kind, dic, sup in map(spec_parts, specs)]
 
     def partial(self, which: int, x, t, k, label, diagnostics: bool) -> Partial:
         return self.machines[which].partial(x, t, k, label, diagnostics=diagnostics).with_image_ids(self.ids)
@@ -122,8 +130,9 @@ class ShardedMachine(ScoreMachine):
     patch mosaics); every evaluation runs in the shards and is merged here."""
 
     def __init__(self, pool, which: int, kind: str, images: torch.Tensor, labels: Optional[torch.Tensor],
-                 schedule: NoiseSchedule, dictionary: str, k: Optional[int], memory_budget: int):
-        super().__init__(kind, images, labels, schedule, dictionary, k, memory_budget)
+                 schedule: NoiseSchedule, dictionary: str, k: Optional[int], memory_budget: int,
+                 supports: Optional[SupportSchedule] = None):
+        super().__init__(kind, images, labels, schedule, dictionary, k, memory_budget, supports)
         self.pool = pool
         self.which = which
 
@@ -133,6 +142,7 @@ class ShardedMachine(ScoreMachine):
     def score(self, x, t, k=None, label=None, *, diagnostics: bool = False):
         x, a, b = self._checked_coefficients(x, t)
         t_vec = self._check_t(t, x.shape[0], x.dtype)
+        self._support_time(x, t)                             # shaped supports: one t per call
         k = self._resolve_k(k)
         labels = self.check_label(label, x.shape[0])
         parts = self.pool.call("partial", self.which, x, t_vec, k, labels, diagnostics)
@@ -145,6 +155,7 @@ class ShardedMachine(ScoreMachine):
             raise NotImplementedError("a sharded machine is not itself a shard")
         x, a, b = self._checked_coefficients(x, t)
         t_vec = self._check_t(t, x.shape[0], x.dtype)
+        self._support_time(x, t)                             # shaped supports: one t per call
         labels = self.check_label(label, x.shape[0])
         parts = self.pool.call("partial_sweep", self.which, x, t_vec, ks, labels)
         return (x, a, b), {k: merge_partials([p[k] for p in parts])[0] for k in ks}, None
@@ -189,5 +200,5 @@ def sharded_machines(pool, images: torch.Tensor, labels: Optional[torch.Tensor] 
     """One :class:`ShardedMachine` per spec of ``pool`` (the same images, labels and
     schedule the pool's shards were built with)."""
     labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
-    return [ShardedMachine(pool, i, kind, images.contiguous(), labels, get_schedule(schedule), dic, k, memory_budget)
-            for i, (kind, dic) in enumerate(pool.specs)]
+    return [ShardedMachine(pool, i, kind, images.contiguous(), labels, get_schedule(schedule), dic, k, memory_budget,
+                           sup) for i, (kind, dic, sup) in enumerate(map(spec_parts, pool.specs))]

@@ -49,8 +49,11 @@ def entries(kind, images, y, x, k, dictionary):
     return out
 
 
-def brute_score(kind, images, x, t_a_b, k=None, dictionary="periodic", diagnostics=False):
-    """Score (B, C, H, W) of the machine at x; t_a_b = list of (a, b) per batch item."""
+def brute_score(kind, images, x, t_a_b, k=None, dictionary="periodic", diagnostics=False, weights=None):
+    """Score (B, C, H, W) of the machine at x; t_a_b = list of (a, b) per batch item;
+    weights: optional (k, k) per-offset weights of the distance (a shaped support),
+    ``sum_o w_o ||q_o - a patch_o||^2`` over channels."""
+    w_o = 1.0 if weights is None else weights.to(x.dtype)
     B, C, H, W = x.shape
     s = torch.zeros_like(x)
     diag = []
@@ -69,7 +72,8 @@ def brute_score(kind, images, x, t_a_b, k=None, dictionary="periodic", diagnosti
             for xx in range(W):
                 q = window(x[bi], y, xx, k, qmode)
                 ents = entries(kind, images, y, xx, k, dictionary)
-                d2 = torch.stack([((q - a * window(images[j], qy, qx, k, m)) ** 2).sum() for j, qy, qx, m in ents])
+                d2 = torch.stack([(w_o * (q - a * window(images[j], qy, qx, k, m)) ** 2).sum()
+                                  for j, qy, qx, m in ents])
                 logit = -d2 / (2 * b * b)
                 w = torch.softmax(logit, 0)
                 cen = torch.stack([images[j, :, qy, qx] for j, qy, qx, _ in ents])          # (E, C)
