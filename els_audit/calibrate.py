@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .machines import ScoreMachine
+from .machines.banded import band_pair_errors
 from .metrics import cosine_similarity_batch, mse_batch
 from .sampler import EpsFn, ddim_sample, initial_noise, time_grid
 from .schedules import NoiseSchedule, get_schedule
@@ -227,6 +228,9 @@ class CalibrationResult:
         per_seed_values: (T, n_cand, n_seeds) the criterion before the median.
         per_seed_best: (T, n_seeds) best k per step and seed.
         machine: the machine's ``to_dict()``.
+        band_scales, band_agreement: with ``border_band``, the border band's own size per
+            step and its agreement (:mod:`els_audit.machines.banded`); ``scales`` are then
+            the interior's.  ``None`` otherwise.
     """
 
     criterion: str
@@ -241,6 +245,8 @@ class CalibrationResult:
     per_seed_values: np.ndarray
     per_seed_best: np.ndarray
     machine: dict
+    band_scales: Optional[tuple[int, ...]] = None
+    band_agreement: Optional[tuple[float, ...]] = None
 
     @property
     def higher_is_better(self) -> bool:
@@ -274,6 +280,8 @@ class CalibrationResult:
             "seeds": list(self.seeds),
             "labels": None if self.labels is None else list(self.labels),
             "machine": dict(self.machine),
+            "band_scales": None if self.band_scales is None else list(self.band_scales),
+            "band_agreement": None if self.band_agreement is None else [float(a) for a in self.band_agreement],
         }
 
 
@@ -291,6 +299,7 @@ def calibrate_scales(
     criterion: str = "x0",
     label: Union[None, int, Sequence[int], torch.Tensor] = None,
     progress: Optional[ProgressFn] = None,
+    border_band: bool = False,
 ) -> CalibrationResult:
     """Fit one patch size per step by comparing the network with candidate machines.
 
@@ -316,6 +325,10 @@ def calibrate_scales(
         criterion: ``"x0"`` or ``"cosine"`` (see the module docstring).
         label: class label for every seed, or one per seed, for conditional models.
         progress: optional ``f("calibrate", steps_done, steps)``.
+        border_band: also fit a separate size for the border band (x0 criterion): each seed
+            votes for the (k, k_band) pair of the step's candidates whose banded answer
+            (:mod:`els_audit.machines.banded`) is closest to the network's x0; the medians
+            of the two votes are ``scales`` and ``band_scales``.
     Returns:
         :class:`CalibrationResult` (``scales[j]`` belongs to ``t = (j+1)/T``).
     """
@@ -325,6 +338,8 @@ def calibrate_scales(
         raise ValueError(f"machine must be a ScoreMachine from build_machine; got {type(machine).__name__}")
     if machine.kind == "IS":
         raise ValueError("the IS machine has no patch size to calibrate; build an LS, ELS or bbELS machine")
+    if border_band and criterion != "x0":
+        raise ValueError("a border band scale is calibrated with the x0 criterion; use criterion='x0'")
     steps = _check_steps(steps)
     seeds = _check_seeds(seeds)
     B = len(seeds)
@@ -338,6 +353,7 @@ def calibrate_scales(
     x_T = initial_noise(seeds, machine.image_shape, dtype=dtype)                      # (B, C, H, W)
 
     vals = np.full((steps, len(union), B), np.nan)                                     # (T, n_cand, B)
+    pairs: list = [None] * steps                                                       # (n_j, n_j, B) per step
     machine.prepare_sweep(union, label=labels)          # one nested tree for every step's subset
 
     def on_step(i: int, t: float, x: torch.Tensor, eps: torch.Tensor) -> None:
@@ -353,8 +369,12 @@ def calibrate_scales(
             ref = -eps / b4                                                            # (B, C, H, W) s_net
         # one sweep per step: periodic ELS evaluates all candidates in one nested pass
         if criterion == "x0":
-            for k, m in machine.denoised_sweep(x, t_vec, per_step[j], label=labels).items():
+            means = machine.denoised_sweep(x, t_vec, per_step[j], label=labels)
+            for k, m in means.items():
                 vals[j, col[k]] = mse_batch(ref, m)                                   # m (B, C, H, W)
+            if border_band:
+                sq = {k: ((m - ref) ** 2).sum(1) for k, m in means.items()}            # (B, H, W)
+                pairs[j] = band_pair_errors(sq, per_step[j])
         else:
             for k, m in machine.score_sweep(x, t_vec, per_step[j], label=labels).items():
                 vals[j, col[k]] = cosine_similarity_batch(ref, m)
@@ -374,6 +394,9 @@ def calibrate_scales(
         k_j = _round_to_candidate(float(np.median(best[j])), per_step[j])
         scales.append(k_j)
         agreement.append(float(np.mean(best[j] == k_j)))
+    band = band_agree = None
+    if border_band:
+        scales, agreement, band, band_agree = _band_votes(pairs, per_step)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-nan slices: not evaluated -> nan
         med = np.nanmedian(vals, axis=2)                                               # (T, n_cand)
@@ -381,5 +404,22 @@ def calibrate_scales(
         criterion=criterion, steps=steps, schedule=str(getattr(sched, "name", sched)), seeds=seeds,
         labels=None if labels is None else tuple(int(v) for v in labels), candidates=union,
         scales=tuple(scales), agreement=tuple(agreement), values=med, per_seed_values=vals,
-        per_seed_best=best, machine=machine.to_dict(),
+        per_seed_best=best, machine=machine.to_dict(), band_scales=band, band_agreement=band_agree,
     )
+
+
+def _band_votes(pairs, per_step):
+    """(scales, agreement, band scales, band agreement) from each step's (n, n, B) pair
+    errors: each seed votes for its best pair (ties to the smaller k, then k_band)."""
+    scales, agreement, band, band_agree = [], [], [], []
+    for err, cands in zip(pairs, per_step):
+        n, _, B = err.shape
+        flat = err.reshape(n * n, B)                       # row i * n + j: (k_i, k_band_j), ascending
+        win = np.argmin(np.where(np.isnan(flat), np.inf, flat), axis=0)                 # (B,)
+        k_in = np.asarray(cands)[win // n]
+        k_band = np.asarray(cands)[win % n]
+        for votes, out, agree in ((k_in, scales, agreement), (k_band, band, band_agree)):
+            k = _round_to_candidate(float(np.median(votes)), cands)
+            out.append(k)
+            agree.append(float(np.mean(votes == k)))
+    return tuple(scales), tuple(agreement), tuple(band), tuple(band_agree)

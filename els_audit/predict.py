@@ -31,6 +31,7 @@ import torch
 from .calibrate import (ProgressFn, _check_k, _check_seeds, _check_steps, _checked_eps,
                         _resolve_labels, _resolve_schedule)
 from .machines import ScoreMachine, scale_schedule_eps
+from .machines.banded import banded_schedule_eps, banded_score
 from .metrics import pearson_r_batch, r_squared_batch
 from .sampler import EpsFn, ddim_sample, initial_noise
 from .schedules import NoiseSchedule
@@ -104,6 +105,7 @@ class PredictionResult:
     machine_samples: np.ndarray
     is_samples: np.ndarray
     diagnostics: Optional[dict]
+    band_scales: Optional[tuple[int, ...]] = None
 
     @property
     def r(self) -> np.ndarray:
@@ -130,6 +132,7 @@ class PredictionResult:
             "steps": self.steps,
             "schedule": self.schedule,
             "scales": list(self.scales),
+            "band_scales": None if self.band_scales is None else list(self.band_scales),
             "machine": dict(self.machine),
             "is_machine": dict(self.is_machine),
             "n_seeds": len(self.seeds),
@@ -158,6 +161,7 @@ def predict_samples(
     label: Union[None, int, Sequence[int], torch.Tensor] = None,
     diagnostics_at_end: bool = True,
     progress: Optional[ProgressFn] = None,
+    band_scales: Optional[Sequence[int]] = None,
 ) -> PredictionResult:
     """Sample network, fitted machine and IS from the same seeds and compare them.
 
@@ -178,6 +182,8 @@ def predict_samples(
             step; computed in the same pass as that step's score.
         progress: optional ``f(stage, steps_done, steps)`` with stage ``"network"``,
             ``"machine"`` or ``"IS"``.
+        band_scales: (steps,) sizes for the border band (:mod:`els_audit.machines.banded`;
+            e.g. :attr:`CalibrationResult.band_scales`), None for one size per step.
     Returns:
         :class:`PredictionResult`.
     """
@@ -202,7 +208,11 @@ def predict_samples(
     if labels is not None:
         _resolve_labels(labels, B, is_machine)
     dtype = machine.images.dtype
-    fitted = scale_schedule_eps(machine, scales, steps)   # validates len(scales) and each k
+    if band_scales is None:
+        fitted = scale_schedule_eps(machine, scales, steps)   # validates len(scales) and each k
+    else:
+        band_scales = tuple(_check_k(k) for k in band_scales)
+        fitted = banded_schedule_eps(machine, scales, band_scales, steps)
     x_T = initial_noise(seeds, machine.image_shape, dtype=dtype)                      # (B, C, H, W)
 
     captured: dict = {}
@@ -211,7 +221,8 @@ def predict_samples(
         i = int(round(float(t.reshape(-1)[0]) * steps))
         if diagnostics_at_end and i == 1:
             # the last step, t = 1/T: the same score as fitted(), plus its diagnostics
-            s, diag = machine.score(x, t, k=scales[0], label=label, diagnostics=True)    # (B, C, H, W)
+            s, diag = banded_score(machine, x, t, scales[0], scales[0] if band_scales is None else band_scales[0],
+                                   label, diagnostics=True)                            # (B, C, H, W)
             _, b = machine.schedule.alpha_sigma(t.to(x.dtype), dtype=x.dtype)          # (B,)
             captured["diag"] = diag
             return -b[:, None, None, None] * s
@@ -250,4 +261,5 @@ def predict_samples(
         median_r=_nanmedian(r), median_r2=_nanmedian(r2), is_median_r=_nanmedian(is_r),
         is_median_r2=_nanmedian(is_r2), win_rate=win_rate,
         x_T=_np(x_T), network=_np(net), machine_samples=_np(mac), is_samples=_np(ism), diagnostics=diagnostics,
+        band_scales=band_scales,
     )
