@@ -96,6 +96,8 @@ class AuditResult:
             least noise), the ERF prediction in the same order, and where they came from.
         calibration: :class:`CalibrationResult` or ``None``.
         calibration_other: the other criterion's calibration (``compare_criteria``) or ``None``.
+        support: :class:`els_audit.stages.machine.SupportsUsed`, the window per step (``None``
+            for a structure-only audit).
         prediction: :class:`PredictionResult`; novelty: :class:`NoveltyResult`.
         published: :class:`PublishedMatch`.
         checks: every :class:`Check`; exit_code: 0 or 1.
@@ -130,6 +132,7 @@ class AuditResult:
     scales_source: str = ""
     calibration: Optional[CalibrationResult] = None
     calibration_other: Optional[CalibrationResult] = None
+    support: Any = None
     prediction: Optional[PredictionResult] = None
     novelty: Optional[NoveltyResult] = None
     published: Optional[PublishedMatch] = None
@@ -178,6 +181,7 @@ class AuditResult:
                 "scales_convention": "scales[j] is applied at t = (j+1)/steps (index 0 = least noise)",
                 "calibration": None if self.calibration is None else self.calibration.to_dict(),
                 "calibration_other": None if self.calibration_other is None else self.calibration_other.to_dict(),
+                "support": None if self.support is None else self.support.to_dict(),
                 "n_dictionary_images": int(self.data.get("dictionary", {}).get("N", 0)),
             },
             "prediction": self.prediction.to_dict(),
@@ -215,6 +219,8 @@ class AuditResult:
         if self.scope == "full":
             out["scales"] = np.asarray(self.scales)
             out["scales_predicted"] = np.asarray(self.scales_predicted)
+            if self.support is not None:
+                out.update(self.support.arrays())
         return out
 
 
@@ -325,6 +331,7 @@ def _machine_stages(cfg: AuditConfig, clock: Clock, inp: Inputs, probes: Probes,
     res = AuditResult(**_probe_fields(cfg, clock, inp, probes), choice=fitted.choice, scales=tuple(fitted.scales),
                       scales_predicted=probes.predicted, scales_source=fitted.source,
                       calibration=fitted.calibration, calibration_other=fitted.calibration_other,
+                      support=fitted.support,
                       prediction=prediction, novelty=novelty.result, published=published,
                       nearest_images=novelty.nearest_images, plan=plan)
     return _with_checks(res, cfg, clock)                                              # 7. checks

@@ -108,6 +108,12 @@ class _Command(click.Command):
 @click.option("--scales", default="auto", show_default=True, metavar="auto|erf|calibrate|K,K,...",
               help="Patch size per step: auto (calibrate near the ERF prediction), erf, calibrate (every odd k), "
                    "or one odd size per step (index 0 = least noise).")
+@click.option("--support", type=click.Choice(["square", "erf", "erf-area", "data", "border"]), default="square",
+              show_default=True,
+              help="The machine's window per step: square (the paper); erf: weighted by the measured x0 ERF; "
+                   "erf-area: the k*k offsets where the ERF is largest; data: the training data's locality mask "
+                   "(Lukoianov et al.); border: a second calibrated size for the border band.  bench/fidelity.md "
+                   "compares them.")
 @click.option("--criterion", type=click.Choice(["x0", "cosine"]), default="x0", show_default=True,
               help="Calibration criterion (cosine = the paper's).")
 @click.option("--compare-criteria", is_flag=True,
@@ -248,7 +254,7 @@ def _config(opts: dict):
                                    "prediction", "call_style", "num_train_steps", "data_range", "steps", "seeds",
                                    "calibration_seeds", "seed_offset", "conditional", "label", "machine", "dictionary",
                                    "criterion", "compare_criteria", "spread", "memorized_threshold", "threads", "device",
-                                   "only", "ray")}
+                                   "only", "ray", "support")}
     return AuditConfig(**passed, data_limit=opts["data_limit"], budget=parse_duration(opts["budget"]),
                        arch_kwargs=parse_arch_kwargs(opts["arch_kwargs"]), format=opts["format_"],
                        scales=parse_scales(opts["scales"]), fail_on=tuple(rules),

@@ -30,6 +30,7 @@ __all__ = [
     "parse_duration",
     "MACHINE_CHOICES",
     "SCALE_MODES",
+    "SUPPORT_CHOICES",
     "ONLY_CHOICES",
     "STRUCTURE_SECTIONS",
 ]
@@ -41,6 +42,9 @@ ONLY_CHOICES = ("structure",)
 #: the summary sections a structure-only audit writes (``--fail-on`` rules must gate on these)
 STRUCTURE_SECTIONS = ("name", "model", "data", "structure", "erf", "equivariance", "config")
 SCALE_MODES = ("auto", "erf", "calibrate")
+#: ``--support``: square k x k windows (the paper), shaped ones (els_audit.machines.supports),
+#: or a separate scale for the border band (els_audit.machines.banded)
+SUPPORT_CHOICES = ("square", "erf", "erf-area", "data", "border")
 TIME_INPUT_ALIASES = {"unit": "unit", "index": "index", "sigma": "sigma"}
 
 #: what the paper ran: the top of the plan's ladder (:mod:`els_audit.planning.plan`), which
@@ -184,6 +188,9 @@ class AuditConfig:
             cluster, else a new local one) or a Ray address: the machines' dictionary is
             sharded over Ray actors (:mod:`els_audit.integrations.ray`, the extra
             ``els-audit[ray]``), with answers equal to one process's.
+        support: the machine's window per step (:data:`SUPPORT_CHOICES`): ``square`` (the
+            paper), ``erf`` / ``erf-area`` (shaped by the measured x0 ERF), ``data`` (the
+            data's locality mask) or ``border`` (a second calibrated scale for the border band).
     """
 
     model: str
@@ -222,6 +229,7 @@ class AuditConfig:
     only: Optional[str] = None
     memory_budget: int = 2 * 1024**3
     ray: Optional[str] = None
+    support: str = "square"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -246,6 +254,11 @@ class AuditConfig:
             raise AuditError(f"--machine must be one of {', '.join(MACHINE_CHOICES)}; got {self.machine!r}")
         if self.dictionary not in ("periodic", "valid"):
             raise AuditError(f"--dictionary must be periodic or valid; got {self.dictionary!r}")
+        if self.support not in SUPPORT_CHOICES:
+            raise AuditError(f"--support must be one of {', '.join(SUPPORT_CHOICES)}; got {self.support!r}")
+        if self.support == "border" and (self.scales not in ("auto", "calibrate") or self.criterion != "x0"):
+            raise AuditError("--support border calibrates a second scale for the border band: use --scales auto or "
+                             "calibrate with --criterion x0")
         if self.criterion not in ("x0", "cosine"):
             raise AuditError(f"--criterion must be x0 or cosine; got {self.criterion!r}")
         if isinstance(self.scales, str):

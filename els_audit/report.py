@@ -9,7 +9,8 @@ user or the model (file names, module paths, data specs, messages) goes through
 
 Sections, in order: at a glance (the reviewer's four questions, :mod:`.report_glance`);
 verdict and checks; architecture (graph drawing, receptive field, breakers grouped by kind
-and cause); effective receptive field; equivariance; scales; seed gallery; r(machine) vs
+and cause); effective receptive field; equivariance; scales; the machine's support per step
+(:mod:`.report_supports`); seed gallery; r(machine) vs
 r(IS); novelty; published comparison; settings, versions and hashes.
 """
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from .report_glance import breaker_groups, breaker_table, glance
 from .report_graph import graph_figure
+from .report_supports import supports_section
 from .report_html import _e, _fmt, _gray, _img, _plt, _table, figure_to_data_uri
 
 __all__ = ["render_html", "figure_to_data_uri"]
@@ -448,6 +450,7 @@ def render_html(result) -> str:
     if s.get("scope") != "structure":
         parts += [
             "<h2 id=scales>Scales</h2>", _scales_section(result, s),
+            "<h2 id=support>Machine support per step</h2>", supports_section(result),
             "<h2 id=gallery>Seed gallery</h2>", _gallery(result),
             "<h2 id=scatter>r(machine) vs r(IS)</h2>", _scatter(result),
             "<h2 id=novelty>Novelty</h2>", _novelty_section(result, s),

@@ -24,10 +24,12 @@ Three schedules of weights (docs/theory.md section 5, related work):
 - ``data``: the training data's own locality (Lukoianov et al., NeurIPS 2025).  The
   optimal linear denoiser at step t is ``W_t = U diag(a^2 l / (a^2 l + b^2)) U^T`` for the
   pixel covariance ``U diag(l) U^T`` of the training set; each row, divided by its
-  diagonal and thresholded at ``threshold`` (0.02, the authors' default) of the largest
-  entry, is that pixel's mask.  Their machine uses each pixel's own mask; to keep the
-  machine equivariant we take, per offset, the fraction of pixels whose mask holds it, and
-  keep the offsets that at least half the pixels hold (the centre always).  The result is
+  diagonal and thresholded at ``threshold`` (0.02, the authors' default) of its largest
+  entry (the authors take the whole matrix's largest: see :func:`_data_map`), is that
+  pixel's mask.  Their machine uses each pixel's own mask; to keep the machine equivariant
+  we take, per offset, the fraction of pixels (those that vary: at least 1% of the mean
+  pixel variance) whose mask holds it, and keep the offsets that at least half of them
+  hold (the centre always).  The result is
   cropped to the k x k window.
 
 In every schedule k is the square machine's patch size, calibrated the same way: the shape
@@ -190,10 +192,15 @@ def _data_map(U, lam, a, b, C, H, W, S, threshold, majority) -> np.ndarray:
     diag = Wt.diagonal().clone()
     live = diag.abs() > 1e-12
     Wt = Wt / torch.where(live, diag, torch.ones_like(diag))[:, None]
-    mask = Wt.abs() >= threshold * Wt.abs().max()
+    # NB: each row against its own largest entry (the authors take the largest of the whole
+    # matrix): a near-constant pixel (MNIST's border) has a tiny diagonal, and its row's
+    # entries would set a threshold that no other pixel's mask reaches
+    mask = Wt.abs() >= threshold * Wt.abs().amax(1, keepdim=True)
     # channels: an offset belongs to a pixel's mask when any channel pair holds it
     m = mask.reshape(C, H * W, C, H * W).any(2).any(0)                          # (HW out, HW in)
-    live_px = live.reshape(C, H * W).any(0)                                     # pixels with variance
+    # pixels that vary: at least 1% of the mean pixel variance (the rest say nothing of locality)
+    var = (U * U * lam).sum(1).reshape(C, H * W).sum(0)
+    live_px = var >= 0.01 * var.mean()
     r = S // 2
     held = np.zeros((S, S))
     count = np.zeros((S, S))

@@ -7,10 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
+
 from ..calibrate import CalibrationResult, calibrate_scales, step_candidates
 from ..config import MACHINE_CHOICES
 from ..errors import AuditError
 from ..machines import ScoreMachine, build_machine
+from ..machines.supports import SupportSchedule, data_supports, erf_supports
+from ..sampler import time_grid
 from .clock import Clock
 from .inputs import Inputs
 from .probes import Probes
@@ -103,7 +107,8 @@ class FittedMachine:
 
     ``scales``: one odd patch size per step (index 0 = least noise); ``source``: where they
     came from; ``calibration`` / ``calibration_other``: the calibration evidence (``None``
-    when the scales were given or taken from the ERF).
+    when the scales were given or taken from the ERF).  ``support``: the window's shape,
+    :func:`supports_used`; ``band_scales``: the border band's sizes (``--support border``).
     """
 
     choice: MachineChoice
@@ -113,6 +118,8 @@ class FittedMachine:
     source: str
     calibration: Optional[CalibrationResult] = None
     calibration_other: Optional[CalibrationResult] = None
+    band_scales: Optional[tuple[int, ...]] = None
+    support: Optional["SupportsUsed"] = None
 
 
 def fit_machine(cfg, clock: Clock, inp: Inputs, probes: Probes) -> FittedMachine:
@@ -122,34 +129,43 @@ def fit_machine(cfg, clock: Clock, inp: Inputs, probes: Probes) -> FittedMachine
     clock.say(f"machine: {choice.kind} ({choice.reason})")
     labels = inp.dic.labels if inp.conditional else None
     sched = inp.den.schedule
-    machine, is_machine = build_machines(cfg, clock, choice, inp.dict_images, labels, sched)
+    shaped = shaped_supports(cfg, clock, probes, inp.full.images, sched)      # data: the whole set
+    machine, is_machine = build_machines(cfg, clock, choice, inp.dict_images, labels, sched, shaped)
+
+    def fitted(scales, source, calibration=None, other=None) -> FittedMachine:
+        band = None if calibration is None else calibration.band_scales
+        return FittedMachine(choice, machine, is_machine, tuple(scales), source, calibration, other, band,
+                             supports_used(cfg.support, shaped, tuple(scales), band))
+
     if isinstance(cfg.scales, tuple):
-        return FittedMachine(choice, machine, is_machine, cfg.scales, "given (--scales)")
+        return fitted(cfg.scales, "given (--scales)")
     if cfg.scales == "erf":
-        return FittedMachine(choice, machine, is_machine, probes.predicted,
-                             "erf (the probe's prediction, not calibrated)")
+        return fitted(probes.predicted, "erf (the probe's prediction, not calibrated)")
     cands, source = scale_candidates(cfg, inp.shape, probes.predicted)
 
     def calibrate(criterion: str, name: str) -> CalibrationResult:
         return clock.stage(name, calibrate_scales, inp.eps_fn, machine, seeds=calibration_seeds(cfg),
                            steps=cfg.steps, schedule=sched, candidates=cands, criterion=criterion,
-                           label=inp.cal_labels, progress=clock.steps("calibrate"), slow=True)
+                           label=inp.cal_labels, progress=clock.steps("calibrate"), slow=True,
+                           border_band=cfg.support == "border" and criterion == "x0")
 
     calibration = calibrate(cfg.criterion, "calibrate")
     other = None
     if cfg.compare_criteria:
         crit = "cosine" if cfg.criterion == "x0" else "x0"
         other = calibrate(crit, f"calibrate ({crit}, for comparison)")
-    return FittedMachine(choice, machine, is_machine, calibration.scales, source, calibration, other)
+    return fitted(calibration.scales, source, calibration, other)
 
 
-def build_machines(cfg, clock: Clock, choice: MachineChoice, images, labels, sched) -> tuple[ScoreMachine, ScoreMachine]:
-    """The chosen machine and the IS baseline over ``images``: in this process, or (``cfg.ray``)
-    sharded over Ray actors, one actor per shard holding both (:mod:`els_audit.integrations.ray`)."""
-    specs = [(choice.kind, cfg.dictionary), ("IS", "periodic")]
+def build_machines(cfg, clock: Clock, choice: MachineChoice, images, labels, sched,
+                   shaped: Optional[SupportSchedule] = None) -> tuple[ScoreMachine, ScoreMachine]:
+    """The chosen machine (with its shaped supports, if any) and the IS baseline over
+    ``images``: in this process, or (``cfg.ray``) sharded over Ray actors, one actor per shard
+    holding both (:mod:`els_audit.integrations.ray`)."""
+    specs = [(choice.kind, cfg.dictionary, shaped), ("IS", "periodic", None)]
     if cfg.ray is None:
         return tuple(build_machine(kind, images, labels, schedule=sched, dictionary=dic,
-                                   memory_budget=cfg.memory_budget) for kind, dic in specs)
+                                   memory_budget=cfg.memory_budget, supports=sup) for kind, dic, sup in specs)
     RayShardPool = ray_integration().RayShardPool
     from ..machines.sharded import sharded_machines
     clock.say(f"ray: sharding the dictionary ({images.shape[0]} images) over Ray actors ({cfg.ray}) ...")
@@ -184,3 +200,73 @@ def scale_candidates(cfg, shape: tuple[int, int, int], predicted: tuple[int, ...
         return cands, (f"calibrated over every odd k in {cands[0][0]}..{cands[0][-1]} "
                        f"({cfg.criterion} criterion)")
     return cands, f"calibrated around the ERF prediction (+-{2 * cfg.spread}, {cfg.criterion} criterion)"
+
+
+# ---------------------------------------------------------------------------------------
+# supports (--support)
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class SupportsUsed:
+    """The window the fitted machine used at each step, for the summary and the report.
+
+    ``kind``: ``--support``; ``source``: where the shape came from; ``sides``: (T,) window
+    side per step (index 0 = least noise); ``weights``: T arrays (side, side), the weight of
+    each window offset (1 everywhere for a square); ``band_sides``: ``--support border``'s
+    band sizes, else None.
+    """
+
+    kind: str
+    source: str
+    sides: tuple[int, ...]
+    weights: tuple[np.ndarray, ...]
+    band_sides: Optional[tuple[int, ...]] = None
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "source": self.source, "sides": list(self.sides),
+                "area": [round(float(w.sum()), 4) for w in self.weights],
+                "band_sides": None if self.band_sides is None else list(self.band_sides)}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``support_weights`` (T, S, S): each step's weights centred in the widest window."""
+        S = max(self.sides)
+        out = np.zeros((len(self.sides), S, S))
+        for j, w in enumerate(self.weights):
+            o = (S - w.shape[0]) // 2
+            out[j, o: o + w.shape[0], o: o + w.shape[1]] = w
+        return {"support_weights": out}
+
+
+def shaped_supports(cfg, clock: Clock, probes: Probes, images, sched) -> Optional[SupportSchedule]:
+    """The shaped supports ``--support`` asks for (None for square windows and the border band);
+    ``images``: the whole data set, whose covariance gives the ``data`` masks."""
+    if cfg.support in ("erf", "erf-area"):
+        if probes.erf is None or probes.erf.x0_maps is None:
+            raise AuditError(f"--support {cfg.support} needs the ERF probe's maps, which did not run; "
+                             f"use --support square")
+        return erf_supports(probes.erf.on_grid(cfg.steps), cfg.support)
+    if cfg.support == "data":
+        times = [t for t in time_grid(cfg.steps) if t > 0]
+        try:
+            return clock.stage("data support", data_supports, images, sched, times)
+        except ValueError as exc:
+            raise AuditError(f"--support data: {exc}") from None
+    return None
+
+
+def supports_used(kind: str, shaped: Optional[SupportSchedule], scales: tuple[int, ...],
+                  band: Optional[tuple[int, ...]]) -> SupportsUsed:
+    """Each step's window (side and weights) for the fitted scales."""
+    steps = len(scales)
+    sides, weights = [], []
+    for j, k in enumerate(scales):
+        if shaped is None:
+            side, w = k, np.ones((k, k))
+        else:
+            side, w = shaped.window((j + 1) / steps, k)
+            w = w.numpy()
+        sides.append(int(side))
+        weights.append(np.asarray(w, dtype=np.float64))
+    source = {"square": "square k x k windows (the paper)",
+              "border": "square windows; the border band (within k // 2 of an edge) has its own calibrated size"}
+    return SupportsUsed(kind, source.get(kind) or shaped.source, tuple(sides), tuple(weights),
+                        None if band is None else tuple(band))

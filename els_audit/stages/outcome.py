@@ -24,7 +24,8 @@ def run_prediction(cfg, clock: Clock, inp: Inputs, fitted: FittedMachine) -> Pre
     seeds = list(range(cfg.seed_offset, cfg.seed_offset + cfg.seeds))
     return clock.stage("predict", predict_samples, inp.eps_fn, fitted.machine, fitted.scales, seeds=seeds,
                        steps=cfg.steps, is_machine=fitted.is_machine, schedule=inp.den.schedule,
-                       label=inp.eval_labels, progress=clock.steps("predict"), slow=True)
+                       label=inp.eval_labels, progress=clock.steps("predict"), slow=True,
+                       band_scales=fitted.band_scales)
 
 
 @dataclass(frozen=True, eq=False)
