@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from els_audit.audit import AuditConfig
+from els_audit.audit import AuditConfig, parse_arch_kwargs
 from els_audit.config import SUPPORT_CHOICES
 from els_audit.stages.clock import Clock
 from els_audit.stages.inputs import load_inputs, settle_inputs
@@ -47,13 +47,16 @@ def settings_flags(a) -> list[str]:
            "--data-limit", str(a.data_limit), "--budget", "none", "--threads", str(a.threads)]
     if a.data:
         out[:0] = ["--data", a.data]
+    if a.arch:
+        out += ["--arch", a.arch, "--arch-kwargs", f"'{a.arch_kwargs}'"]
     return out
 
 
 def run_model(a) -> dict:
     torch.set_num_threads(a.threads)
     cfg = AuditConfig(model=a.model, data=a.data, data_limit=a.data_limit, steps=a.steps, seeds=a.seeds,
-                      calibration_seeds=a.calibration_seeds, budget=None, threads=a.threads)
+                      calibration_seeds=a.calibration_seeds, budget=None, threads=a.threads, arch=a.arch,
+                      arch_kwargs=parse_arch_kwargs(a.arch_kwargs) if a.arch_kwargs else None)
     clock = Clock(None)
     t0 = time.perf_counter()
     inp = load_inputs(cfg, clock)
@@ -101,6 +104,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model")
     ap.add_argument("--data", default=None)
+    ap.add_argument("--arch", default=None, help="as els-audit --arch (a weights file's architecture)")
+    ap.add_argument("--arch-kwargs", default=None, help="as els-audit --arch-kwargs (JSON)")
     ap.add_argument("--variants", nargs="+", default=list(SUPPORT_CHOICES), choices=SUPPORT_CHOICES)
     ap.add_argument("--data-limit", type=int, default=300)
     ap.add_argument("--steps", type=int, default=20)
