@@ -75,11 +75,13 @@ class Work:
     kind: str
     shape: tuple[int, int, int]
     dictionary: str = "periodic"
+    nested: bool = True           # False: shaped supports (--support erf ...), one size at a time
 
     @property
     def nests(self) -> bool:
-        """Whether a sweep runs as one nested pass (ELS, bbELS); LS runs one size at a time."""
-        return self.kind in ("ELS", "bbELS")
+        """Whether a sweep runs as one nested pass (ELS, bbELS with square windows); LS and
+        shaped supports run one size at a time."""
+        return self.nested and self.kind in ("ELS", "bbELS")
 
     def __call__(self, ks: Sequence[int]) -> float:
         C, H, W = self.shape
@@ -391,7 +393,8 @@ def grid_scales(predicted_fine: Sequence[int], steps: int) -> list[int]:
 
 
 def predict_costs(tp: Throughput, s: Settings, *, shape: Sequence[int], predicted_fine: Sequence[int],
-                  scales_mode, spread: int, n_train: int, share: float = 1.0, workers: float = 1.0) -> StageCost:
+                  scales_mode, spread: int, n_train: int, share: float = 1.0, workers: float = 1.0,
+                  support: str = "square") -> StageCost:
     """Seconds of calibration, prediction and novelty at settings ``s``.
 
     ``predicted_fine``: the ERF's sizes per step on the grid the probe used; ``scales_mode``:
@@ -399,10 +402,13 @@ def predict_costs(tp: Throughput, s: Settings, *, shape: Sequence[int], predicte
     ``share``: the fraction of the dictionary one query meets (a conditional audit's
     queries meet their class's images only); ``workers``: how many times this process's
     engine the machines run at (sharded over a Ray cluster: its CPUs over this process's
-    threads); the network and the novelty search stay here.
+    threads); the network and the novelty search stay here; ``support``: ``--support``
+    (shaped supports calibrate one size at a time, with a dictionary per size, at the
+    single-size rate; ``erf-area`` windows wider than k are not costed).
     """
     C, H, W = (int(v) for v in shape)
-    work_of = Work(tp.kind, (C, H, W), tp.dictionary)
+    shaped = support not in ("square", "border")
+    work_of = Work(tp.kind, (C, H, W), tp.dictionary, nested=not shaped)
     n_meet = s.n_dictionary * share
     ks = list(scales_mode) if isinstance(scales_mode, tuple) else grid_scales(predicted_fine, s.steps)
     times = [(j + 1) / s.steps for j in range(s.steps)]
@@ -410,10 +416,14 @@ def predict_costs(tp: Throughput, s: Settings, *, shape: Sequence[int], predicte
     if scales_mode in ("auto", "calibrate"):
         cands = step_candidates(scales_mode, (C, H, W), ks, spread)
         union = sorted({k for c in cands for k in c})
-        calibrate = (tp.tree_fixed + tp.tree_unit * s.n_dictionary * work_of(union)) / workers
+        if shaped:
+            calibrate = sum(tp.dict_fixed + tp.dict_unit * s.n_dictionary * build_work(C, k) for k in union) / workers
+        else:
+            calibrate = (tp.tree_fixed + tp.tree_unit * s.n_dictionary * work_of(union)) / workers
         for t, c in zip(times, cands):
             calibrate += (s.calibration_seeds * tp.net_unit
-                          + tp.eval_seconds("sweep", t, s.calibration_seeds * n_meet, work_of(c)) / workers)
+                          + tp.eval_seconds("single" if shaped else "sweep", t, s.calibration_seeds * n_meet,
+                                            work_of(c)) / workers)
     predict = sum(tp.dict_fixed + tp.dict_unit * s.n_dictionary * build_work(C, k) for k in set(ks)) / workers
     for j, (t, k) in enumerate(zip(times, ks)):
         which = "diag" if j == 0 else "single"                          # step 0 (least noise) runs last

@@ -83,7 +83,8 @@ def plan_audit(cfg, clock: Clock, inp: Inputs, probes: Probes) -> tuple[Plan, An
 
     def cost(s: Settings):
         return predict_costs(tp, s, shape=inp.shape, predicted_fine=fine, scales_mode=cfg.scales,
-                             spread=cfg.spread, n_train=n_full, share=share, workers=workers)
+                             spread=cfg.spread, n_train=n_full, share=share, workers=workers,
+                             support=cfg.support)
 
     plan = make_plan(budget=cfg.budget, given=given, n_full=n_full, spent=spent, cost=cost, probe=tp,
                      seed_cap=10_000 - cfg.seed_offset)

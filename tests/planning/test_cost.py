@@ -162,3 +162,13 @@ def test_release_kept_drops_the_kept_keys_and_reports_what_stays():
     held = m.release_kept()
     after = m.dictionary_stats(5)                # asking again keeps the keys again
     assert 0 < held < before["bytes"] and after["materialized_fraction"] == 1.0
+
+
+def test_shaped_supports_cost_every_size_in_full():
+    """--support erf & co. sweep one size at a time: a sweep costs the sum of its sizes'
+    whole products, where square windows nest (each size adds its ring)."""
+    square = Work("bbELS", (1, 16, 16))
+    shaped = Work("bbELS", (1, 16, 16), nested=False)
+    assert shaped((3, 5, 7)) == pytest.approx(sum(square((k,)) for k in (3, 5, 7)))
+    assert square((3, 5, 7)) < shaped((3, 5, 7))
+    assert not Work("ELS", (1, 8, 8), nested=False).nests and Work("ELS", (1, 8, 8)).nests
