@@ -228,9 +228,12 @@ class CalibrationResult:
         per_seed_values: (T, n_cand, n_seeds) the criterion before the median.
         per_seed_best: (T, n_seeds) best k per step and seed.
         machine: the machine's ``to_dict()``.
-        band_scales, band_agreement: with ``border_band``, the border band's own size per
-            step and its agreement (:mod:`els_audit.machines.banded`); ``scales`` are then
-            the interior's.  ``None`` otherwise.
+        band_scales, band_agreement, band_per_seed_best: with ``border_band``, the border
+            band's own size per step, its agreement and each seed's vote (T, n_seeds)
+            (:mod:`els_audit.machines.banded`); ``scales``, ``agreement`` and
+            ``per_seed_best`` are then the interior's, from the same pair votes, while
+            ``values`` stays the whole-image criterion of each single size.  ``None``
+            otherwise.
     """
 
     criterion: str
@@ -247,6 +250,7 @@ class CalibrationResult:
     machine: dict
     band_scales: Optional[tuple[int, ...]] = None
     band_agreement: Optional[tuple[float, ...]] = None
+    band_per_seed_best: Optional[np.ndarray] = None
 
     @property
     def higher_is_better(self) -> bool:
@@ -262,7 +266,10 @@ class CalibrationResult:
         return {"calibration_values": self.values, "calibration_per_seed_values": self.per_seed_values,
                 "calibration_per_seed_best": self.per_seed_best,
                 "calibration_candidates": np.asarray(self.candidates), "calibration_scales": np.asarray(self.scales),
-                "calibration_seeds": np.asarray(self.seeds)}
+                "calibration_seeds": np.asarray(self.seeds),
+                **({} if self.band_scales is None else {
+                    "calibration_band_scales": np.asarray(self.band_scales),
+                    "calibration_band_per_seed_best": self.band_per_seed_best})}
 
     def to_dict(self) -> dict:
         return {
@@ -282,6 +289,8 @@ class CalibrationResult:
             "machine": dict(self.machine),
             "band_scales": None if self.band_scales is None else list(self.band_scales),
             "band_agreement": None if self.band_agreement is None else [float(a) for a in self.band_agreement],
+            "band_per_seed_best": None if self.band_per_seed_best is None else
+            [[int(v) for v in row] for row in self.band_per_seed_best],
         }
 
 
@@ -394,9 +403,9 @@ def calibrate_scales(
         k_j = _round_to_candidate(float(np.median(best[j])), per_step[j])
         scales.append(k_j)
         agreement.append(float(np.mean(best[j] == k_j)))
-    band = band_agree = None
+    band = band_agree = band_best = None
     if border_band:
-        scales, agreement, band, band_agree = _band_votes(pairs, per_step)
+        scales, agreement, band, band_agree, best, band_best = _band_votes(pairs, per_step)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-nan slices: not evaluated -> nan
         med = np.nanmedian(vals, axis=2)                                               # (T, n_cand)
@@ -405,21 +414,26 @@ def calibrate_scales(
         labels=None if labels is None else tuple(int(v) for v in labels), candidates=union,
         scales=tuple(scales), agreement=tuple(agreement), values=med, per_seed_values=vals,
         per_seed_best=best, machine=machine.to_dict(), band_scales=band, band_agreement=band_agree,
+        band_per_seed_best=band_best,
     )
 
 
 def _band_votes(pairs, per_step):
-    """(scales, agreement, band scales, band agreement) from each step's (n, n, B) pair
-    errors: each seed votes for its best pair (ties to the smaller k, then k_band)."""
-    scales, agreement, band, band_agree = [], [], [], []
+    """(scales, agreement, band scales, band agreement, per-seed interior votes (T, B),
+    per-seed band votes (T, B)) from each step's (n, n, B) pair errors: each seed votes for
+    its best pair (ties to the smaller k, then k_band)."""
+    scales, agreement, band, band_agree, votes_in, votes_band = [], [], [], [], [], []
     for err, cands in zip(pairs, per_step):
         n, _, B = err.shape
         flat = err.reshape(n * n, B)                       # row i * n + j: (k_i, k_band_j), ascending
         win = np.argmin(np.where(np.isnan(flat), np.inf, flat), axis=0)                 # (B,)
         k_in = np.asarray(cands)[win // n]
         k_band = np.asarray(cands)[win % n]
+        votes_in.append(k_in)
+        votes_band.append(k_band)
         for votes, out, agree in ((k_in, scales, agreement), (k_band, band, band_agree)):
             k = _round_to_candidate(float(np.median(votes)), cands)
             out.append(k)
             agree.append(float(np.mean(votes == k)))
-    return tuple(scales), tuple(agreement), tuple(band), tuple(band_agree)
+    return (tuple(scales), tuple(agreement), tuple(band), tuple(band_agree), np.stack(votes_in).astype(np.int64),
+            np.stack(votes_band).astype(np.int64))

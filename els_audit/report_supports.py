@@ -68,12 +68,13 @@ def supports_section(r) -> str:
     fig.suptitle(f"window per step (t below each), {side} x {side} px canvas; top: log10 x0 ERF map of the "
                  f"centre pixel (3 decades)", fontsize=8)
     body = [["window side"] + [_e(s) for s in sup.sides],
-            ["weight (area)"] + [f"{float(w.sum()):.1f}" for w in sup.weights]]
+            ["weight sum"] + [f"{float(w.sum()):.1f}" for w in sup.weights]]
     if sup.band_sides is not None:
         body.append(["border band k"] + [_e(k) for k in sup.band_sides])
     return "".join([
         f"<p>Support: <b>{_e(sup.kind)}</b> ({_e(sup.source)}). A square machine weighs every pixel of its k x k "
-        "window equally; shaped supports weigh the window by the map shown (white = 1).</p>",
+        "window equally; shaped supports weigh the window by the map shown (white = 1; the weight sum is "
+        "the area for 0/1 supports).</p>",
         _img(fig, "machine support per step beside the ERF"),
         _table(["t"] + [f"{(j + 1) / steps:.2f}" for j in range(steps)], body),
         "<p class=muted>bench/fidelity.md compares the supports on the zoo models (median r at equal "

@@ -17,10 +17,12 @@ Three schedules of weights (docs/theory.md section 5, related work):
   map at the centre pixel (:mod:`els_audit.probes.erf`: the mean |d x0_hat[centre] / d x|),
   cropped to the k x k window and scaled to maximum 1.  Niedoba et al. (ICML 2025) shape
   their patch supports from gradient-sensitivity maps in this spirit.
-- ``erf-area``: an ERF-shaped support of the square's area: the k^2 window offsets where
-  the same map is largest get weight 1, the rest 0 (ties: nearer the centre first, then
-  raster order).  Its window is the smallest odd square around those offsets, which can
-  exceed k.
+- ``erf-area``: an ERF-shaped support of the square's area: the centre and the k^2 - 1
+  other offsets where the same map is largest, within the (2k - 1) x (2k - 1) square
+  around the centre, get weight 1, the rest 0 (ties: nearer the centre first, then raster
+  order).  Its window is the smallest odd square around those offsets: at least k, at most
+  2k - 1 (the cap keeps a flat, noisy map at high noise from spreading the support, and
+  the cost, over the whole image).
 - ``data``: the training data's own locality (Lukoianov et al., NeurIPS 2025).  The
   optimal linear denoiser at step t is ``W_t = U diag(a^2 l / (a^2 l + b^2)) U^T`` for the
   pixel covariance ``U diag(l) U^T`` of the training set; each row, divided by its
@@ -34,6 +36,10 @@ Three schedules of weights (docs/theory.md section 5, related work):
 
 In every schedule k is the square machine's patch size, calibrated the same way: the shape
 lives inside (or, for ``erf-area``, has the area of) the k x k square.
+
+Diagnostics: identical dictionary patches are merged as for square windows; patches that
+differ only where the weight is 0 compete as separate entries with equal logits, so the
+winner's ``weight`` and ``multiplicity`` count only its exact copies.
 """
 
 from __future__ import annotations
@@ -79,6 +85,8 @@ class SupportSchedule:
             raise ValueError(f"maps must be (T, S, S) with S odd and T = len(times); got {m.shape}")
         if not np.all(np.isfinite(m)) or np.any(m < 0):
             raise ValueError("support maps must be finite and non-negative")
+        if m.ndim == 3 and m.size and not np.all(m.reshape(m.shape[0], -1).max(1) > 0):
+            raise ValueError("a support map is all zero: it would compare nothing (every key would weigh the same)")
         object.__setattr__(self, "maps", m)
 
     @property
@@ -118,17 +126,20 @@ def _crop(m: np.ndarray, k: int) -> np.ndarray:
 
 
 def _top_area(m: np.ndarray, k: int) -> tuple[int, torch.Tensor]:
-    """The k^2 largest offsets of m (ties: nearer the centre, then raster order) as a 0/1
-    map on the smallest odd window holding them."""
+    """The centre and the k^2 - 1 largest other offsets of m within the (2k - 1) square
+    around it (ties: nearer the centre, then raster order), as a 0/1 map on the smallest
+    odd window holding them."""
+    m = _crop(m, min(2 * k - 1, m.shape[0]))
     S = m.shape[0]
     c = S // 2
     n = min(k * k, S * S)
     yy, xx = np.mgrid[0:S, 0:S]
     dist = (yy - c) ** 2 + (xx - c) ** 2
-    order = np.lexsort((np.arange(S * S), dist.ravel(), -m.ravel()))[:n]
+    score = m.ravel().astype(np.float64).copy()
+    score[c * S + c] = np.inf                               # the centre always counts, first
+    order = np.lexsort((np.arange(S * S), dist.ravel(), -score))[:n]
     sel = np.zeros(S * S, dtype=bool)
     sel[order] = True
-    sel[c * S + c] = True                                   # the centre always counts
     sel = sel.reshape(S, S)
     ys, xs = np.nonzero(sel)
     r = int(max(abs(ys - c).max(), abs(xs - c).max()))
@@ -173,8 +184,7 @@ def data_supports(images: torch.Tensor, schedule, times: Sequence[float], *,
     if D > DATA_MAX_ELEMENTS:
         raise ValueError(f"the data support eigendecomposes a {D} x {D} pixel covariance; it is offered up to "
                          f"{DATA_MAX_ELEMENTS} elements (C*H*W); use the erf support for larger images")
-    x = images.reshape(N, D).to(torch.float64)
-    cov = torch.cov(x.t(), correction=0) if N > 1 else torch.zeros(D, D, dtype=torch.float64)
+    cov = _covariance(images.reshape(N, D))
     lam, U = torch.linalg.eigh(cov)
     lam = lam.clamp_min(0)
     t_sorted = tuple(sorted(float(t) for t in times))
@@ -184,6 +194,20 @@ def data_supports(images: torch.Tensor, schedule, times: Sequence[float], *,
                      for ai, bi in zip(a, b)])
     return SupportSchedule("data", t_sorted, maps,
                            f"pixel covariance of {N} training images, threshold {threshold:g}, majority {majority:g}")
+
+
+def _covariance(x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """(D, D) float64 population covariance of the rows of x (N, D), in chunks of rows (no
+    float64 copy of the whole data set)."""
+    N, D = x.shape
+    s = torch.zeros(D, dtype=torch.float64)
+    ss = torch.zeros(D, D, dtype=torch.float64)
+    for i in range(0, N, chunk):
+        c = x[i: i + chunk].to(torch.float64)
+        s += c.sum(0)
+        ss += c.t() @ c
+    mean = s / N
+    return ss / N - torch.outer(mean, mean)
 
 
 def _data_map(U, lam, a, b, C, H, W, S, threshold, majority) -> np.ndarray:

@@ -394,7 +394,7 @@ def grid_scales(predicted_fine: Sequence[int], steps: int) -> list[int]:
 
 def predict_costs(tp: Throughput, s: Settings, *, shape: Sequence[int], predicted_fine: Sequence[int],
                   scales_mode, spread: int, n_train: int, share: float = 1.0, workers: float = 1.0,
-                  support: str = "square") -> StageCost:
+                  support: str = "square", window_of: Optional[Callable[[float, int], int]] = None) -> StageCost:
     """Seconds of calibration, prediction and novelty at settings ``s``.
 
     ``predicted_fine``: the ERF's sizes per step on the grid the probe used; ``scales_mode``:
@@ -404,8 +404,11 @@ def predict_costs(tp: Throughput, s: Settings, *, shape: Sequence[int], predicte
     engine the machines run at (sharded over a Ray cluster: its CPUs over this process's
     threads); the network and the novelty search stay here; ``support``: ``--support``
     (shaped supports calibrate one size at a time, with a dictionary per size, at the
-    single-size rate; ``erf-area`` windows wider than k are not costed).
+    single-size rate; ``border`` evaluates two sizes per prediction step); ``window_of(t,
+    k)``: the window side a shaped support uses for size k at time t (``erf-area`` can
+    widen it), k itself when not given.
     """
+    win = window_of or (lambda t, k: k)
     C, H, W = (int(v) for v in shape)
     shaped = support not in ("square", "border")
     work_of = Work(tp.kind, (C, H, W), tp.dictionary, nested=not shaped)
@@ -417,18 +420,21 @@ def predict_costs(tp: Throughput, s: Settings, *, shape: Sequence[int], predicte
         cands = step_candidates(scales_mode, (C, H, W), ks, spread)
         union = sorted({k for c in cands for k in c})
         if shaped:
-            calibrate = sum(tp.dict_fixed + tp.dict_unit * s.n_dictionary * build_work(C, k) for k in union) / workers
+            built = {win(t, k) for t, c in zip(times, cands) for k in c}
+            calibrate = sum(tp.dict_fixed + tp.dict_unit * s.n_dictionary * build_work(C, k) for k in built) / workers
         else:
             calibrate = (tp.tree_fixed + tp.tree_unit * s.n_dictionary * work_of(union)) / workers
         for t, c in zip(times, cands):
             calibrate += (s.calibration_seeds * tp.net_unit
                           + tp.eval_seconds("single" if shaped else "sweep", t, s.calibration_seeds * n_meet,
-                                            work_of(c)) / workers)
-    predict = sum(tp.dict_fixed + tp.dict_unit * s.n_dictionary * build_work(C, k) for k in set(ks)) / workers
-    for j, (t, k) in enumerate(zip(times, ks)):
+                                            work_of([win(t, k) for k in c])) / workers)
+    used = [win(t, k) for t, k in zip(times, ks)]
+    sizes = 2 if support == "border" else 1                             # the band's size beside the interior's
+    predict = sum(tp.dict_fixed + tp.dict_unit * s.n_dictionary * build_work(C, k) for k in set(used)) / workers
+    for j, (t, k) in enumerate(zip(times, used)):
         which = "diag" if j == 0 else "single"                          # step 0 (least noise) runs last
         machine = (s.seeds * tp.is_unit * n_meet
-                   + tp.eval_seconds(which, t, s.seeds * n_meet, work_of([k])) * tp.kept_factor(n_meet, C, k))
+                   + sizes * tp.eval_seconds(which, t, s.seeds * n_meet, work_of([k])) * tp.kept_factor(n_meet, C, k))
         predict += s.seeds * tp.net_unit + machine / workers
     novelty = tp.nn_unit * n_train * (s.seeds + min(300, n_train))
     return StageCost(calibrate, predict, novelty)

@@ -11,6 +11,7 @@ import torch
 
 from ..data import Dataset, balanced_subset_indices, load_dataset
 from ..errors import AuditError
+from ..machines.supports import DATA_MAX_ELEMENTS
 from .clock import Clock
 
 
@@ -101,6 +102,9 @@ def load_inputs(cfg, clock: Clock, *, sanity: bool = True) -> Inputs:
         module.to(device)
     C, H, W = (int(s) for s in full.images.shape[1:])
     check_scales_fit(cfg.scales, H, W)
+    if getattr(cfg, "support", "square") == "data" and C * H * W > DATA_MAX_ELEMENTS:
+        raise AuditError(f"--support data eigendecomposes a pixel covariance of {C}x{H}x{W} = {C * H * W} elements; "
+                         f"it is offered up to {DATA_MAX_ELEMENTS}; use --support erf or erf-area")
     # NB: a seeded, class-balanced sample for the sanity check (data sets may be sorted by label)
     check_rows = balanced_subset_indices(full.labels, len(full), 16, cfg.data_seed)
     check_images = full.images[check_rows].to(device)

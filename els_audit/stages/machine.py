@@ -129,7 +129,10 @@ def fit_machine(cfg, clock: Clock, inp: Inputs, probes: Probes) -> FittedMachine
     clock.say(f"machine: {choice.kind} ({choice.reason})")
     labels = inp.dic.labels if inp.conditional else None
     sched = inp.den.schedule
-    shaped = shaped_supports(cfg, clock, probes, inp.full.images, sched)      # data: the whole set
+    if cfg.support == "border" and choice.kind != "bbELS":
+        raise AuditError(f"--support border gives the border band of a zero-padded network its own scale (bbELS); "
+                         f"this audit fits {choice.kind}: drop --support border, or pass --machine bbELS")
+    shaped = shaped_supports(cfg, clock, probes, inp.train_images, sched)     # data: the whole set
     machine, is_machine = build_machines(cfg, clock, choice, inp.dict_images, labels, sched, shaped)
 
     def fitted(scales, source, calibration=None, other=None) -> FittedMachine:
@@ -223,7 +226,7 @@ class SupportsUsed:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "source": self.source, "sides": list(self.sides),
-                "area": [round(float(w.sum()), 4) for w in self.weights],
+                "weight_sum": [round(float(w.sum()), 4) for w in self.weights],
                 "band_sides": None if self.band_sides is None else list(self.band_sides)}
 
     def arrays(self) -> dict[str, np.ndarray]:

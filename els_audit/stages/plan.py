@@ -10,6 +10,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import PLANNED
+from ..machines.supports import erf_supports
 from ..planning import Plan, Settings, Throughput, make_plan, predict_costs, probe_throughput
 from .clock import Clock
 from .inputs import Inputs
@@ -81,10 +82,15 @@ def plan_audit(cfg, clock: Clock, inp: Inputs, probes: Probes) -> tuple[Plan, An
 
     workers = ray_workers(cfg, clock) if tp is not None else 1.0
 
+    window_of = None
+    if cfg.support == "erf-area" and probes.erf is not None and probes.erf.x0_maps is not None:
+        widened = erf_supports(probes.erf, "erf-area")             # the fine grid: every plan's times are on it
+        window_of = lambda t, k: widened.window(t, k)[0]  # noqa: E731
+
     def cost(s: Settings):
         return predict_costs(tp, s, shape=inp.shape, predicted_fine=fine, scales_mode=cfg.scales,
                              spread=cfg.spread, n_train=n_full, share=share, workers=workers,
-                             support=cfg.support)
+                             support=cfg.support, window_of=window_of)
 
     plan = make_plan(budget=cfg.budget, given=given, n_full=n_full, spent=spent, cost=cost, probe=tp,
                      seed_cap=10_000 - cfg.seed_offset)

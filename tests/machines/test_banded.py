@@ -39,8 +39,11 @@ def test_banded_score_matches_brute_force():
         s, diag = banded_score(m, x, t, k, kb, diagnostics=True)
         assert torch.allclose(s, want, rtol=1e-9, atol=1e-9)
         _, d_band = m.score(x, t, k=kb, diagnostics=True)
+        _, d_in = m.score(x, t, k=k, diagnostics=True)
         band = band_mask(7, 7, k)
         assert torch.equal(diag.source_image[:, band], d_band.source_image[:, band])
+        assert torch.equal(diag.source_image[:, ~band], d_in.source_image[:, ~band])
+        assert torch.equal(diag.entropy[:, ~band], d_in.entropy[:, ~band])
 
 
 def _toy():
@@ -60,9 +63,13 @@ def test_calibration_recovers_a_banded_network():
     assert res.band_agreement == (1.0,) * steps
     d = res.to_dict()
     assert d["band_scales"] == list(band)
+    assert res.band_per_seed_best.tolist() == [[k] * 3 for k in band]
+    assert res.per_seed_best.tolist() == [[k] * 3 for k in scales]       # the interior's votes, from the pairs
     # without the band, the square calibration cannot express the network
     plain = calibrate_scales(net, m, seeds=[1, 2, 3], steps=steps, candidates=(3, 5, 7))
-    assert plain.band_scales is None
+    assert plain.band_scales is None and plain.band_per_seed_best is None
+    square = predict_samples(net, m, plain.scales, seeds=[7, 8], steps=steps, is_machine=build_machine("IS", imgs))
+    assert np.all(square.r < 1 - 1e-6)
     pred = predict_samples(net, m, res.scales, seeds=[7, 8], steps=steps, is_machine=build_machine("IS", imgs),
                            band_scales=res.band_scales)
     assert np.allclose(pred.r, 1.0, atol=1e-9) and pred.to_dict()["band_scales"] == list(band)

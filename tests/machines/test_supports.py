@@ -85,17 +85,23 @@ def test_square_support_equals_the_square_machine():
 
 
 @pytest.mark.parametrize("t", [0.05, 0.5, 0.9])
-def test_float32_paths_with_weights_agree_with_float64(t):
+def test_float32_paths_with_weights_agree_with_float64(t, monkeypatch):
     """16x16 queries, two images: enough rows for the fused C step at t >= 0.5; the float64
     refinement at t = 0.05.  float32 against the float64 machine (itself tested above)."""
     g = torch.Generator().manual_seed(5)
     imgs = (torch.rand(40, 1, 16, 16, generator=g, dtype=torch.float64) > 0.7).double() * 2 - 1
     x = torch.randn(2, 1, 16, 16, generator=g, dtype=torch.float64)
     sup = SupportSchedule("erf", (t,), random_maps((t,), S=9, seed=2), "test")
+    from els_audit.machines import _engine, _native
+    calls = []
+    fused = _engine._fused_group_means
+    monkeypatch.setattr(_engine, "_fused_group_means", lambda *a: calls.append(1) or fused(*a))
     for kind in ("ELS", "bbELS"):
         m64 = build_machine(kind, imgs, supports=sup).denoised(x, t, k=7)
         m32 = build_machine(kind, imgs.float(), supports=sup).denoised(x.float(), t, k=7)
         assert (m32.double() - m64).abs().max() < 2e-4, (kind, t)
+    if t >= 0.5 and _native.available():                          # the fused C step ran on scaled rows
+        assert calls
 
 
 def test_erf_weights_are_cropped_and_scaled_to_max_one():
@@ -109,16 +115,46 @@ def test_erf_weights_are_cropped_and_scaled_to_max_one():
     assert k9 == 9 and float(w9[0, 0]) == 0 and float(w9[1, 1]) == 1.0
 
 
+def test_a_widened_erf_area_window_matches_brute_force():
+    """erf-area's support can reach beyond k: the machine runs on the wider window."""
+    imgs, x = data(N=3, C=1, H=7, W=7, seed=6)
+    t = 0.4
+    m = np.zeros((1, 7, 7))
+    m[0, 3, :] = [1, 2, 3, 9, 3, 2, 1]                          # a horizontal ridge
+    sup = SupportSchedule("erf-area", (t,), m, "test")
+    side, w = sup.window(t, 3)
+    assert side == 5 and float(w.sum()) == 9                    # 5 of the row (cap 2k - 1 = 5), 4 beside the centre
+    for kind in ("ELS", "bbELS"):
+        got = build_machine(kind, imgs, supports=sup).score(x, t, k=3)
+        want = brute_score(kind, imgs, x, ab([t, t]), k=side, weights=w)
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), kind
+
+
+def test_erf_area_keeps_the_centre_and_the_area_and_caps_the_window():
+    m = np.ones((1, 7, 7))
+    m[0, 3, 3] = 0.5                                            # the centre below the rest: still in, area k^2
+    k, w = SupportSchedule("erf-area", (0.5,), m, "test").window(0.5, 3)
+    assert k == 3 and float(w.sum()) == 9
+    noisy = np.random.default_rng(0).uniform(0.5, 1, size=(1, 27, 27))
+    sup = SupportSchedule("erf-area", (0.5,), noisy, "test")
+    for kk in (3, 5, 7):
+        side, w = sup.window(0.5, kk)
+        assert kk <= side <= 2 * kk - 1 and float(w.sum()) == kk * kk and float(w[side // 2, side // 2]) == 1
+
+
 def test_erf_area_takes_the_k_squared_largest_offsets():
-    """A horizontal ridge: the support of area 9 is a 1 x 9 row, its window 9 wide."""
+    """A horizontal ridge: the support of area 25 is a 1 x 9 row (the cap 2k - 1) and the 16
+    nearest other offsets (ties nearer the centre first)."""
     S = 11
     m = np.zeros((1, S, S))
-    m[0, 5, :] = np.linspace(1, 2, S)[::-1] + np.linspace(1, 2, S)   # symmetric, falls off from the centre
-    m[0, 5, 5] = 10
+    m[0, 5, :] = 5 - np.abs(np.arange(S) - 5) * 0.1            # falls off from the centre along the row
     sup = SupportSchedule("erf-area", (0.5,), m, "test")
-    k, w = sup.window(0.5, 3)
-    assert k == 9
-    assert float(w.sum()) == 9 and bool((w[4] == 1).all()) and float(w[:4].sum() + w[5:].sum()) == 0
+    k, w = sup.window(0.5, 5)
+    assert k == 9 and float(w.sum()) == 25
+    assert bool((w[4] == 1).all())                              # the whole ridge row
+    rest = w.clone()
+    rest[4] = 0
+    assert float(rest.sum()) == 16 and float(rest[:, 0].sum() + rest[:, 8].sum()) == 0
     # a flat map: ties go to the nearest offsets, so the square itself
     flat = SupportSchedule("erf-area", (0.5,), np.ones((1, S, S)), "test")
     k, w = flat.window(0.5, 5)
@@ -187,6 +223,8 @@ def test_supports_refuse_bad_use():
         m.score(x, torch.tensor([0.5, 0.6], dtype=torch.float64), k=3)
     with pytest.raises(ValueError, match="non-negative"):
         SupportSchedule("erf", (0.5,), -np.ones((1, 3, 3)), "test")
+    with pytest.raises(ValueError, match="all zero"):
+        SupportSchedule("data", (0.5,), np.zeros((1, 3, 3)), "test")
     with pytest.raises(ValueError, match="S odd"):
         SupportSchedule("erf", (0.5,), np.ones((1, 4, 4)), "test")
 

@@ -172,3 +172,19 @@ def test_shaped_supports_cost_every_size_in_full():
     assert shaped((3, 5, 7)) == pytest.approx(sum(square((k,)) for k in (3, 5, 7)))
     assert square((3, 5, 7)) < shaped((3, 5, 7))
     assert not Work("ELS", (1, 8, 8), nested=False).nests and Work("ELS", (1, 8, 8)).nests
+
+
+def test_predict_costs_follow_the_support():
+    """The plan's seconds for --support: shaped supports calibrate one size at a time at the
+    single-size rate (more than the nested sweep here), a wider erf-area window costs more,
+    and the border band doubles the prediction's machine evaluations."""
+    tp = _tp()
+    s = Settings(n_dictionary=1000, steps=4, calibration_seeds=2, seeds=8)
+    kw = dict(shape=(1, 16, 16), predicted_fine=[5, 7, 9, 11], scales_mode="auto", spread=1, n_train=5000)
+    square = predict_costs(tp, s, **kw)
+    shaped = predict_costs(tp, s, **kw, support="erf")
+    wide = predict_costs(tp, s, **kw, support="erf-area", window_of=lambda t, k: k + 4)
+    border = predict_costs(tp, s, **kw, support="border")
+    assert shaped.calibrate > square.calibrate and wide.calibrate > shaped.calibrate
+    assert wide.predict > shaped.predict == pytest.approx(square.predict)
+    assert border.calibrate == pytest.approx(square.calibrate) and border.predict > square.predict
