@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from els_audit.audit import AuditConfig, parse_arch_kwargs
+from els_audit.audit import AuditConfig, AuditError, parse_arch_kwargs
 from els_audit.config import SUPPORT_CHOICES
 from els_audit.stages.clock import Clock
 from els_audit.stages.inputs import load_inputs, settle_inputs
@@ -68,7 +68,12 @@ def run_model(a) -> dict:
     for v in a.variants:
         cv = dataclasses.replace(cfg, support=v)
         t1 = time.perf_counter()
-        fitted = fit_machine(cv, clock, inp, probes)
+        try:
+            fitted = fit_machine(cv, clock, inp, probes)
+        except AuditError as exc:                         # e.g. border on a machine without a border band
+            print(f"{a.model} {v:9s} not applicable: {exc}", flush=True)
+            rows.append({"variant": v, "not_applicable": str(exc)})
+            continue
         t2 = time.perf_counter()
         pred = run_prediction(cv, clock, inp, fitted)
         t3 = time.perf_counter()
@@ -93,6 +98,10 @@ def table(paths: list[Path]) -> str:
         res = json.loads(Path(p).read_text())
         base = next((r for r in res["rows"] if r["variant"] == "square"), None)
         for r in res["rows"]:
+            if "not_applicable" in r:
+                out.append(f"| {Path(res['model']).name} | {r['variant']} | - | not applicable: "
+                           f"{r['not_applicable'].split(':')[0]} | | | | | |")
+                continue
             d = "" if base is None or r is base else f" ({r['median_r'] - base['median_r']:+.3f})"
             out.append(f"| {Path(res['model']).name} | {r['variant']} | {r['machine']} | {r['median_r']:.3f}{d} | "
                        f"{r['median_r2']:.3f} | {r['is_median_r']:.3f} | {r['win_rate']:.2f} | "
