@@ -53,7 +53,7 @@ def supports_section(r) -> str:
         canvas[o: o + w.shape[0], o: o + w.shape[1]] = w
         ax = axes[rows - 1][j]
         ax.imshow(canvas, cmap="gray", vmin=0, vmax=max(1.0, float(canvas.max())), interpolation="nearest")
-        ax.set_title(f"{(j + 1) / steps:.2f}", fontsize=6)
+        axes[0][j].set_title(f"t={(j + 1) / steps:.2f}", fontsize=6)
         if erf is not None:
             m = erf[j]
             top = float(m.max())
@@ -65,8 +65,9 @@ def supports_section(r) -> str:
     axes[rows - 1][0].set_ylabel("support", fontsize=7)
     if erf is not None:
         axes[0][0].set_ylabel("x0 ERF", fontsize=7)
-    fig.suptitle(f"window per step (t below each), {side} x {side} px canvas; top: log10 x0 ERF map of the "
-                 f"centre pixel (3 decades)", fontsize=8)
+    fig.suptitle(f"the machine's window per step on a {side} x {side} px canvas"
+                 + ("; above it the log10 x0 ERF map of the centre pixel (3 decades)" if erf is not None else ""),
+                 fontsize=8)
     body = [["window side"] + [_e(s) for s in sup.sides],
             ["weight sum"] + [f"{float(w.sum()):.1f}" for w in sup.weights]]
     if sup.band_sides is not None:
