@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from els_audit.audit import AuditConfig, AuditError, parse_arch_kwargs
@@ -92,19 +93,24 @@ def run_model(a) -> dict:
 
 
 def table(paths: list[Path]) -> str:
-    out = ["| model | variant | machine | median r | median R^2 | IS r | win rate | fit + predict s | command |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | variant | machine | median r (vs square) | per-seed r - square's r, mean +- s.e. | median R^2 | "
+           "IS r | win rate | fit + predict s | command |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for p in paths:
         res = json.loads(Path(p).read_text())
         base = next((r for r in res["rows"] if r["variant"] == "square"), None)
         for r in res["rows"]:
             if "not_applicable" in r:
                 out.append(f"| {Path(res['model']).name} | {r['variant']} | - | not applicable: "
-                           f"{r['not_applicable'].split(':')[0]} | | | | | |")
+                           f"{r['not_applicable'].split(':')[0]} | | | | | | |")
                 continue
-            d = "" if base is None or r is base else f" ({r['median_r'] - base['median_r']:+.3f})"
+            d = paired = ""
+            if base is not None and r is not base:
+                d = f" ({r['median_r'] - base['median_r']:+.3f})"
+                diff = np.asarray(r["r"]) - np.asarray(base["r"])        # the same seeds: paired
+                paired = f"{diff.mean():+.3f} +- {diff.std(ddof=1) / np.sqrt(len(diff)):.3f}"
             out.append(f"| {Path(res['model']).name} | {r['variant']} | {r['machine']} | {r['median_r']:.3f}{d} | "
-                       f"{r['median_r2']:.3f} | {r['is_median_r']:.3f} | {r['win_rate']:.2f} | "
+                       f"{paired} | {r['median_r2']:.3f} | {r['is_median_r']:.3f} | {r['win_rate']:.2f} | "
                        f"{r['fit_s'] + r['predict_s']:.0f} | `{r['command']}` |")
     return "\n".join(out)
 
