@@ -53,7 +53,7 @@ def settings_flags(a) -> list[str]:
     return out
 
 
-def run_model(a) -> dict:
+def run_model(a, save=None) -> dict:
     torch.set_num_threads(a.threads)
     cfg = AuditConfig(model=a.model, data=a.data, data_limit=a.data_limit, steps=a.steps, seeds=a.seeds,
                       calibration_seeds=a.calibration_seeds, budget=None, threads=a.threads, arch=a.arch,
@@ -66,6 +66,9 @@ def run_model(a) -> dict:
     inp, probes = settle_inputs(inp, cfg), probes.on_grid(cfg.steps)
     shared = time.perf_counter() - t0
     rows = []
+    res = {"model": a.model, "data": a.data, "n_dictionary": len(inp.dic), "steps": cfg.steps, "seeds": cfg.seeds,
+           "calibration_seeds": cfg.calibration_seeds, "threads": a.threads, "shared_s": round(shared, 1),
+           "torch": torch.__version__, "platform": platform.platform(), "rows": rows}
     for v in a.variants:
         cv = dataclasses.replace(cfg, support=v)
         t1 = time.perf_counter()
@@ -74,6 +77,8 @@ def run_model(a) -> dict:
         except AuditError as exc:                         # e.g. border on a machine without a border band
             print(f"{a.model} {v:9s} not applicable: {exc}", flush=True)
             rows.append({"variant": v, "not_applicable": str(exc)})
+            if save:
+                save(res)
             continue
         t2 = time.perf_counter()
         pred = run_prediction(cv, clock, inp, fitted)
@@ -85,11 +90,11 @@ def run_model(a) -> dict:
                "r": [float(x) for x in pred.r],
                "command": " ".join(["els-audit", a.model, "--support", v] + settings_flags(a))}
         rows.append(row)
+        if save:                                          # after every row: a long run keeps what it measured
+            save(res)
         print(f"{a.model} {v:9s} median r {row['median_r']:.4f}  R2 {row['median_r2']:.4f}  IS r "
               f"{row['is_median_r']:.4f}  fit {row['fit_s']} s  predict {row['predict_s']} s", flush=True)
-    return {"model": a.model, "data": a.data, "n_dictionary": len(inp.dic), "steps": cfg.steps, "seeds": cfg.seeds,
-            "calibration_seeds": cfg.calibration_seeds, "threads": a.threads, "shared_s": round(shared, 1),
-            "torch": torch.__version__, "platform": platform.platform(), "rows": rows}
+    return res
 
 
 def table(paths: list[Path]) -> str:
@@ -135,10 +140,11 @@ def main(argv=None) -> int:
         return 0
     if not a.model:
         ap.error("--model is required (or --table)")
-    res = run_model(a)
-    if a.json:
+    def save(res):
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(res, indent=1))
+
+    run_model(a, save if a.json else None)
     return 0
 
 
