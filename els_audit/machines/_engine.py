@@ -272,10 +272,13 @@ def _fused_group_means(chunks, qa: torch.Tensor, R: int, C: int, lo: float, skip
     return (acc[:C, :R] / acc[C, :R]).t(), m[:R], acc[C, :R]
 
 
-def _scaled_chunks(g, scale: torch.Tensor):
+def _scaled_chunks(g, scale: torch.Tensor, keep: Optional[torch.Tensor] = None):
     """``g.chunks`` with every key row ``[p', ||p'||^2]`` replaced by ``[s p', ||s p'||^2]``
-    for the column scale s (K,), into one reused buffer (each chunk is consumed first)."""
-    K = scale.numel()
+    for the column scale s (K,), only its columns ``keep`` (those with s > 0: the others add
+    nothing) when given, into one reused buffer (each chunk is consumed first)."""
+    cols = None if keep is None else keep.nonzero().flatten()
+    s = scale if cols is None else scale[cols]
+    K = s.numel()
 
     def chunks(size: int):
         buf = None
@@ -284,7 +287,8 @@ def _scaled_chunks(g, scale: torch.Tensor):
             if buf is None or buf.shape[0] < mc:
                 buf = torch.empty(mc, K + 1, dtype=ch.kaug.dtype)
             out = buf[:mc]
-            torch.mul(ch.kaug[:, :K], scale, out=out[:, :K])
+            rows = ch.kaug[:, : scale.numel()] if cols is None else ch.kaug.index_select(1, cols)
+            torch.mul(rows, s, out=out[:, :K])
             out[:, K] = (out[:, :K] * out[:, :K]).sum(1)
             yield KeyChunk(out, ch.centre, ch.log_count, ch.start)
     return chunks
@@ -338,11 +342,14 @@ def grouped_softmax_average(
         P = g.query_pixels.numel()
         q_raw = queries[:, :, g.query_pixels].permute(0, 2, 1)                          # (B, P, K)
         q = q_raw - a[:, None, None] * g.mean                                          # q' = q - a mu
-        if col_scale is not None:
-            q = q * col_scale
-        chunks = g.chunks if col_scale is None else _scaled_chunks(g, col_scale)
+        chunks = g.chunks
+        if col_scale is not None:                       # a shaped support: zero-weight columns dropped
+            keep = None if bool((col_scale > 0).all()) else col_scale > 0
+            q = q * col_scale if keep is None else q[:, :, keep] * col_scale[keep]
+            chunks = _scaled_chunks(g, col_scale, keep)
+        Kq = q.shape[2]                                 # K, or the support's non-zero columns
         qa = torch.cat([q * coef_lin[:, None, None],
-                        coef_sq[:, None, None].expand(B, P, 1)], dim=2).reshape(B * P, K + 1)
+                        coef_sq[:, None, None].expand(B, P, 1)], dim=2).reshape(B * P, Kq + 1)
         R = B * P
         M = g.n_keys
         b_rows = b[:, None].expand(B, P).reshape(R)                                     # (R,) b of each row
@@ -363,7 +370,7 @@ def grouped_softmax_average(
             mean_c, m, z = _fused_group_means(chunks, qa, R, C, underflow, skip_below)       # (R, C)
             out[:, :, g.query_pixels] = mean_c.reshape(B, P, C).permute(0, 2, 1)
             if norm is not None:
-                norm[:, g.query_pixels] = log2_norm_of(m, z, q.reshape(R, K), b_rows).reshape(B, P)
+                norm[:, g.query_pixels] = log2_norm_of(m, z, q.reshape(R, Kq), b_rows).reshape(B, P)
             continue
         buf = None
         for ch in chunks(Mc):
@@ -433,7 +440,7 @@ def grouped_softmax_average(
             z_norm = acc64[:, C]
         out[:, :, g.query_pixels] = mean_c
         if norm is not None:
-            norm[:, g.query_pixels] = log2_norm_of(m, z_norm, q.reshape(R, K), b_rows).reshape(B, P)
+            norm[:, g.query_pixels] = log2_norm_of(m, z_norm, q.reshape(R, Kq), b_rows).reshape(B, P)
         if diagnostics:
             # entropy over entries: H = log Z - T1/Z + T2/Z  (see module docstring of machines)
             h = torch.log(z) - (t1 / LOG2E) / z + acc[:, C + 1] / z                      # t1 in base 2
