@@ -249,3 +249,13 @@ def test_shaped_machines_shard_exactly(kind):
         assert torch.equal(d1.source_image, d3.source_image) and torch.equal(d1.multiplicity, d3.multiplicity)
         sw = sharded.score_sweep(x, t, (3, 5))
         assert torch.allclose(sw[5], one.score(x, t, k=5), rtol=1e-10, atol=1e-10)
+
+
+def test_supports_pickle_for_ray_actors():
+    """Ray ships a shard's spec, supports included, to its actor by pickling."""
+    import pickle
+    sup = SupportSchedule("erf-area", (0.25, 0.5), random_maps((0.25, 0.5)), "test")
+    back = pickle.loads(pickle.dumps(sup))
+    for t in (0.25, 0.5):
+        assert back.window(t, 3)[0] == sup.window(t, 3)[0]
+        assert torch.equal(back.window(t, 3)[1], sup.window(t, 3)[1])
