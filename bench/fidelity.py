@@ -104,9 +104,10 @@ def table(paths: list[Path]) -> str:
     for p in paths:
         res = json.loads(Path(p).read_text())
         base = next((r for r in res["rows"] if r["variant"] == "square"), None)
+        name = res["model"] if res["model"].startswith("zoo:") else Path(res["model"]).parent.name
         for r in res["rows"]:
             if "not_applicable" in r:
-                out.append(f"| {Path(res['model']).name} | {r['variant']} | - | not applicable: "
+                out.append(f"| {name} | {r['variant']} | - | not applicable: "
                            f"{r['not_applicable'].split(':')[0]} | | | | | | |")
                 continue
             d = paired = ""
@@ -114,7 +115,7 @@ def table(paths: list[Path]) -> str:
                 d = f" ({r['median_r'] - base['median_r']:+.3f})"
                 diff = np.asarray(r["r"]) - np.asarray(base["r"])        # the same seeds: paired
                 paired = f"{diff.mean():+.3f} +- {diff.std(ddof=1) / np.sqrt(len(diff)):.3f}"
-            out.append(f"| {Path(res['model']).name} | {r['variant']} | {r['machine']} | {r['median_r']:.3f}{d} | "
+            out.append(f"| {name} | {r['variant']} | {r['machine']} | {r['median_r']:.3f}{d} | "
                        f"{paired} | {r['median_r2']:.3f} | {r['is_median_r']:.3f} | {r['win_rate']:.2f} | "
                        f"{r['fit_s'] + r['predict_s']:.0f} | `{r['command']}` |")
     return "\n".join(out)
