@@ -592,16 +592,21 @@ def scale_schedule_eps(machine: ScoreMachine, scales: Sequence[int], steps: int)
         _check_k(k)
 
     def eps(x, t, label=None):
-        t0 = float(torch.as_tensor(t).reshape(-1)[0])
-        i = int(round(t0 * steps))
-        if not 1 <= i <= steps or abs(t0 * steps - i) > 1e-6:
-            raise ValueError(f"t = {t0} is not on the {steps}-step grid")
-        return machine.eps(x, t, label=label, k=scales[i - 1])
+        return machine.eps(x, t, label=label, k=scales[_grid_step(t, steps) - 1])
 
     return eps
 
 
 # ---------------------------------------------------------------------------------------
+def _grid_step(t, steps: int) -> int:
+    """i such that t (a float or tensor; its first entry) is the grid time i / steps, 1 <= i <= steps."""
+    t0 = float(torch.as_tensor(t).reshape(-1)[0])
+    i = int(round(t0 * steps))
+    if not 1 <= i <= steps or abs(t0 * steps - i) > 1e-6:
+        raise ValueError(f"t = {t0} is not on the {steps}-step grid")
+    return i
+
+
 def _check_k(k) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or k <= 0 or k % 2 == 0:
         raise ValueError(f"patch size k must be a positive odd integer; got {k!r}")

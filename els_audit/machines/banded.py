@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from . import ScoreDiagnostics, ScoreMachine, _check_k
+from . import ScoreDiagnostics, ScoreMachine, _check_k, _grid_step
 
 __all__ = ["band_mask", "banded_score", "banded_schedule_eps", "band_pair_errors"]
 
@@ -59,10 +59,7 @@ def banded_schedule_eps(machine: ScoreMachine, scales: Sequence[int], band_scale
         _check_k(k)
 
     def eps(x, t, label=None):
-        t0 = float(torch.as_tensor(t).reshape(-1)[0])
-        i = int(round(t0 * steps))
-        if not 1 <= i <= steps or abs(t0 * steps - i) > 1e-6:
-            raise ValueError(f"t = {t0} is not on the {steps}-step grid")
+        i = _grid_step(t, steps)
         t_vec = machine._check_t(t, x.shape[0], x.dtype)
         _, b = machine.schedule.alpha_sigma(t_vec, dtype=x.dtype)
         return -b[:, None, None, None] * banded_score(machine, x, t_vec, scales[i - 1], band_scales[i - 1], label)
