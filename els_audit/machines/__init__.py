@@ -26,8 +26,9 @@ over patch sizes of the periodic ELS machine runs as one pass over nested window
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Optional, Sequence, Union
 
 import torch
@@ -45,6 +46,32 @@ __all__ = ["build_machine", "ScoreMachine", "ScoreDiagnostics", "MACHINE_KINDS",
 
 MACHINE_KINDS = ("IS", "LS", "ELS", "bbELS")
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+
+
+def _to(obj, device: torch.device):
+    """``obj`` with every tensor in it (tuples, lists, dicts and dataclasses included) on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return replace(obj, **{f.name: _to(getattr(obj, f.name), device) for f in fields(obj) if f.init})
+    return obj
+
+
+def _on_machine_device(method):
+    """Run a public method where the machine's images live: its tensor arguments moved there,
+    the tensors of its answer moved back to the device of ``x`` (the caller's).  A no-op when
+    they are on the same device."""
+    @functools.wraps(method)
+    def run(self, x, *args, **kwargs):
+        if not isinstance(x, torch.Tensor) or x.device == self.device:
+            return method(self, x, *args, **kwargs)
+        answer = method(self, x.to(self.device), *_to(args, self.device), **_to(kwargs, self.device))
+        return _to(answer, x.device)
+    return run
 
 
 @dataclass(frozen=True)
@@ -80,6 +107,9 @@ class ScoreMachine:
     Build with :func:`build_machine`.  ``score(x, t, k)`` returns the machine's score;
     ``eps(x, t, label, k)`` the equivalent noise prediction ``-b_t * s`` that drives the
     shared DDIM sampler.
+
+    The machine computes on its images' device (:attr:`device`); its public methods take
+    ``x`` on any device and answer on ``x``'s.
     """
 
     def __init__(self, kind: str, images: torch.Tensor, labels: Optional[torch.Tensor],
@@ -99,6 +129,11 @@ class ScoreMachine:
 
     # -- public ---------------------------------------------------------------------------
     @property
+    def device(self) -> torch.device:
+        """Where the machine computes: its images' device."""
+        return self.images.device
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
@@ -110,6 +145,7 @@ class ScoreMachine:
                 "conditional": self.labels is not None, "dtype": str(self.images.dtype),
                 "support": "square" if self.supports is None else self.supports.kind}
 
+    @_on_machine_device
     def score(self, x: torch.Tensor, t: Union[float, torch.Tensor], k: Optional[int] = None,
               label: Union[None, int, torch.Tensor] = None, *, diagnostics: bool = False):
         """The machine's score at ``x``.
@@ -131,6 +167,7 @@ class ScoreMachine:
         score = self._score_from_mean(x, a, b, mean)
         return (score, diag) if diagnostics else score
 
+    @_on_machine_device
     def partial(self, x: torch.Tensor, t: Union[float, torch.Tensor], k: Optional[int] = None,
                 label: Union[None, int, torch.Tensor] = None, *, diagnostics: bool = False) -> Partial:
         """This machine's answer as one shard of a larger dictionary: its softmax mean with
@@ -148,6 +185,7 @@ class ScoreMachine:
         window = k if self.supports is None or k is None else self.supports.window(t_s, k)[0]
         return Partial(mean, norm, diag, winner_hash(self.images, self.kind, self.dictionary, window, diag))
 
+    @_on_machine_device
     def partial_sweep(self, x: torch.Tensor, t: Union[float, torch.Tensor], ks: Sequence[int],
                       label: Union[None, int, torch.Tensor] = None) -> dict[int, Partial]:
         """:meth:`partial` at several patch sizes, one nested pass where :meth:`score_sweep`
@@ -156,6 +194,7 @@ class ScoreMachine:
         _, means, norms = self._sweep_means(x, t, ks, label, norms=True)
         return {k: Partial(means[k], norms[k]) for k in ks}
 
+    @_on_machine_device
     def score_sweep(self, x: torch.Tensor, t: Union[float, torch.Tensor], ks: Sequence[int],
                     label: Union[None, int, torch.Tensor] = None) -> dict[int, torch.Tensor]:
         """The score at several patch sizes, same ``x`` and ``t``: ``{k: score(x, t, k)}``.
@@ -181,7 +220,7 @@ class ScoreMachine:
         if label is None:
             labs = [None]
         else:
-            lab = torch.as_tensor(label, dtype=torch.long).reshape(-1)
+            lab = torch.as_tensor(label, dtype=torch.long, device="cpu").reshape(-1)
             labs = torch.unique(self.check_label(lab, lab.numel())).tolist()
         for lab in labs:
             if self.kind == "bbELS":                      # the edge groups, one k at a time
@@ -189,6 +228,7 @@ class ScoreMachine:
                     self._dictionary(k, lab, interior=False)
             self._nested_dictionary(self._tree_ks(ks), lab)   # last: first call on the budget
 
+    @_on_machine_device
     def denoised_sweep(self, x: torch.Tensor, t: Union[float, torch.Tensor], ks: Sequence[int],
                        label: Union[None, int, torch.Tensor] = None) -> dict[int, torch.Tensor]:
         """``{k: denoised(x, t, k)}``, one nested pass where :meth:`score_sweep` has one."""
@@ -196,19 +236,19 @@ class ScoreMachine:
         _, means, _ = self._sweep_means(x, t, ks, label)
         return means
 
+    @_on_machine_device
     def eps(self, x: torch.Tensor, t: Union[float, torch.Tensor], label=None, k: Optional[int] = None):
         """Noise prediction ``eps_hat = -b_t * score`` (docs/theory.md section 1)."""
         x = self._check_x(x)
-        t_vec = self._check_t(t, x.shape[0], x.dtype)
-        _, b = self.schedule.alpha_sigma(t_vec, dtype=x.dtype)
-        return -b[:, None, None, None] * self.score(x, t_vec, k=k, label=label)
+        _, b = self._coefficients(t, x)
+        return -b[:, None, None, None] * self.score(x, t, k=k, label=label)
 
+    @_on_machine_device
     def denoised(self, x: torch.Tensor, t, k: Optional[int] = None, label=None) -> torch.Tensor:
         """The machine's estimate of the clean image, E[x0 | x_t] = sum_j w_j centre_j."""
         x = self._check_x(x)
-        t_vec = self._check_t(t, x.shape[0], x.dtype)
-        a, b = self.schedule.alpha_sigma(t_vec, dtype=x.dtype)
-        s = self.score(x, t_vec, k=k, label=label)
+        a, b = self._coefficients(t, x)
+        s = self.score(x, t, k=k, label=label)
         return (x + (b**2)[:, None, None, None] * s) / a[:, None, None, None]
 
     def dictionary_stats(self, k: Optional[int] = None, label: Optional[int] = None) -> dict:
@@ -233,11 +273,16 @@ class ScoreMachine:
     def _checked_coefficients(self, x, t):
         """Checked x and its schedule coefficients a, b (B,) at t; the score needs b_t > 0."""
         x = self._check_x(x)
-        t_vec = self._check_t(t, x.shape[0], x.dtype)
-        a, b = self.schedule.alpha_sigma(t_vec, dtype=x.dtype)                        # (B,), (B,)
+        a, b = self._coefficients(t, x)                                                # (B,), (B,)
         if torch.any(b <= 0):
             raise ValueError("the score is undefined at t = 0 (b_t = 0); use t > 0")
         return x, a, b
+
+    def _coefficients(self, t, x):
+        """(a, b) (B,) at t for x: computed on the CPU (where the schedules' tables are),
+        on x's device and in its dtype."""
+        a, b = self.schedule.alpha_sigma(self._check_t(t, x.shape[0], x.dtype), dtype=x.dtype)
+        return a.to(x.device), b.to(x.device)
 
     def _check_ks(self, ks) -> tuple[int, ...]:
         ks = tuple(ks)
@@ -265,7 +310,7 @@ class ScoreMachine:
             return self._mean_centre(x, a, b, k, None, diagnostics, norms, t)
         B, _, H, W = x.shape
         mean = torch.zeros_like(x)
-        norm = torch.full((B, H, W), float("-inf"), dtype=torch.float64) if norms else None
+        norm = torch.full((B, H, W), float("-inf"), dtype=torch.float64, device=x.device) if norms else None
         parts = []
         for lab, sel in self._label_groups(labels):
             m_l, d_l, n_l = self._mean_centre(x[sel], a[sel], b[sel], k, lab, diagnostics, norms, t)
@@ -303,8 +348,9 @@ class ScoreMachine:
             return (x, a, b), {k: r[0] for k, r in res.items()}, ({k: r[2] for k, r in res.items()} if norms else None)
         tree_ks = self._tree_ks(ks)
         means = {k: torch.full_like(x, float("nan") if labels is None else 0.0) for k in ks}
-        lnorms = {k: torch.full((B, H, W), float("-inf"), dtype=torch.float64) for k in ks} if norms else None
-        groups = [(None, torch.arange(B))] if labels is None else self._label_groups(labels)
+        lnorms = ({k: torch.full((B, H, W), float("-inf"), dtype=torch.float64, device=x.device) for k in ks}
+                  if norms else None)
+        groups = [(None, torch.arange(B, device=x.device))] if labels is None else self._label_groups(labels)
         for lab, sel in groups:
             xs, a_s, b_s = x[sel], a[sel], b[sel]
             got = {} if norms else None
@@ -314,7 +360,7 @@ class ScoreMachine:
                 mean = out[k] if k in out else torch.full_like(xs, float("nan"))
                 norm = None
                 if norms:
-                    norm = got.get(k, torch.full((len(sel), H, W), float("nan"), dtype=torch.float64))
+                    norm = got.get(k, torch.full((len(sel), H, W), float("nan"), dtype=torch.float64, device=x.device))
                 if self.kind == "bbELS":                  # the tree answers the interior group
                     self._edge_means(mean, xs, a_s, b_s, k, lab, norm)
                 means[k][sel] = mean
@@ -405,7 +451,7 @@ class ScoreMachine:
         scale = None
         if self.supports is not None:
             k, weights = self.supports.window(t, k)               # erf-area may widen the window
-            scale = column_scale(weights, C, x.dtype)
+            scale = column_scale(weights, C, x.dtype, x.device)
         dic = self._dictionary(k, label)
         r = k // 2
         if dic.mode == "zeros":
@@ -425,7 +471,7 @@ class ScoreMachine:
 
     def _images_for(self, label):
         if label is None:
-            return self.images, torch.arange(self.images.shape[0])
+            return self.images, torch.arange(self.images.shape[0], device=self.device)
         ids = (self.labels == label).nonzero().flatten()
         return self.images[ids], ids
 
@@ -505,7 +551,7 @@ class ScoreMachine:
 
     @staticmethod
     def _check_t(t, B, dtype):
-        t = torch.as_tensor(t, dtype=dtype)
+        t = torch.as_tensor(t, dtype=dtype, device="cpu")
         if t.ndim == 0:
             t = t.expand(B)
         if t.shape != (B,):
@@ -522,7 +568,7 @@ class ScoreMachine:
             return None
         if self.labels is None:
             raise ValueError("a label was given but the machine was built without labels; pass labels= to build_machine")
-        lab = torch.as_tensor(label, dtype=torch.long)
+        lab = torch.as_tensor(label, dtype=torch.long, device=self.device)
         if lab.ndim == 0:
             lab = lab.expand(B)
         if lab.shape != (B,):
@@ -537,7 +583,8 @@ class ScoreMachine:
 def build_machine(kind: str, images: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
                   schedule: Union[str, NoiseSchedule] = "cosine-legacy", dictionary: str = "periodic",
                   k: Optional[int] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                  supports: Optional[SupportSchedule] = None) -> ScoreMachine:
+                  supports: Optional[SupportSchedule] = None,
+                  device: Union[None, str, torch.device] = None) -> ScoreMachine:
     """Build a closed-form score machine over training images.
 
     Args:
@@ -555,6 +602,10 @@ def build_machine(kind: str, images: torch.Tensor, labels: Optional[torch.Tensor
         supports: shaped supports per step (:mod:`.supports`; LS, ELS, bbELS), None for the
             square k x k windows of the paper.  The machine then takes one t per call, on
             the supports' step grid, and sweeps run one k at a time.
+        device: where the machine keeps its dictionaries and computes (``"cuda"``, a
+            ``torch.device``); None: where ``images`` are.  The same exact algorithm runs on
+            every device (:mod:`._engine`); ``score`` and the other methods take ``x`` on any
+            device and answer on ``x``'s.
     Returns:
         :class:`ScoreMachine`.
     """
@@ -569,12 +620,16 @@ def build_machine(kind: str, images: torch.Tensor, labels: Optional[torch.Tensor
     if not torch.all(torch.isfinite(images)):
         raise ValueError("images contain NaN or infinite values")
     if labels is not None:
-        labels = torch.as_tensor(labels, dtype=torch.long)
+        labels = torch.as_tensor(labels, dtype=torch.long, device=images.device)
         if labels.shape != (images.shape[0],):
             raise ValueError(f"labels must have shape ({images.shape[0]},); got {tuple(labels.shape)}")
     if k is not None:
         _check_k(k)
     check_supports(supports, kind)
+    if device is not None:
+        images = images.to(torch.device(device))
+    if labels is not None:
+        labels = labels.to(images.device)
     return ScoreMachine(kind, images.contiguous(), labels, get_schedule(schedule), dictionary, k, memory_budget,
                         supports)
 
@@ -634,10 +689,10 @@ def _ideal_mean(imgs, ids, x, a, b, diagnostics, norms=False):
         return mean, None, norm
     best = w.argmax(1)                                                                   # (B,)
     ent = -(w * torch.log(w.clamp_min(torch.finfo(w.dtype).tiny))).sum(1)
-    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    yy, xx = torch.meshgrid(torch.arange(H, device=x.device), torch.arange(W, device=x.device), indexing="ij")
     full = lambda v: v[:, None, None].expand(B, H, W).clone()  # noqa: E731
     diag = ScoreDiagnostics(full(ids[best]), yy.expand(B, H, W).clone(), xx.expand(B, H, W).clone(),
-                            full(w.gather(1, best[:, None])[:, 0]), torch.ones(B, H, W, dtype=torch.long),
+                            full(w.gather(1, best[:, None])[:, 0]), torch.ones(B, H, W, dtype=torch.long, device=x.device),
                             full(ent))
     return mean, diag, norm
 
@@ -647,7 +702,7 @@ def _merge_diag(parts, B):
     fields = {}
     for f in first.__dataclass_fields__:
         ref = getattr(first, f)
-        out = torch.zeros((B,) + tuple(ref.shape[1:]), dtype=ref.dtype)
+        out = torch.zeros((B,) + tuple(ref.shape[1:]), dtype=ref.dtype, device=ref.device)
         for sel, d in parts:
             out[sel] = getattr(d, f)
         fields[f] = out

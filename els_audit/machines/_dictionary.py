@@ -88,8 +88,8 @@ class PatchGroup:
             self.count = counts.to(torch.int32)                                       # (M,)
             self.log_count = counts.to(dtype).log()                                   # (M,)
             M = rep.numel()
-            self.sqnorm = torch.empty(M, dtype=dtype)
-            self.centre = torch.empty(M, len(centre_idx), dtype=dtype)
+            self.sqnorm = torch.empty(M, dtype=dtype, device=mean.device)
+            self.centre = torch.empty(M, len(centre_idx), dtype=dtype, device=mean.device)
             step = max(1, (1 << 22) // max(1, mean.numel()))
             for s in range(0, M, step):
                 keys = enum.at(rep[s: s + step])                                      # (m, K)
@@ -125,8 +125,8 @@ class PatchGroup:
                     out = self.kaug[s:e]
                 else:
                     if kaug is None:
-                        raw = torch.empty(min(size, self.n_keys) * K, dtype=self.mean.dtype)
-                        kaug = torch.empty(min(size, self.n_keys), K + 1, dtype=self.mean.dtype)
+                        raw = torch.empty(min(size, self.n_keys) * K, dtype=self.mean.dtype, device=self.mean.device)
+                        kaug = torch.empty(min(size, self.n_keys), K + 1, dtype=self.mean.dtype, device=self.mean.device)
                     out = self._augment(self.enum.at(self.rep[s:e], out=raw[: (e - s) * K]), self.sqnorm[s:e],
                                         out=kaug[: e - s])
                 yield KeyChunk(out, self.centre[s:e], self.log_count[s:e], s)
@@ -142,7 +142,7 @@ class PatchGroup:
         """Engine rows ``[p - mean, ||p - mean||^2]`` (m, K+1), into ``out`` if given."""
         K = self.mean.numel()
         if out is None:
-            out = torch.empty(keys.shape[0], K + 1, dtype=keys.dtype)
+            out = torch.empty(keys.shape[0], K + 1, dtype=keys.dtype, device=keys.device)
         d = torch.sub(keys, self.mean, out=out[:, :K])                                 # (m, K)
         out[:, K] = (d * d).sum(1) if sqnorm is None else sqnorm
         return out
@@ -168,7 +168,7 @@ class PatchGroup:
         want = prefix_rows(have, self.n_keys, row, max_bytes)
         if want <= have:
             return 0
-        kaug = torch.empty(want, self.mean.numel() + 1, dtype=self.mean.dtype)
+        kaug = torch.empty(want, self.mean.numel() + 1, dtype=self.mean.dtype, device=self.mean.device)
         if have:
             kaug[:have] = self.kaug
         step = max(1, (1 << 22) // kaug.shape[1])
@@ -196,7 +196,7 @@ class PatchGroup:
     def multiplicity(self, idx: torch.Tensor) -> torch.Tensor:
         if self.deduplicated:
             return self.count[idx].long()
-        return torch.ones(idx.shape, dtype=torch.long)
+        return torch.ones(idx.shape, dtype=torch.long, device=idx.device)
 
     def nbytes(self) -> int:
         n = sum(t.numel() * t.element_size() for t in (self.query_pixels, self.mean))
@@ -288,7 +288,7 @@ def background_of(images: torch.Tensor) -> torch.Tensor:
     (N, C, H, W) (a background, e.g. MNIST's -1), NaN where no value does."""
     C = images.shape[1]
     flat = images.transpose(0, 1).reshape(C, -1)
-    out = torch.full((C,), float("nan"), dtype=images.dtype)
+    out = torch.full((C,), float("nan"), dtype=images.dtype, device=images.device)
     for c in range(C):
         vals, counts = torch.unique(flat[c], return_counts=True)
         top = int(counts.argmax())
@@ -305,7 +305,7 @@ def _group_shift(mean: torch.Tensor, background: torch.Tensor, C: int, k: int, H
     if bool(background.isnan().all()):
         return mean
     r = k // 2
-    dy, dx = torch.arange(k) + ky0 - r, torch.arange(k) + kx0 - r
+    dy, dx = torch.arange(k, device=mean.device) + ky0 - r, torch.arange(k, device=mean.device) + kx0 - r
     inside = ((dy >= 0) & (dy < H))[:, None] & ((dx >= 0) & (dx < W))[None, :]          # (k, k)
     if not zero_padded:
         inside[:] = True                                                                # wraps, or interior only
@@ -314,11 +314,11 @@ def _group_shift(mean: torch.Tensor, background: torch.Tensor, C: int, k: int, H
     return torch.where(use.reshape(-1), bg.reshape(-1), mean)
 
 
-def patch_offsets(C: int, k: int, Hp: int, Wp: int) -> torch.Tensor:
+def patch_offsets(C: int, k: int, Hp: int, Wp: int, device=None) -> torch.Tensor:
     """Flat offsets of a (C, k, k) window inside a (C, Hp, Wp) image, in unfold order."""
-    c = torch.arange(C)[:, None, None] * (Hp * Wp)
-    dy = torch.arange(k)[None, :, None] * Wp
-    dx = torch.arange(k)[None, None, :]
+    c = torch.arange(C, device=device)[:, None, None] * (Hp * Wp)
+    dy = torch.arange(k, device=device)[None, :, None] * Wp
+    dx = torch.arange(k, device=device)[None, None, :]
     return (c + dy + dx).reshape(-1)                                               # (C*k*k,)
 
 
@@ -343,10 +343,11 @@ def _hash_dedup(patches_fn: "_KeyEnumerator", total: int, K: int, chunk: int, se
     Returns (rep_index (M,), inverse (total,), counts (M,), row_sum (K,) float64), where
     rep_index is the first occurrence of each unique row.
     """
-    g = torch.Generator().manual_seed(seed)
-    R = torch.randn(K, generator=g, dtype=torch.float64)
-    h = torch.empty(total, dtype=torch.float64)
-    row_sum = torch.zeros(K, dtype=torch.float64)
+    dev = patches_fn.padded.device
+    g = torch.Generator().manual_seed(seed)                        # the same projection on every device
+    R = torch.randn(K, generator=g, dtype=torch.float64, device="cpu").to(dev)
+    h = torch.empty(total, dtype=torch.float64, device=dev)
+    row_sum = torch.zeros(K, dtype=torch.float64, device=dev)
     for s in range(0, total, chunk):
         e = min(total, s + chunk)
         rows = patches_fn(s, e).to(torch.float64)
@@ -366,8 +367,8 @@ def _hash_dedup(patches_fn: "_KeyEnumerator", total: int, K: int, chunk: int, se
     # NB: hash collision (never observed); exact but slow fallback.
     allrows = torch.cat([patches_fn(s, min(total, s + chunk)) for s in range(0, total, chunk)])
     _, inverse, counts = torch.unique(allrows, dim=0, return_inverse=True, return_counts=True)
-    rep = torch.full((counts.numel(),), total, dtype=torch.long)
-    rep.scatter_reduce_(0, inverse, torch.arange(total), reduce="amin")
+    rep = torch.full((counts.numel(),), total, dtype=torch.long, device=dev)
+    rep.scatter_reduce_(0, inverse, torch.arange(total, device=dev), reduce="amin")
     return rep, inverse, counts, row_sum
 
 
@@ -434,7 +435,7 @@ class _KeyEnumerator:
     def __call__(self, s: int, e: int) -> torch.Tensor:
         """Rows s..e-1; whole images at a time use unfold (much faster than a gather)."""
         if s % self.npos or e % self.npos or 4 * self.npos < self.n_windows:
-            return self.at(torch.arange(s, e))
+            return self.at(torch.arange(s, e, device=self.padded.device))
         n0, n1 = s // self.npos, e // self.npos
         win = F.unfold(self.padded[n0:n1], self.k)                          # (n, K, L) all windows
         return win[:, :, self.pos_win].permute(0, 2, 1).reshape(-1, win.shape[1])  # (n*npos, K)
@@ -471,7 +472,7 @@ def build_dictionary(
     r = k // 2
     K = C * k * k
     if image_ids is None:
-        image_ids = torch.arange(N)
+        image_ids = torch.arange(N, device=images.device)
     if mode == "circular":
         padded = circular_pad(images, r).contiguous()
     elif mode in ("zeros", "valid"):
@@ -479,9 +480,10 @@ def build_dictionary(
     else:
         raise ValueError(f"unknown padding mode {mode!r}")
     Hp, Wp = padded.shape[-2:]
-    offsets = patch_offsets(C, k, Hp, Wp)
+    dev = images.device
+    offsets = patch_offsets(C, k, Hp, Wp, device=dev)
     chunk = max(1, chunk_elems // K)
-    centre_idx = torch.arange(C) * k * k + r * k + r                                # (C,)
+    centre_idx = torch.arange(C, device=dev) * k * k + r * k + r                    # (C,)
     background = background_of(images)
 
     # (query rows, query cols, key rows, key cols) per group, in unpadded coordinates
@@ -515,9 +517,10 @@ def build_dictionary(
     dedup = dedup_budget is None or padded_bytes + total * (DEDUP_BYTES_PER_KEY + 4 * C) <= dedup_budget
     groups = []
     for qy, qx, ky, kx in specs:
-        enum = _KeyEnumerator(padded, offsets, k, N, torch.tensor(ky), torch.tensor(kx), origin, image_ids)
+        enum = _KeyEnumerator(padded, offsets, k, N, torch.tensor(ky, device=dev), torch.tensor(kx, device=dev), origin,
+                              image_ids)
         img_chunk = max(1, chunk // enum.npos) * enum.npos                             # whole images
-        rep, counts, row_sum = None, None, torch.zeros(K, dtype=torch.float64)
+        rep, counts, row_sum = None, None, torch.zeros(K, dtype=torch.float64, device=dev)
         if dedup:
             rep, _, counts, row_sum = _hash_dedup(enum, enum.total, K, img_chunk)
             # NB: unique keys in enumeration (image-major) order, not hash order: gathering
@@ -529,7 +532,7 @@ def build_dictionary(
                 row_sum += enum(s, min(enum.total, s + img_chunk)).to(torch.float64).sum(0)
         mean = (row_sum / enum.total).to(images.dtype)                                # (K,) group mean patch
         mean = _group_shift(mean, background, C, k, H, W, ky[0], kx[0], mode == "zeros")
-        qyy, qxx = torch.meshgrid(torch.tensor(qy), torch.tensor(qx), indexing="ij")
+        qyy, qxx = torch.meshgrid(torch.tensor(qy, device=dev), torch.tensor(qx, device=dev), indexing="ij")
         groups.append(PatchGroup(enum, (qyy * W + qxx).reshape(-1), mean, centre_idx, rep, counts,
                                  dtype=images.dtype))
     return PatchDictionary(kind=kind, k=k, mode=mode, padded=padded, groups=groups, image_shape=(C, H, W))

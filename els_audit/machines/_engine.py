@@ -156,8 +156,8 @@ class Float64Refinement:
     def final(self, m: torch.Tensor):
         """(rows, keys, float32 logits) of the records within REFINE_BITS of the maxima m."""
         if not self.rows or self.gave_up:
-            e = torch.empty(0, dtype=torch.long)
-            return e, e, torch.empty(0, dtype=m.dtype)
+            e = torch.empty(0, dtype=torch.long, device=m.device)
+            return e, e, torch.empty(0, dtype=m.dtype, device=m.device)
         rows, keys, logits = torch.cat(self.rows), torch.cat(self.keys), torch.cat(self.logits)
         keep = logits >= m[rows] - REFINE_BITS
         return rows[keep], keys[keep], logits[keep]
@@ -322,14 +322,14 @@ def grouped_softmax_average(
     """
     B, K, HW = queries.shape
     C = dic.image_shape[0]
-    dtype = queries.dtype
-    out = torch.empty(B, C, HW, dtype=dtype)
+    dtype, dev = queries.dtype, queries.device
+    out = torch.empty(B, C, HW, dtype=dtype, device=dev)
     if diagnostics:
-        w_src = torch.empty(B, HW, 3, dtype=torch.long)
-        w_wt = torch.empty(B, HW, dtype=dtype)
-        w_cnt = torch.empty(B, HW, dtype=torch.long)
-        ent = torch.empty(B, HW, dtype=dtype)
-    norm = torch.empty(B, HW, dtype=torch.float64) if log_norm else None
+        w_src = torch.empty(B, HW, 3, dtype=torch.long, device=dev)
+        w_wt = torch.empty(B, HW, dtype=dtype, device=dev)
+        w_cnt = torch.empty(B, HW, dtype=torch.long, device=dev)
+        ent = torch.empty(B, HW, dtype=dtype, device=dev)
+    norm = torch.empty(B, HW, dtype=torch.float64, device=dev) if log_norm else None
     # base-2 logits: exp2 is ~3x faster than exp here (module docstring)
     underflow = exp2_floor(dtype)
     coef_lin = LOG2E * a / b**2                                                        # (B,)
@@ -337,7 +337,7 @@ def grouped_softmax_average(
     refine_items = refine_rows(dtype, coef_sq)                                          # (B,) or None
     # float32 softmax sums run fused in C when the native kernels build (:mod:`._native`)
     use_native = (not diagnostics and dtype == torch.float32 and C <= native.MAX_CHANNELS
-                  and native.available())
+                  and dev.type == "cpu" and native.available())
     for g in dic.groups:
         P = g.query_pixels.numel()
         q_raw = queries[:, :, g.query_pixels].permute(0, 2, 1)                          # (B, P, K)
@@ -354,12 +354,12 @@ def grouped_softmax_average(
         M = g.n_keys
         b_rows = b[:, None].expand(B, P).reshape(R)                                     # (R,) b of each row
         ncol = C + 2 if diagnostics else C + 1                                          # centre, 1, [log count]
-        acc = torch.zeros(R, ncol, dtype=dtype)
-        m = torch.full((R,), float("-inf"), dtype=dtype)
+        acc = torch.zeros(R, ncol, dtype=dtype, device=dev)
+        m = torch.full((R,), float("-inf"), dtype=dtype, device=dev)
         if diagnostics:
-            t1 = torch.zeros(R, dtype=dtype)
-            best = torch.full((R,), float("-inf"), dtype=dtype)
-            best_i = torch.zeros(R, dtype=torch.long)
+            t1 = torch.zeros(R, dtype=dtype, device=dev)
+            best = torch.full((R,), float("-inf"), dtype=dtype, device=dev)
+            best_i = torch.zeros(R, dtype=torch.long, device=dev)
         # tile shape: Rt query rows x Mc keys
         Mc = max(64, min(M, tile_elems // max(1, min(R, 256))))
         skip_below = skip_threshold(g.total_keys)
@@ -377,12 +377,12 @@ def grouped_softmax_average(
             mc = ch.kaug.shape[0]
             Rt = max(1, min(R, tile_elems // mc))
             if buf is None or buf.numel() < Rt * mc:
-                buf = torch.empty(Rt * mc, dtype=dtype)
+                buf = torch.empty(Rt * mc, dtype=dtype, device=dev)
             kaug_t = ch.kaug.t()                                                        # (K+1, mc)
             bias = None if ch.log_count is None else ch.log_count * LOG2E               # (mc,) base 2
-            cols = [ch.centre.t(), torch.ones(1, mc, dtype=dtype)]
+            cols = [ch.centre.t(), torch.ones(1, mc, dtype=dtype, device=dev)]
             if diagnostics:
-                cols.append(torch.zeros(1, mc, dtype=dtype) if bias is None else ch.log_count[None, :])  # nats
+                cols.append(torch.zeros(1, mc, dtype=dtype, device=dev) if bias is None else ch.log_count[None, :])
             vals_rows = torch.cat(cols, 0)                                              # (ncol, mc)
             vals_t = vals_rows.t()                                                      # (mc, ncol), column-major
             for rs in range(0, R, Rt):
@@ -427,13 +427,13 @@ def grouped_softmax_average(
             mean_c = (acc[:, :C] / z[:, None]).reshape(B, P, C).permute(0, 2, 1)
         else:
             q_rows = q_raw.reshape(R, K)
-            w = torch.ones(K, dtype=dtype) if col_scale is None else col_scale
+            w = torch.ones(K, dtype=dtype, device=dev) if col_scale is None else col_scale
 
             def exact(rows, keys):
                 bi = rows // P
                 s64 = exact_logits(q_rows[rows] * w, g.patches(keys) * w, a[bi], b[bi], g.mean * w,
                                    g.log2_multiplicity(keys))
-                return s64, torch.cat([g.centre[keys], torch.ones(keys.numel(), 1, dtype=dtype)], 1)
+                return s64, torch.cat([g.centre[keys], torch.ones(keys.numel(), 1, dtype=dtype, device=dev)], 1)
 
             acc64 = refine.corrected(acc[:, : C + 1], m, exact)
             mean_c = (acc64[:, :C] / acc64[:, C:]).to(dtype).reshape(B, P, C).permute(0, 2, 1)

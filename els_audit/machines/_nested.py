@@ -72,26 +72,27 @@ __all__ = ["NestedLevel", "NestedDictionary", "build_nested_dictionary", "nested
 NESTED_BYTES_PER_NODE = 8 + 4 + 4 + 4 + 8
 
 
-def onion_offsets(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def onion_offsets(k: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dy, dx) of the k x k window's pixels, centre first, then ring by ring (Chebyshev
     distance), row-major within a ring: the first ``j^2`` entries are the j x j window."""
     r = k // 2
     cells = sorted(((max(abs(dy), abs(dx)), dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)))
-    return torch.tensor([c[1] for c in cells]), torch.tensor([c[2] for c in cells])
+    return (torch.tensor([c[1] for c in cells], device=device),
+            torch.tensor([c[2] for c in cells], device=device))
 
 
-def _onion_flat_offsets(k: int, C: int, Hp: int, Wp: int) -> torch.Tensor:
+def _onion_flat_offsets(k: int, C: int, Hp: int, Wp: int, device=None) -> torch.Tensor:
     """Flat offsets from a pixel of the k x k window's cells in onion order (pixel-major,
     channel-minor) inside (C, Hp, Wp) images."""
-    dy, dx = onion_offsets(k)
-    return ((dy * Wp + dx)[:, None] + torch.arange(C)[None, :] * (Hp * Wp)).reshape(-1)
+    dy, dx = onion_offsets(k, device)
+    return ((dy * Wp + dx)[:, None] + torch.arange(C, device=device)[None, :] * (Hp * Wp)).reshape(-1)
 
 
-def _centre_flat_index(n_images: int, C: int, H: int, W: int, r: int) -> torch.Tensor:
+def _centre_flat_index(n_images: int, C: int, H: int, W: int, r: int, device=None) -> torch.Tensor:
     """(n_images * H * W,) flat index, in images padded by r on each side, of every pixel
     in (image, y, x) order: the enumeration order of keys and of query rows."""
     Hp, Wp = H + 2 * r, W + 2 * r
-    idx = torch.arange(n_images * H * W)
+    idx = torch.arange(n_images * H * W, device=device)
     n_i, pos = idx // (H * W), idx % (H * W)
     return n_i * (C * Hp * Wp) + (pos // W + r) * Wp + (pos % W + r)
 
@@ -151,7 +152,7 @@ class NestedLevel:
             if self.palette is None:
                 return self.kaug[j0:j1]
             codes, extra = self.kcodes[j0:j1], self.kextra[j0:j1]
-            if extra.dtype == torch.float32 and native.available():
+            if extra.dtype == torch.float32 and extra.device.type == "cpu" and native.available():
                 return native.decode_rows(codes, self.palette, self.mu_ring, extra)
             return torch.cat([self._ring_values(codes), extra], 1)
         kr = padded_flat[self.rep_base[j0:j1, None] + self.offsets[None, :]]              # (n, ring)
@@ -312,9 +313,9 @@ def build_nested_dictionary(images: torch.Tensor, ks: Sequence[int], *, image_id
         raise ValueError(f"unknown nested dictionary mode {mode!r}")
     if mode != "circular" and ks[-1] > min(H, W):
         raise ValueError(f"an interior tree needs k <= {min(H, W)} (the image size); got k={ks[-1]}")
-    dtype = images.dtype
+    dtype, dev = images.dtype, images.device
     if image_ids is None:
-        image_ids = torch.arange(N)
+        image_ids = torch.arange(N, device=dev)
     r_max = ks[-1] // 2
     padded = (circular_pad(images, r_max) if mode == "circular" else F.pad(images, (r_max,) * 4)).contiguous()
     Hp, Wp = padded.shape[-2:]
@@ -325,7 +326,7 @@ def build_nested_dictionary(images: torch.Tensor, ks: Sequence[int], *, image_id
         assert torch.equal(palette[codes.long()], images)
         # interior trees never read their zero padding: code 0 there
         codes_flat = (circular_pad(codes, r_max) if mode == "circular" else F.pad(codes, (r_max,) * 4)).reshape(-1)
-    all_off = _onion_flat_offsets(ks[-1], C, Hp, Wp)                                         # (C k_max^2,)
+    all_off = _onion_flat_offsets(ks[-1], C, Hp, Wp, dev)                                    # (C k_max^2,)
     mu = _shift_of(images)                                                                  # (C,)
 
     levels: list[NestedLevel] = []
@@ -336,10 +337,10 @@ def build_nested_dictionary(images: torch.Tensor, ks: Sequence[int], *, image_id
     for k in ks:
         r = k // 2
         if mode == "circular":
-            pk, ys, xs = circular_pad(images, r).contiguous(), torch.arange(H), torch.arange(W)
+            pk, ys, xs = circular_pad(images, r).contiguous(), torch.arange(H, device=dev), torch.arange(W, device=dev)
         else:
-            pk, ys, xs = F.pad(images, (r,) * 4), torch.arange(r, H - r), torch.arange(r, W - r)
-        enum = _KeyEnumerator(pk, patch_offsets(C, k, *pk.shape[-2:]), k, N, ys, xs, (0, 0), image_ids)
+            pk, ys, xs = F.pad(images, (r,) * 4), torch.arange(r, H - r, device=dev), torch.arange(r, W - r, device=dev)
+        enum = _KeyEnumerator(pk, patch_offsets(C, k, *pk.shape[-2:], device=dev), k, N, ys, xs, (0, 0), image_ids)
         K = C * k * k
         img_chunk = max(1, max(1, chunk_elems // K) // enum.npos) * enum.npos
         rep, inverse, counts, _ = _hash_dedup(enum, enum.total, K, img_chunk)
@@ -353,14 +354,14 @@ def build_nested_dictionary(images: torch.Tensor, ks: Sequence[int], *, image_id
             par = prev_ids[_index_in(prev, enum, rep)]                                       # parent of each node
             order = torch.argsort(par * enum.total + rep)
             parent = par[order].to(torch.int32)
-        new_id = torch.empty(U, dtype=torch.long)
-        new_id[order] = torch.arange(U)
+        new_id = torch.empty(U, dtype=torch.long, device=dev)
+        new_id[order] = torch.arange(U, device=dev)
         prev_ids = new_id[inverse]                                                          # (T_k,) per key
         del inverse
         rep, counts = rep[order], counts[order]
         n_i, y, x = rep // enum.npos, enum.pos_y[rep % enum.npos], enum.pos_x[rep % enum.npos]
         centre = images[n_i, :, y, x]                                                       # (U, C)
-        vals = torch.cat([centre.t(), torch.ones(1, U, dtype=dtype)], 0).contiguous()       # (C+1, U)
+        vals = torch.cat([centre.t(), torch.ones(1, U, dtype=dtype, device=dev)], 0).contiguous()  # (C+1, U)
         cols = slice(C * prev_k2, C * k * k)
         log2c = counts.to(torch.float64).log2()
         dbias = log2c if parent is None else log2c - prev_log2[parent.long()]
@@ -393,20 +394,22 @@ def _leaf_tiles(levels: list[NestedLevel], tile_leaves: int) -> list[list[tuple[
     under it are those whose leaf range meets it (again a range); a node is counted in the
     tile that holds its first leaf.
     """
+    dev = levels[-1].rep_base.device
     n_leaf = [None] * len(levels)
-    n_leaf[-1] = torch.ones(levels[-1].n_nodes, dtype=torch.long)
+    n_leaf[-1] = torch.ones(levels[-1].n_nodes, dtype=torch.long, device=dev)
     for i in range(len(levels) - 1, 0, -1):
-        c = torch.zeros(levels[i - 1].n_nodes, dtype=torch.long).index_add_(0, levels[i].parent.long(), n_leaf[i])
+        c = torch.zeros(levels[i - 1].n_nodes, dtype=torch.long, device=dev).index_add_(
+            0, levels[i].parent.long(), n_leaf[i])
         n_leaf[i - 1] = c.clamp_(min=1)                                                    # childless: a leaf
     start = [torch.cumsum(n_leaf[0], 0) - n_leaf[0]]
     for i in range(1, len(levels)):
         par = levels[i].parent.long()
         before = torch.cumsum(n_leaf[i], 0) - n_leaf[i]                                     # within the level
-        first = torch.full((levels[i - 1].n_nodes,), torch.iinfo(torch.long).max, dtype=torch.long)
+        first = torch.full((levels[i - 1].n_nodes,), torch.iinfo(torch.long).max, dtype=torch.long, device=dev)
         first.scatter_reduce_(0, par, before, reduce="amin")                                # at the first sibling
         start.append(start[i - 1][par] + before - first[par])
     total = int(n_leaf[0].sum())
-    l0 = torch.arange(0, total, tile_leaves)
+    l0 = torch.arange(0, total, tile_leaves, device=dev)
     l1 = torch.clamp(l0 + tile_leaves, max=total)
     per_level = []
     for i in range(len(levels)):
@@ -426,7 +429,7 @@ def _weighted_sums(S: torch.Tensor, m_ref: torch.Tensor, vals: torch.Tensor, scr
     if use_native:
         return native.softmax_sums(S, m_ref, vals, floor)
     if scratch[0].numel() < S.numel():
-        scratch[0] = torch.empty(S.numel(), dtype=S.dtype)
+        scratch[0] = torch.empty(S.numel(), dtype=S.dtype, device=S.device)
     E = scratch[0][: S.numel()].view(S.shape)
     torch.sub(S, m_ref[None, :], out=E).clamp_(min=floor).exp2_()
     return torch.mm(vals, E)
@@ -436,7 +439,7 @@ def _query_columns(Q: torch.Tensor, cols: slice, coef_lin: torch.Tensor, coef_sq
                    width: Optional[int] = None) -> torch.Tensor:
     """(ring + 2, width or n) the engine's query columns ``[q' a/b^2 log2e, coef_sq, 1]`` of the
     first ``n`` rows of ``Q`` at a level's ring ``cols`` (zero beyond n up to ``width``)."""
-    q = torch.zeros(cols.stop - cols.start + 2, n if width is None else width, dtype=Q.dtype)
+    q = torch.zeros(cols.stop - cols.start + 2, n if width is None else width, dtype=Q.dtype, device=Q.device)
     q[:-2, :n] = (Q[:n, cols] * coef_lin[:n, None]).t()
     q[-2, :n] = coef_sq[:n]
     q[-1, :n] = 1
@@ -538,8 +541,9 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
     levels = nd.levels[:L]
     r_max = nd.ks[-1] // 2
     xp = (F.pad(x, (r_max,) * 4) if nd.mode == "interior" else circular_pad(x, r_max)).contiguous()
-    all_off = _onion_flat_offsets(nd.ks[-1], C, *xp.shape[-2:])
-    rows = torch.arange(B * H * W)                                                         # (b, y, x) order
+    dev = x.device
+    all_off = _onion_flat_offsets(nd.ks[-1], C, *xp.shape[-2:], device=dev)
+    rows = torch.arange(B * H * W, device=dev)                                             # (b, y, x) order
     if nd.mode == "interior":
         y, xx = rows % (H * W) // W, rows % W
         depth = torch.minimum(torch.minimum(y, H - 1 - y), torch.minimum(xx, W - 1 - xx))
@@ -549,7 +553,7 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
         rows = order[: n_rows[0]]
     else:
         n_rows = [rows.numel()] * L
-    Q_raw = xp.reshape(-1)[_centre_flat_index(B, C, H, W, r_max)[rows, None] + all_off[None, :]]  # (R, C k^2)
+    Q_raw = xp.reshape(-1)[_centre_flat_index(B, C, H, W, r_max, dev)[rows, None] + all_off[None, :]]  # (R, C k^2)
     R = Q_raw.shape[0]
     bi = rows // (H * W)                                                                   # query image of a row
     a_row, b_row = a[bi], b[bi]
@@ -560,15 +564,15 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
     refine_all = refine_rows(dtype, coef_sq)                                               # (R,) or None
     underflow = exp2_floor(dtype)
     skip_below = skip_threshold(nd.total_keys)
-    means = torch.full((L, C, R), float("nan"), dtype=dtype)
-    norms = torch.full((L, R), float("nan"), dtype=torch.float64) if log_norms is not None else None
+    means = torch.full((L, C, R), float("nan"), dtype=dtype, device=dev)
+    norms = torch.full((L, R), float("nan"), dtype=torch.float64, device=dev) if log_norms is not None else None
 
     def keep_norm(i: int, rr: slice, m_i: torch.Tensor, z_i: torch.Tensor) -> None:
         if norms is not None:
             width = C * levels[i].k ** 2                                                   # the level's window
             norms[i, rr] = log2_norm_of(m_i, z_i, Q[rr, :width], b_row[rr])
     # float32 softmax sums run fused in C when the native kernels build (:mod:`._native`)
-    use_native = dtype == torch.float32 and C <= native.MAX_CHANNELS and native.available()
+    use_native = dtype == torch.float32 and C <= native.MAX_CHANNELS and dev.type == "cpu" and native.available()
     # float32 without the float64 refinement: the whole tile step fused in C (els_nested_tile)
     fused = use_native and refine_all is None and fuse
     nmax = max(j1 - j0 for t in nd.tiles for j0, j1, _ in t[:L]) if fused else 0
@@ -587,12 +591,12 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
             continue
         qaT = [_query_columns(Q[r0:r1], lv.cols, coef_lin[r0:r1], coef_sq[r0:r1], n)
                for lv, n in zip(levels[:Lb], nr)]                                        # (ring+2, rows)
-        m = [torch.full((n,), float("-inf"), dtype=dtype) for n in nr[:Lb]]
-        acc = [torch.zeros(C + 1, n, dtype=dtype) for n in nr[:Lb]]
+        m = [torch.full((n,), float("-inf"), dtype=dtype, device=dev) for n in nr[:Lb]]
+        acc = [torch.zeros(C + 1, n, dtype=dtype, device=dev) for n in nr[:Lb]]
         # per level: was the last tile negligible?  (then check the next one's max first)
         checking = [True] * Lb
         refine = None if refine_all is None else [Float64Refinement(refine_all[r0:r0 + n]) for n in nr[:Lb]]
-        scratch = [torch.empty(0, dtype=dtype)]
+        scratch = [torch.empty(0, dtype=dtype, device=dev)]
         m_known = [False] * Lb                    # every row of the level has a finite running max
         for tile in nd.tiles:
             S_prev, prev_j0 = None, 0
@@ -679,11 +683,11 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
     for i, k in enumerate(nd.ks[:L]):
         if not wanted[i]:
             continue
-        full = torch.full((C, B * H * W), float("nan"), dtype=dtype)
+        full = torch.full((C, B * H * W), float("nan"), dtype=dtype, device=dev)
         full[:, rows] = means[i]
         out[k] = full.reshape(C, B, H * W).permute(1, 0, 2).reshape(B, C, H, W).contiguous()
         if norms is not None:
-            nfull = torch.full((B * H * W,), float("nan"), dtype=torch.float64)
+            nfull = torch.full((B * H * W,), float("nan"), dtype=torch.float64, device=dev)
             nfull[rows] = norms[i]
             log_norms[k] = nfull.reshape(B, H, W)
     return out

@@ -78,7 +78,7 @@ def merge_partials(parts: Sequence[Partial], *, merge_duplicates: bool = True):
     log2_total = top + torch.log2(torch.exp2(norms - top).sum(0))                      # (B, H, W): log2 Z
     pi = torch.exp2(norms - log2_total)                                                 # (S, B, H, W), 0 for -inf
     dtype = parts[0].mean.dtype
-    mean = torch.zeros(parts[0].mean.shape, dtype=torch.float64)
+    mean = torch.zeros(parts[0].mean.shape, dtype=torch.float64, device=parts[0].mean.device)
     for p, w in zip(parts, pi):
         mean += torch.where(w[:, None] > 0, w[:, None] * p.mean.to(torch.float64), 0.0)
     diag = None
@@ -140,22 +140,22 @@ def winner_hash(images: torch.Tensor, kind: str, dictionary: str, k: Optional[in
         padded = (circular_pad(sub, r) if kind == "ELS" and dictionary == "periodic"      # may wrap more than once
                   else F.pad(sub, (r, r, r, r)))
         C = images.shape[1]
-        dy = torch.arange(k)
+        dy = torch.arange(k, device=images.device)
         rows = (d.source_y.reshape(-1)[:, None] + dy[None, :])                          # (n, k) padded coords
         cols = (d.source_x.reshape(-1)[:, None] + dy[None, :])
-        vals = padded[which[:, None, None, None], torch.arange(C)[None, :, None, None],
+        vals = padded[which[:, None, None, None], torch.arange(C, device=images.device)[None, :, None, None],
                       rows[:, None, :, None], cols[:, None, None, :]].reshape(src.numel(), -1)
     bits = vals.contiguous().view(torch.int32 if vals.dtype == torch.float32 else torch.int64).to(torch.int64)
     # each (position, value) mixed on its own (a sum of raw bits times constants would
     # collide: the bits of 1.0 and -1.0 differ by 2**63), then summed
-    return _mix64(bits ^ _salt(bits.shape[1])[None, :]).sum(1).reshape(B, H, W)
+    return _mix64(bits ^ _salt(bits.shape[1]).to(bits.device)[None, :]).sum(1).reshape(B, H, W)
 
 
 @functools.lru_cache(maxsize=8)
 def _salt(width: int) -> torch.Tensor:
     """(width,) int64: a fixed random value per patch position."""
     gen = torch.Generator().manual_seed(_HASH_SEED)
-    return torch.randint(-(1 << 62), 1 << 62, (width,), generator=gen, dtype=torch.int64)
+    return torch.randint(-(1 << 62), 1 << 62, (width,), generator=gen, dtype=torch.int64, device="cpu")
 
 
 _M1, _M2 = 0xFF51AFD7ED558CCD - (1 << 64), 0xC4CEB9FE1A85EC53 - (1 << 64)

@@ -23,10 +23,10 @@ from . import ScoreDiagnostics, ScoreMachine, _check_k, _grid_step
 __all__ = ["band_mask", "banded_score", "banded_schedule_eps", "band_pair_errors"]
 
 
-def band_mask(H: int, W: int, k: int) -> torch.Tensor:
+def band_mask(H: int, W: int, k: int, device=None) -> torch.Tensor:
     """(H, W) bool: the pixels within k // 2 of an edge."""
     r = k // 2
-    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    yy, xx = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
     return (yy < r) | (yy >= H - r) | (xx < r) | (xx >= W - r)
 
 
@@ -38,7 +38,7 @@ def banded_score(machine: ScoreMachine, x: torch.Tensor, t, k: int, k_band: int,
     _check_k(k_band)
     if k_band == k:
         return machine.score(x, t, k=k, label=label, diagnostics=diagnostics)
-    band = band_mask(x.shape[-2], x.shape[-1], k)
+    band = band_mask(x.shape[-2], x.shape[-1], k, x.device)
     if not diagnostics:
         sw = machine.score_sweep(x, t, (k, k_band), label=label)
         return torch.where(band, sw[k_band], sw[k])
@@ -60,9 +60,8 @@ def banded_schedule_eps(machine: ScoreMachine, scales: Sequence[int], band_scale
 
     def eps(x, t, label=None):
         i = _grid_step(t, steps)
-        t_vec = machine._check_t(t, x.shape[0], x.dtype)
-        _, b = machine.schedule.alpha_sigma(t_vec, dtype=x.dtype)
-        return -b[:, None, None, None] * banded_score(machine, x, t_vec, scales[i - 1], band_scales[i - 1], label)
+        _, b = machine._coefficients(t, x)
+        return -b[:, None, None, None] * banded_score(machine, x, t, scales[i - 1], band_scales[i - 1], label)
 
     return eps
 
@@ -75,7 +74,7 @@ def band_pair_errors(sq_err: dict, ks: Sequence[int], shape: Optional[tuple] = N
     B, H, W = sq_err[ks[0]].shape
     out = np.zeros((len(ks), len(ks), B))
     for i, k in enumerate(ks):
-        band = band_mask(H, W, k)
+        band = band_mask(H, W, k, sq_err[k].device)
         inner = (sq_err[k] * ~band).sum((1, 2))                                       # (B,)
         for j, kb in enumerate(ks):
             out[i, j] = (inner + (sq_err[kb] * band).sum((1, 2))).double().numpy()

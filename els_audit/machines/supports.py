@@ -241,10 +241,10 @@ def _data_map(U, lam, a, b, C, H, W, S, threshold, majority) -> np.ndarray:
     return out
 
 
-def column_scale(weights: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
+def column_scale(weights: torch.Tensor, channels: int, dtype: torch.dtype, device=None) -> torch.Tensor:
     """(C k k,) the engine's ``col_scale`` for (k, k) weights: sqrt(w) per channel, in the
-    unfold layout (channel-major)."""
-    return weights.sqrt().reshape(-1).repeat(channels).to(dtype)
+    unfold layout (channel-major), on ``device`` (default: the weights')."""
+    return weights.sqrt().reshape(-1).repeat(channels).to(dtype=dtype, device=device)
 
 
 def check_supports(supports: Optional[SupportSchedule], kind: str) -> None:
