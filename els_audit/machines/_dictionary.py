@@ -189,6 +189,12 @@ class PatchGroup:
         """(len(idx), K) the patches of the keys at positions idx of the key order."""
         return self.enum.at(self.rep[idx] if self.deduplicated else idx)
 
+    def centres(self, idx: torch.Tensor) -> torch.Tensor:
+        """(len(idx), C) the centre pixels of the keys at positions idx of the key order."""
+        if self.deduplicated:
+            return self.centre[idx]
+        return self.enum.at(idx)[:, self.centre_idx]
+
     def log2_multiplicity(self, idx: torch.Tensor) -> torch.Tensor:
         """(len(idx),) float64 log2 of the keys' multiplicities (0 when not merged)."""
         return self.multiplicity(idx).to(torch.float64).log2()

@@ -285,7 +285,7 @@ def _scaled_chunks(g, scale: torch.Tensor, keep: Optional[torch.Tensor] = None):
         for ch in g.chunks(size):
             mc = ch.kaug.shape[0]
             if buf is None or buf.shape[0] < mc:
-                buf = torch.empty(mc, K + 1, dtype=ch.kaug.dtype)
+                buf = torch.empty(mc, K + 1, dtype=ch.kaug.dtype, device=ch.kaug.device)
             out = buf[:mc]
             rows = ch.kaug[:, : scale.numel()] if cols is None else ch.kaug.index_select(1, cols)
             torch.mul(rows, s, out=out[:, :K])
@@ -433,7 +433,7 @@ def grouped_softmax_average(
                 bi = rows // P
                 s64 = exact_logits(q_rows[rows] * w, g.patches(keys) * w, a[bi], b[bi], g.mean * w,
                                    g.log2_multiplicity(keys))
-                return s64, torch.cat([g.centre[keys], torch.ones(keys.numel(), 1, dtype=dtype, device=dev)], 1)
+                return s64, torch.cat([g.centres(keys), torch.ones(keys.numel(), 1, dtype=dtype, device=dev)], 1)
 
             acc64 = refine.corrected(acc[:, : C + 1], m, exact)
             mean_c = (acc64[:, :C] / acc64[:, C:]).to(dtype).reshape(B, P, C).permute(0, 2, 1)

@@ -246,6 +246,19 @@ def test_streaming_dictionary_when_dedup_exceeds_budget(kind):
     assert torch.all(diag.multiplicity == 1)
 
 
+@pytest.mark.parametrize("kind", ["ELS", "bbELS", "LS"])
+def test_streaming_float32_at_low_noise_is_refined_like_the_deduplicated(kind):
+    # the float64 refinement reads the recorded keys' centres: a streaming group keeps none
+    # (it crashed here before 2026-12-08), so they are gathered from the images
+    imgs, x = data(1, 5, 6)
+    t = torch.tensor([0.02, 0.05, 0.1], dtype=torch.float64)
+    want = brute_score(kind, imgs, x, ab(t), k=3)
+    got = build_machine(kind, imgs.float(), memory_budget=1000).score(x.float(), t.float(), k=3)
+    assert not build_machine(kind, imgs.float(), memory_budget=1000).dictionary_stats(k=3)["deduplicated"]
+    assert rel_err(got.double(), want) < 1e-5
+    assert rel_err(got.double(), build_machine(kind, imgs.float()).score(x.float(), t.float(), k=3).double()) < 1e-6
+
+
 def test_materialised_and_gathered_keys_give_the_same_answer():
     imgs, x = data(1, 6, 6)
     m = build_machine("bbELS", imgs)
