@@ -48,6 +48,7 @@ from .checks import Check, builtin_checks, evaluate_rules, exit_code
 from .config import (FULL_FIDELITY, MACHINE_CHOICES, ONLY_CHOICES, SCALE_MODES, STRUCTURE_SECTIONS, AuditConfig,
                      model_name, parse_arch_kwargs, parse_scales)
 from .errors import AuditError
+from .machines import free_device_bytes
 from .models.capture import capture_library_output, summarise
 from .novelty import NoveltyResult
 from .predict import PredictionResult
@@ -270,8 +271,8 @@ def _run(config: AuditConfig, progress: Optional[ProgressFn]) -> AuditResult:
     cfg = config
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise AuditError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    if cfg.device == "cuda":
+        check_cuda(cfg.memory_budget)
     clock = Clock(progress)
     structure_only = cfg.only == "structure"
     if cfg.ray is not None and not structure_only:
@@ -335,3 +336,15 @@ def _machine_stages(cfg: AuditConfig, clock: Clock, inp: Inputs, probes: Probes,
                       prediction=prediction, novelty=novelty.result, published=published,
                       nearest_images=novelty.nearest_images, plan=plan)
     return _with_checks(res, cfg, clock)                                              # 7. checks
+
+
+def check_cuda(memory_budget: int) -> None:
+    """Refuse ``--device cuda`` without a CUDA device, or with a memory budget the device
+    cannot hold (each of the two machines, the audited one and IS, may use all of it)."""
+    if not torch.cuda.is_available():
+        raise AuditError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    free = free_device_bytes(torch.device("cuda"))
+    if 2 * memory_budget > free:
+        raise AuditError(f"--memory-budget {memory_budget / 2**30:.3g} GiB is more than half the "
+                         f"{free / 2**30:.3g} GiB free on the GPU (the audited machine and IS keep one budget each); "
+                         f"lower --memory-budget")

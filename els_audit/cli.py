@@ -143,7 +143,9 @@ class _Command(click.Command):
 @click.option("--no-report", is_flag=True, help="Skip the HTML (summary.json and arrays.npz are still written).")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch threads (on a loaded 2-core machine one is often fastest).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the network and the machines run (the same exact algorithm; GPU memory per machine: "
+                   "--memory-budget).")
 @click.option("--memory-budget", "memory_budget", metavar="SIZE", default="2G", show_default=True,
               help="Memory each machine keeps to (each Ray actor's with --ray), e.g. 2G, 512M.")
 @click.option("--ray", "ray", metavar="auto|ADDRESS", default=None,

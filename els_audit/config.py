@@ -59,8 +59,8 @@ FULL_FIDELITY = {
              "as the dictionary (data_limit 0).  Each machine evaluation costs ~N*(H*W)^2*C*k*k multiply-adds per "
              "image (N dictionary images; fewer after merging duplicate patches).  Within --budget the plan "
              "takes the whole set first, then 20 steps, then calibration seeds, then seeds, calibrating around "
-             "the ERF prediction; --device cuda moves only the network: the machines run on the CPU in this "
-             "version."),
+             "the ERF prediction; --device cuda runs the network and the machines on the GPU (the same exact "
+             "algorithm), with --memory-budget bytes of its memory for each machine."),
 }
 
 #: the default time budget of a whole audit, seconds (a registry job's 10 minutes)
@@ -178,7 +178,8 @@ class AuditConfig:
         memorized_threshold: nearest/second-nearest ratio below which a sample is a copy.
         fail_on: ``--fail-on`` rules (text).
         threads: torch threads (``None`` = leave torch's setting).
-        device: ``cpu`` or ``cuda`` (the network; machines run where the data lives).
+        device: ``cpu`` or ``cuda``: where the network and the machines run (with ``ray``,
+            the shards run on their actors' CPUs).
         only: ``None`` (the whole audit) or ``"structure"``: the architecture review (see
             :data:`ONLY_CHOICES`); the summary then has no machine, prediction, novelty or
             published section.

@@ -26,15 +26,15 @@ over patch sizes of the periodic ELS machine runs as one pass over nested window
 
 from __future__ import annotations
 
-import functools
 from collections import OrderedDict
-from dataclasses import dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from ..schedules import NoiseSchedule, get_schedule
+from ._device import engine_tile_elems, free_device_bytes, machine_call, nested_row_block
 from ._dictionary import PatchDictionary, build_dictionary, circular_pad as _circular_pad
 from ._engine import LOG2E, grouped_softmax_average
 from ._nested import (NestedDictionary, build_nested_dictionary, interior_tree_bytes, nested_dictionary_bytes,
@@ -42,36 +42,11 @@ from ._nested import (NestedDictionary, build_nested_dictionary, interior_tree_b
 from ._partial import Partial, winner_hash
 from .supports import SupportSchedule, check_supports, column_scale
 
-__all__ = ["build_machine", "ScoreMachine", "ScoreDiagnostics", "MACHINE_KINDS", "scale_schedule_eps"]
+__all__ = ["build_machine", "ScoreMachine", "ScoreDiagnostics", "MACHINE_KINDS", "scale_schedule_eps",
+           "free_device_bytes"]
 
 MACHINE_KINDS = ("IS", "LS", "ELS", "bbELS")
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
-
-
-def _to(obj, device: torch.device):
-    """``obj`` with every tensor in it (tuples, lists, dicts and dataclasses included) on ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(v, device) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return replace(obj, **{f.name: _to(getattr(obj, f.name), device) for f in fields(obj) if f.init})
-    return obj
-
-
-def _on_machine_device(method):
-    """Run a public method where the machine's images live: its tensor arguments moved there,
-    the tensors of its answer moved back to the device of ``x`` (the caller's).  A no-op when
-    they are on the same device."""
-    @functools.wraps(method)
-    def run(self, x, *args, **kwargs):
-        if not isinstance(x, torch.Tensor) or x.device == self.device:
-            return method(self, x, *args, **kwargs)
-        answer = method(self, x.to(self.device), *_to(args, self.device), **_to(kwargs, self.device))
-        return _to(answer, x.device)
-    return run
 
 
 @dataclass(frozen=True)
@@ -145,7 +120,7 @@ class ScoreMachine:
                 "conditional": self.labels is not None, "dtype": str(self.images.dtype),
                 "support": "square" if self.supports is None else self.supports.kind}
 
-    @_on_machine_device
+    @machine_call
     def score(self, x: torch.Tensor, t: Union[float, torch.Tensor], k: Optional[int] = None,
               label: Union[None, int, torch.Tensor] = None, *, diagnostics: bool = False):
         """The machine's score at ``x``.
@@ -167,7 +142,7 @@ class ScoreMachine:
         score = self._score_from_mean(x, a, b, mean)
         return (score, diag) if diagnostics else score
 
-    @_on_machine_device
+    @machine_call
     def partial(self, x: torch.Tensor, t: Union[float, torch.Tensor], k: Optional[int] = None,
                 label: Union[None, int, torch.Tensor] = None, *, diagnostics: bool = False) -> Partial:
         """This machine's answer as one shard of a larger dictionary: its softmax mean with
@@ -185,7 +160,7 @@ class ScoreMachine:
         window = k if self.supports is None or k is None else self.supports.window(t_s, k)[0]
         return Partial(mean, norm, diag, winner_hash(self.images, self.kind, self.dictionary, window, diag))
 
-    @_on_machine_device
+    @machine_call
     def partial_sweep(self, x: torch.Tensor, t: Union[float, torch.Tensor], ks: Sequence[int],
                       label: Union[None, int, torch.Tensor] = None) -> dict[int, Partial]:
         """:meth:`partial` at several patch sizes, one nested pass where :meth:`score_sweep`
@@ -194,7 +169,7 @@ class ScoreMachine:
         _, means, norms = self._sweep_means(x, t, ks, label, norms=True)
         return {k: Partial(means[k], norms[k]) for k in ks}
 
-    @_on_machine_device
+    @machine_call
     def score_sweep(self, x: torch.Tensor, t: Union[float, torch.Tensor], ks: Sequence[int],
                     label: Union[None, int, torch.Tensor] = None) -> dict[int, torch.Tensor]:
         """The score at several patch sizes, same ``x`` and ``t``: ``{k: score(x, t, k)}``.
@@ -228,7 +203,7 @@ class ScoreMachine:
                     self._dictionary(k, lab, interior=False)
             self._nested_dictionary(self._tree_ks(ks), lab)   # last: first call on the budget
 
-    @_on_machine_device
+    @machine_call
     def denoised_sweep(self, x: torch.Tensor, t: Union[float, torch.Tensor], ks: Sequence[int],
                        label: Union[None, int, torch.Tensor] = None) -> dict[int, torch.Tensor]:
         """``{k: denoised(x, t, k)}``, one nested pass where :meth:`score_sweep` has one."""
@@ -236,14 +211,14 @@ class ScoreMachine:
         _, means, _ = self._sweep_means(x, t, ks, label)
         return means
 
-    @_on_machine_device
+    @machine_call
     def eps(self, x: torch.Tensor, t: Union[float, torch.Tensor], label=None, k: Optional[int] = None):
         """Noise prediction ``eps_hat = -b_t * score`` (docs/theory.md section 1)."""
         x = self._check_x(x)
         _, b = self._coefficients(t, x)
         return -b[:, None, None, None] * self.score(x, t, k=k, label=label)
 
-    @_on_machine_device
+    @machine_call
     def denoised(self, x: torch.Tensor, t, k: Optional[int] = None, label=None) -> torch.Tensor:
         """The machine's estimate of the clean image, E[x0 | x_t] = sum_j w_j centre_j."""
         x = self._check_x(x)
@@ -355,7 +330,7 @@ class ScoreMachine:
             xs, a_s, b_s = x[sel], a[sel], b[sel]
             got = {} if norms else None
             out = nested_softmax_average(self._nested_dictionary(tree_ks, lab), xs, a_s, b_s, ks=tree_ks,
-                                         log_norms=got)
+                                         log_norms=got, row_block=nested_row_block(self.device, self._tile_elems(x)))
             for k in ks:
                 mean = out[k] if k in out else torch.full_like(xs, float("nan"))
                 norm = None
@@ -376,7 +351,8 @@ class ScoreMachine:
         if not dic.groups:
             return
         B, C, H, W = x.shape
-        res = grouped_softmax_average(dic, F.unfold(x, k, padding=k // 2), a, b, log_norm=norm is not None)
+        res = grouped_softmax_average(dic, F.unfold(x, k, padding=k // 2), a, b, log_norm=norm is not None,
+                                      tile_elems=self._tile_elems(x))
         pix = torch.cat([g.query_pixels for g in dic.groups])
         mean.view(B, C, H * W)[:, :, pix] = res.mean_centre[:, :, pix]
         if norm is not None:
@@ -458,7 +434,8 @@ class ScoreMachine:
             q = F.unfold(x, k, padding=r)                                              # (B, Ckk, HW)
         else:
             q = F.unfold(_circular_pad(x, r), k)                                        # (B, Ckk, HW)
-        res = grouped_softmax_average(dic, q, a, b, diagnostics=diagnostics, log_norm=norms, col_scale=scale)
+        res = grouped_softmax_average(dic, q, a, b, diagnostics=diagnostics, log_norm=norms, col_scale=scale,
+                                      tile_elems=self._tile_elems(x))
         mean = res.mean_centre.reshape(B, C, H, W)
         norm = res.log2_norm.reshape(B, H, W) if norms else None
         if not diagnostics:
@@ -468,6 +445,10 @@ class ScoreMachine:
                                 res.winner_weight.reshape(B, H, W),
                                 res.winner_count.reshape(B, H, W), res.entropy.reshape(B, H, W))
         return mean, diag, norm
+
+    def _tile_elems(self, x) -> int:
+        """The engine's tile size here (:func:`._device.engine_tile_elems`)."""
+        return engine_tile_elems(self.device, x.dtype, self.memory_budget)
 
     def _images_for(self, label):
         if label is None:

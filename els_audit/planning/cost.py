@@ -178,8 +178,11 @@ class Throughput:
 
 
 def _timed(fn: Callable, *a, **kw) -> float:
+    """Seconds ``fn`` takes, queued GPU work included."""
     t = time.perf_counter()
     fn(*a, **kw)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - t
 
 
@@ -227,7 +230,8 @@ def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Ten
         predicted: the ERF's predicted size per step of the finest grid (index 0 = least
             noise); candidates: per-step calibration candidates on that grid (``None``:
             no calibration).
-        eps_fn: the network ``eps(x, t, label)``; n_probe: the most dictionary images to
+        eps_fn: the network ``eps(x, t, label)``; device: where the machines will run (the
+            probe's machines run there: its costs are that device's); n_probe: the most dictionary images to
             probe with (the small size is :data:`SMALL_PROBE` images per class, the middle
             one four times that; the costs are fitted through the small and the largest).
         target_seconds: about how long the probe may take: a small and a middle size run
@@ -248,7 +252,7 @@ def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Ten
     x0 = x0.repeat(2, 1, 1, 1)[:2]                                         # (2, C, H, W) queries
     lab = None if label is None else torch.full((2,), int(label), dtype=torch.long)
     work = dict(kind=kind, images=images, labels=labels, schedule=schedule, dictionary=dictionary,
-                predicted=predicted, candidates=candidates, x0=x0, label=label, lab=lab, seed=seed)
+                predicted=predicted, candidates=candidates, x0=x0, label=label, lab=lab, seed=seed, device=device)
     n_classes = 1 if labels is None else int(torch.unique(labels).numel())
     n_small = min(N, SMALL_PROBE * n_classes)
     small = _probe_once(n=n_small, **work)
@@ -276,7 +280,8 @@ def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Ten
     sweep_work = [work_of(candidates[_step_of(t, steps)]) for t in PROBE_ANCHORS] if candidates else []
     union = sorted({k for c in candidates for k in c}) if candidates else [1]
     dict_work = sum(build_work(C, k) for k in set(anchor_ks))
-    is_machine = build_machine("IS", images[rows], None if labels is None else labels[rows], schedule=schedule)
+    is_machine = build_machine("IS", images[rows], None if labels is None else labels[rows], schedule=schedule,
+                               device=device)
     is_unit = _timed(is_machine.denoised, x0, 0.5, label=lab) / (B * big.n)
     t = torch.full((B,), 0.5, dtype=x0.dtype)
     eps_fn(x0, t, lab)                                                     # warm-up
@@ -298,7 +303,7 @@ def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Ten
 
 
 def _probe_once(*, n: int, kind, images, labels, schedule, dictionary, predicted, candidates, x0, label, lab,
-                seed, measure_unkept: bool = False) -> _Raw:
+                seed, device: str = "cpu", measure_unkept: bool = False) -> _Raw:
     """The probe's work on one seeded, class-balanced dictionary of n images: the tree over
     every candidate, then per anchor a sweep, a one-size build and an evaluation."""
     t_start = time.perf_counter()
@@ -307,7 +312,7 @@ def _probe_once(*, n: int, kind, images, labels, schedule, dictionary, predicted
     dic_labels = None if labels is None else labels[rows]
     met = int((dic_labels == label).sum()) if label is not None and dic_labels is not None else len(rows)
     raw = _Raw(n=max(1, met))
-    machine = build_machine(kind, images[rows], dic_labels, schedule=schedule, dictionary=dictionary)
+    machine = build_machine(kind, images[rows], dic_labels, schedule=schedule, dictionary=dictionary, device=device)
     g = torch.Generator().manual_seed(seed + 2)
     steps = len(predicted)
     if candidates:
@@ -341,7 +346,7 @@ def _probe_once(*, n: int, kind, images, labels, schedule, dictionary, predicted
         # NB: a dictionary too large for the memory budget keeps only part of its keys and
         # gathers the rest from the images per tile: time one evaluation that keeps none
         bare = build_machine(kind, images[rows], dic_labels, schedule=schedule, dictionary=dictionary,
-                             memory_budget=0)
+                             memory_budget=0, device=device)
         bare.dictionary_stats(k, label=label)
         raw.unkept_ratio = _timed(bare.denoised, x, tt, k=k, label=lab) / max(raw.single[-1], 1e-9)
     raw.seconds = time.perf_counter() - t_start

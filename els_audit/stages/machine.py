@@ -168,7 +168,8 @@ def build_machines(cfg, clock: Clock, choice: MachineChoice, images, labels, sch
     specs = [(choice.kind, cfg.dictionary, shaped), ("IS", "periodic", None)]
     if cfg.ray is None:
         return tuple(build_machine(kind, images, labels, schedule=sched, dictionary=dic,
-                                   memory_budget=cfg.memory_budget, supports=sup) for kind, dic, sup in specs)
+                                   memory_budget=cfg.memory_budget, supports=sup, device=cfg.device)
+                     for kind, dic, sup in specs)
     RayShardPool = ray_integration().RayShardPool
     from ..machines.sharded import sharded_machines
     clock.say(f"ray: sharding the dictionary ({images.shape[0]} images) over Ray actors ({cfg.ray}) ...")
