@@ -541,6 +541,6 @@ def assess_novelty(prediction, train_images: ArrayLike, machine=None, *, thresho
                              "to resolve them")
         d = prediction.diagnostics
         periodic = machine.kind == "ELS" and machine.dictionary == "periodic"
-        mos = mosaic(d["source_image"], d["source_y"], d["source_x"], d["multiplicity"], images=machine.images,
+        mos = mosaic(d["source_image"], d["source_y"], d["source_x"], d["multiplicity"], images=machine.images.cpu(),
                      periodic=periodic)
     return NoveltyResult(seeds=tuple(prediction.seeds), memorization=mem, mosaic=mos, locality=loc)
