@@ -36,7 +36,8 @@ Float32 at low noise: logits there are hundreds to thousands of bits, so float32
 of the GEMM (~1e-3 bits) shows in the weights (~1e-5 relative in the answer).  The keys
 that carry each query's softmax (within ``REFINE_BITS`` of its maximum) then get float64
 logits after the pass (:class:`Float64Refinement`); float64 inputs compute in float64
-throughout.
+throughout.  The fused C kernel records those keys itself (per-thread buffers; should they
+overflow, the group runs the step-by-step path instead).
 """
 
 from __future__ import annotations
@@ -139,6 +140,15 @@ class Float64Refinement:
             self.logits.append(vals)
             self.n += h.numel()
 
+    def add_records(self, rows: torch.Tensor, keys: torch.Tensor, logits: torch.Tensor) -> None:
+        """Record keys found elsewhere (the fused C kernel's records, :mod:`._native`): rows,
+        key positions and the float32 logits that were summed."""
+        if rows.numel() and not self.gave_up:
+            self.rows.append(rows.long())
+            self.keys.append(keys.long())
+            self.logits.append(logits)
+            self.n += rows.numel()
+
     def prune(self, m: torch.Tensor) -> None:
         if self.n < self.prune_at or self.gave_up:
             return
@@ -162,12 +172,15 @@ class Float64Refinement:
         keep = logits >= m[rows] - REFINE_BITS
         return rows[keep], keys[keep], logits[keep]
 
-    def corrected(self, acc: torch.Tensor, m: torch.Tensor, exact, step: int = 1 << 15) -> torch.Tensor:
-        """float64 (R, C+1) sums ``acc`` with the recorded keys' float32 terms swapped for
-        float64 ones.  ``exact(rows, keys)`` gives those keys' float64 logits and their
-        (n, C+1) centres and ones; it is called in chunks of ``step`` records."""
+    def corrected(self, acc: torch.Tensor, m: torch.Tensor, exact, step: int = 1 << 15,
+                  top: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """float64 (R, C+1) sums ``acc`` (relative to the maxima m) with the recorded keys'
+        float32 terms swapped for float64 ones.  ``exact(rows, keys)`` gives those keys'
+        float64 logits and their (n, C+1) centres and ones; it is called in chunks of ``step``
+        records.  ``top``: the rows' true maxima where m lags them (the fused kernel raises m
+        only by more than FUSED_SLACK_BITS); the records are filtered against it."""
         acc = acc.to(torch.float64)
-        rows, keys, s32 = self.final(m)
+        rows, keys, s32 = self.final(m if top is None else top)
         m64 = m.to(torch.float64)
         for s in range(0, rows.numel(), step):
             r, kk = rows[s: s + step], keys[s: s + step]
@@ -237,14 +250,23 @@ FUSED_CHUNK_KEYS = 1024
 FUSED_SLACK_BITS = 32.0
 FUSED_SCRATCH_BYTES = 512 << 10
 FUSED_MIN_ROWS = 128          # per thread (two of the kernel's 64-row blocks)
+# the float64 refinement's records per thread and kernel call (16 bytes each; more, after
+# pruning, and the call falls back to the step-by-step torch path)
+FUSED_RECORDS_PER_THREAD = 1 << 16
 
 
-def _fused_group_means(chunks, qa: torch.Tensor, R: int, C: int, lo: float, skip: float) -> torch.Tensor:
-    """(R, C) softmax means of one group's key centres for float32 query rows ``qa`` (R, K + 1)
+def _fused_group_means(chunks, qa: torch.Tensor, R: int, C: int, lo: float, skip: float,
+                       refine: Optional[Float64Refinement] = None):
+    """Softmax sums of one group's key centres for float32 query rows ``qa`` (R, K + 1)
     (``[q' a/b^2 log2e, coef_sq]``), with ``els_nested_tile`` as a one-level tree per key
     chunk (``chunks(size)`` yields the group's :class:`KeyChunk` s): the log2 multiplicity
     enters as the level's bias, each row keeps a running maximum and the chunk's sums are
-    added at its end (:mod:`._native`)."""
+    added at its end (:mod:`._native`).
+
+    Returns (acc (R, C+1) sums relative to m, m (R,), top (R,) the true maxima, which m may
+    lag by FUSED_SLACK_BITS), or None when ``refine`` is given and the kernel's record buffers
+    overflowed (the caller then runs the torch path).  With ``refine``, the kernel records the
+    keys within REFINE_BITS of their rows' true maxima into it."""
     mw = native.NESTED_MICRO_ROWS
     pad = -(-R // mw) * mw
     D = qa.shape[1]
@@ -253,6 +275,11 @@ def _fused_group_means(chunks, qa: torch.Tensor, R: int, C: int, lo: float, skip
     m = torch.full((pad,), float("-inf"), dtype=qa.dtype)
     acc = torch.zeros(C + 1, pad, dtype=qa.dtype)
     threads = torch.get_num_threads()
+    top, records = m, None                   # the true maxima: m itself without records
+    if refine is not None:
+        top = torch.full((pad,), float("inf"), dtype=qa.dtype)          # +inf: never recorded
+        top[:R].masked_fill_(refine.active, float("-inf"))
+        records = native.RefineRecords(threads, REFINE_BITS, FUSED_RECORDS_PER_THREAD)
     n = 0                                    # keys the buffers hold (streaming chunks are whole images)
     for ch in chunks(FUSED_CHUNK_KEYS):
         kaug = ch.kaug if ch.kaug.stride(1) == 1 else ch.kaug.contiguous()                # (mc, K + 1)
@@ -266,10 +293,15 @@ def _fused_group_means(chunks, qa: torch.Tensor, R: int, C: int, lo: float, skip
         fields = native.nested_level_fields(
             K=kaug.data_ptr(), ldK=kaug.stride(0), D=D, n=mc, parent=0, Q=qT.data_ptr(), ldQ=pad, own0=0, want=True,
             rows=R, vals=vals.data_ptr(), ldv=vals.stride(0), m=m.data_ptr(), acc=acc.data_ptr(), ldacc=pad,
-            bias=0 if bias is None else bias.data_ptr())
-        native.nested_tile(torch.tensor([fields], dtype=torch.int64), C + 1, lo, skip, FUSED_SLACK_BITS, block,
-                           scratch, csr, threads)
-    return (acc[:C, :R] / acc[C, :R]).t(), m[:R], acc[C, :R]
+            bias=0 if bias is None else bias.data_ptr(), top=0 if records is None else top.data_ptr())
+        if not native.nested_tile(torch.tensor([fields], dtype=torch.int64), C + 1, lo, skip, FUSED_SLACK_BITS,
+                                  block, scratch, csr, threads, records):
+            return None                                                    # a record buffer overflowed
+        if records is not None:
+            _, rows, keys, logits = records.take()
+            refine.add_records(rows, keys + ch.start, logits)
+            refine.prune(top[:R])
+    return acc[:, :R].t(), m[:R], top[:R]
 
 
 def _scaled_chunks(g, scale: torch.Tensor, keep: Optional[torch.Tensor] = None):
@@ -292,6 +324,73 @@ def _scaled_chunks(g, scale: torch.Tensor, keep: Optional[torch.Tensor] = None):
             out[:, K] = (out[:, :K] * out[:, :K]).sum(1)
             yield KeyChunk(out, ch.centre, ch.log_count, ch.start)
     return chunks
+
+
+def _gemm_group_sums(chunks, qa: torch.Tensor, R: int, C: int, diagnostics: bool, Mc: int, underflow: float,
+                     skip_below: float, refine: Optional[Float64Refinement], use_native: bool, tile_elems: int):
+    """The step-by-step softmax sums of one group: per (query tile x key chunk) a GEMM into a
+    logit tile, its maxima, the refinement's records, then the sums (one C pass when
+    ``use_native``, else torch ops).  Returns (acc (R, C+1), or (R, C+2) with ``diagnostics``
+    (the last column: sum of weights x log count), m (R,), and with ``diagnostics`` the
+    entropy's T1 and each row's best entry (t1, best, best_i), else None)."""
+    dtype, dev = qa.dtype, qa.device
+    ncol = C + 2 if diagnostics else C + 1                                          # centre, 1, [log count]
+    acc = torch.zeros(R, ncol, dtype=dtype, device=dev)
+    m = torch.full((R,), float("-inf"), dtype=dtype, device=dev)
+    if diagnostics:
+        t1 = torch.zeros(R, dtype=dtype, device=dev)
+        best = torch.full((R,), float("-inf"), dtype=dtype, device=dev)
+        best_i = torch.zeros(R, dtype=torch.long, device=dev)
+    buf = None
+    for ch in chunks(Mc):
+        mc = ch.kaug.shape[0]
+        Rt = max(1, min(R, tile_elems // mc))
+        if buf is None or buf.numel() < Rt * mc:
+            buf = torch.empty(Rt * mc, dtype=dtype, device=dev)
+        kaug_t = ch.kaug.t()                                                        # (K+1, mc)
+        bias = None if ch.log_count is None else ch.log_count * LOG2E               # (mc,) base 2
+        cols = [ch.centre.t(), torch.ones(1, mc, dtype=dtype, device=dev)]
+        if diagnostics:
+            cols.append(torch.zeros(1, mc, dtype=dtype, device=dev) if bias is None else ch.log_count[None, :])
+        vals_rows = torch.cat(cols, 0)                                              # (ncol, mc)
+        vals_t = vals_rows.t()                                                      # (mc, ncol), column-major
+        for rs in range(0, R, Rt):
+            re = min(R, rs + Rt)
+            L = buf[: (re - rs) * mc].view(re - rs, mc)
+            if bias is None:
+                torch.mm(qa[rs:re], kaug_t, out=L)                                  # (rt, mc) logits
+            else:
+                torch.addmm(bias, qa[rs:re], kaug_t, out=L)
+            m_old = m[rs:re]
+            tile_max = L.amax(1)
+            if not diagnostics and bool((tile_max - m_old).max() < skip_below):
+                continue                                                            # negligible tile
+            m_new = torch.maximum(m_old, tile_max)
+            if refine is not None:
+                refine.add(L, tile_max, m_new, rs, ch.start)
+            if diagnostics:
+                ent_logit = L if bias is None else L - bias                         # per-entry logits
+                bv, bi = ent_logit.max(1)
+                upd = bv > best[rs:re]
+                best[rs:re] = torch.where(upd, bv, best[rs:re])
+                best_i[rs:re] = torch.where(upd, bi + ch.start, best_i[rs:re])
+            scale = torch.exp2(m_old - m_new)                                       # (rt,) 0 at start
+            if use_native:                                                          # one fused C pass
+                acc[rs:re].mul_(scale[:, None]).add_(native.softmax_sums_rows(L, m_new, vals_rows, underflow))
+                m[rs:re] = m_new
+                continue
+            L.sub_(m_new[:, None])
+            if diagnostics:
+                z_old = acc[rs:re, C]
+                shift = torch.where(z_old > 0, (m_old - m_new) * z_old, torch.zeros_like(z_old))
+                t1_chunk = (L.exp2() * L).sum(1)                                    # base 2
+                t1[rs:re] = scale * (t1[rs:re] + shift) + t1_chunk
+            L.clamp_(min=underflow).exp2_()                                         # see exp2_floor
+            acc[rs:re].mul_(scale[:, None]).add_(torch.mm(L, vals_t))
+            m[rs:re] = m_new
+        if refine is not None:
+            refine.prune(m)
+    return acc, m, ((t1, best, best_i) if diagnostics else None)
 
 
 def grouped_softmax_average(
@@ -353,74 +452,26 @@ def grouped_softmax_average(
         R = B * P
         M = g.n_keys
         b_rows = b[:, None].expand(B, P).reshape(R)                                     # (R,) b of each row
-        ncol = C + 2 if diagnostics else C + 1                                          # centre, 1, [log count]
-        acc = torch.zeros(R, ncol, dtype=dtype, device=dev)
-        m = torch.full((R,), float("-inf"), dtype=dtype, device=dev)
-        if diagnostics:
-            t1 = torch.zeros(R, dtype=dtype, device=dev)
-            best = torch.full((R,), float("-inf"), dtype=dtype, device=dev)
-            best_i = torch.zeros(R, dtype=torch.long, device=dev)
         # tile shape: Rt query rows x Mc keys
         Mc = max(64, min(M, tile_elems // max(1, min(R, 256))))
         skip_below = skip_threshold(g.total_keys)
-        refine = None if refine_items is None else Float64Refinement(refine_items[:, None].expand(B, P).reshape(R))
-        if use_native and refine is None and R >= FUSED_MIN_ROWS * torch.get_num_threads():
-            # float32 without the refinement: logits and softmax fused in C, one call per key chunk
-            # (its threads split the query rows: small groups, e.g. bbELS edges, keep the GEMM)
-            mean_c, m, z = _fused_group_means(chunks, qa, R, C, underflow, skip_below)       # (R, C)
-            out[:, :, g.query_pixels] = mean_c.reshape(B, P, C).permute(0, 2, 1)
-            if norm is not None:
-                norm[:, g.query_pixels] = log2_norm_of(m, z, q.reshape(R, Kq), b_rows).reshape(B, P)
-            continue
-        buf = None
-        for ch in chunks(Mc):
-            mc = ch.kaug.shape[0]
-            Rt = max(1, min(R, tile_elems // mc))
-            if buf is None or buf.numel() < Rt * mc:
-                buf = torch.empty(Rt * mc, dtype=dtype, device=dev)
-            kaug_t = ch.kaug.t()                                                        # (K+1, mc)
-            bias = None if ch.log_count is None else ch.log_count * LOG2E               # (mc,) base 2
-            cols = [ch.centre.t(), torch.ones(1, mc, dtype=dtype, device=dev)]
+        active = None if refine_items is None else refine_items[:, None].expand(B, P).reshape(R)
+        refine = None if active is None else Float64Refinement(active)      # the float64 refinement's records
+        fused = None
+        if use_native and R >= FUSED_MIN_ROWS * torch.get_num_threads():
+            # float32: logits and softmax fused in C, one call per key chunk, recording the keys for
+            # the refinement (its threads split the query rows: small groups, e.g. bbELS edges, keep
+            # the GEMM; None: the records overflowed, see below)
+            fused = _fused_group_means(chunks, qa, R, C, underflow, skip_below, refine)
+        top = None                                      # true maxima where m lags them (fused)
+        if fused is not None:
+            acc, m, top = fused
+        else:
+            refine = None if active is None else Float64Refinement(active)   # afresh after an overflow
+            acc, m, diag = _gemm_group_sums(chunks, qa, R, C, diagnostics, Mc, underflow, skip_below, refine,
+                                            use_native, tile_elems)
             if diagnostics:
-                cols.append(torch.zeros(1, mc, dtype=dtype, device=dev) if bias is None else ch.log_count[None, :])
-            vals_rows = torch.cat(cols, 0)                                              # (ncol, mc)
-            vals_t = vals_rows.t()                                                      # (mc, ncol), column-major
-            for rs in range(0, R, Rt):
-                re = min(R, rs + Rt)
-                L = buf[: (re - rs) * mc].view(re - rs, mc)
-                if bias is None:
-                    torch.mm(qa[rs:re], kaug_t, out=L)                                  # (rt, mc) logits
-                else:
-                    torch.addmm(bias, qa[rs:re], kaug_t, out=L)
-                m_old = m[rs:re]
-                tile_max = L.amax(1)
-                if not diagnostics and bool((tile_max - m_old).max() < skip_below):
-                    continue                                                            # negligible tile
-                m_new = torch.maximum(m_old, tile_max)
-                if refine is not None:
-                    refine.add(L, tile_max, m_new, rs, ch.start)
-                if diagnostics:
-                    ent_logit = L if bias is None else L - bias                         # per-entry logits
-                    bv, bi = ent_logit.max(1)
-                    upd = bv > best[rs:re]
-                    best[rs:re] = torch.where(upd, bv, best[rs:re])
-                    best_i[rs:re] = torch.where(upd, bi + ch.start, best_i[rs:re])
-                scale = torch.exp2(m_old - m_new)                                       # (rt,) 0 at start
-                if use_native:                                                          # one fused C pass
-                    acc[rs:re].mul_(scale[:, None]).add_(native.softmax_sums_rows(L, m_new, vals_rows, underflow))
-                    m[rs:re] = m_new
-                    continue
-                L.sub_(m_new[:, None])
-                if diagnostics:
-                    z_old = acc[rs:re, C]
-                    shift = torch.where(z_old > 0, (m_old - m_new) * z_old, torch.zeros_like(z_old))
-                    t1_chunk = (L.exp2() * L).sum(1)                                    # base 2
-                    t1[rs:re] = scale * (t1[rs:re] + shift) + t1_chunk
-                L.clamp_(min=underflow).exp2_()                                         # see exp2_floor
-                acc[rs:re].mul_(scale[:, None]).add_(torch.mm(L, vals_t))
-                m[rs:re] = m_new
-            if refine is not None:
-                refine.prune(m)
+                t1, best, best_i = diag
         z = acc[:, C]                                                                   # (R,)
         z_norm = z
         if refine is None:
@@ -435,7 +486,7 @@ def grouped_softmax_average(
                                    g.log2_multiplicity(keys))
                 return s64, torch.cat([g.centres(keys), torch.ones(keys.numel(), 1, dtype=dtype, device=dev)], 1)
 
-            acc64 = refine.corrected(acc[:, : C + 1], m, exact)
+            acc64 = refine.corrected(acc[:, : C + 1], m, exact, top=top)
             mean_c = (acc64[:, :C] / acc64[:, C:]).to(dtype).reshape(B, P, C).permute(0, 2, 1)
             z_norm = acc64[:, C]
         out[:, :, g.query_pixels] = mean_c

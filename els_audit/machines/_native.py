@@ -5,10 +5,11 @@ logit tiles: after the GEMM, subtract the running maximum, clamp, exp2 and the w
 are four torch ops, each reading (and most writing) the whole tile.  ``_native_kernels.c``
 does them in one read per tile and level (``bench/README.md`` has the measured gain), and
 the single-k kernel (:mod:`._engine`) likewise for its (rows, keys) tiles; a third function
-decodes byte-coded tree rows.  ``els_nested_tile`` goes further for float32 passes without
-the float64 refinement: it runs a whole tile of the nested pass (every level's parent
-logits, ring GEMM and softmax sums) per block of query rows, keeping the logits in registers
-and a cache-sized scratch instead of writing (nodes, rows) tiles to memory.  The answers
+decodes byte-coded tree rows.  ``els_nested_tile`` goes further for float32 passes: it runs
+a whole tile of the nested pass (every level's parent logits, ring GEMM and softmax sums)
+per block of query rows, keeping the logits in registers and a cache-sized scratch instead
+of writing (nodes, rows) tiles to memory; at low noise it also records, in per-thread
+buffers, the keys the float64 refinement needs (:class:`RefineRecords`).  The answers
 agree with the torch path to float32 rounding (its exp2 is a degree-7 polynomial, < 6e-8
 relative; tests/machines/test_native.py).
 
@@ -40,15 +41,15 @@ from typing import Optional
 import torch
 
 __all__ = ["available", "status", "softmax_sums", "softmax_sums_rows", "decode_rows", "nested_tile",
-           "nested_level_fields", "nested_tile_buffers", "NESTED_LEVEL_FIELDS", "NESTED_MICRO_ROWS", "ENV_SWITCH",
-           "MAX_CHANNELS"]
+           "nested_level_fields", "nested_tile_buffers", "RefineRecords", "NESTED_LEVEL_FIELDS", "NESTED_MICRO_ROWS",
+           "ENV_SWITCH", "MAX_CHANNELS"]
 
 ENV_SWITCH = "ELS_AUDIT_NATIVE"
 MAX_CHANNELS = 7                          # MAX_NC - 1 in the C source
-NESTED_LEVEL_FIELDS = 22                  # int64 fields of els_level_t (pointers as integers)
+NESTED_LEVEL_FIELDS = 23                  # int64 fields of els_level_t (pointers as integers)
 NESTED_MICRO_ROWS = 16                    # MW in the C source
 _SOURCE = Path(__file__).with_name("_native_kernels.c")
-_ABI = 2
+_ABI = 3
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -120,7 +121,7 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.els_decode_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.els_decode_rows.restype = ctypes.c_int
     lib.els_nested_tile.argtypes = [ptr, i64, i64, ctypes.c_float, ctypes.c_float, ctypes.c_float, i64, ptr, i64,
-                                    ptr, i64, ctypes.c_int]
+                                    ptr, i64, ptr, i64, ptr, ctypes.c_float, ctypes.c_int]
     lib.els_nested_tile.restype = ctypes.c_int
     _status = f"on ({path.name}, {' '.join(_arch_flags()) or 'no vector flags'})"
     return lib
@@ -215,11 +216,14 @@ def decode_rows(codes: torch.Tensor, palette: torch.Tensor, mu: torch.Tensor, ex
 
 def nested_level_fields(*, K: int, ldK: int, D: int, n: int, parent: int, Q: int, ldQ: int, own0: int, want: bool,
                         rows: int, vals: int, ldv: int, m: int, acc: int, ldacc: int, codes: int = 0, ldc: int = 0,
-                        palette: int = 0, mu: int = 0, extra: int = 0, lde: int = 0, bias: int = 0) -> list[int]:
+                        palette: int = 0, mu: int = 0, extra: int = 0, lde: int = 0, bias: int = 0,
+                        top: int = 0) -> list[int]:
     """One level's row of :func:`nested_tile`'s table, in the order of the C struct
-    ``els_level_t`` (which documents each field): addresses as integers, 0 for none."""
+    ``els_level_t`` (which documents each field): addresses as integers, 0 for none.
+    ``top``: the rows' true running maxima when the level records keys for the float64
+    refinement (:class:`RefineRecords`)."""
     return [K, ldK, D, n, parent, Q, ldQ, own0, int(want), rows, vals, ldv, m, acc, ldacc, codes, ldc, palette, mu,
-            extra, lde, bias]
+            extra, lde, bias, top]
 
 
 def nested_tile_buffers(n_nodes: int, widths, rows: int, nthreads: int, scratch_bytes: int,
@@ -235,8 +239,30 @@ def nested_tile_buffers(n_nodes: int, widths, rows: int, nthreads: int, scratch_
     return block, scratch, csr
 
 
+class RefineRecords:
+    """Per-thread record buffers of :func:`nested_tile` for the float64 refinement (the C
+    source's ``rec_t``): ``cap`` records (level, row, node, float32 logit) per thread, of
+    the nodes whose logit lies within ``bits`` of their row's true running maximum (levels
+    given a ``top`` array: -inf for rows to record, +inf for the others)."""
+
+    def __init__(self, nthreads: int, bits: float, cap: int = 1 << 16):
+        self.buf = torch.empty(nthreads, cap, 4, dtype=torch.int32)
+        self.n = torch.zeros(nthreads, dtype=torch.int64)
+        self.bits = float(bits)
+
+    def take(self) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(level, row, node, logit) of the last call's records, or None if a buffer
+        overflowed (then some are missing)."""
+        if bool((self.n < 0).any()):
+            return None
+        parts = [self.buf[t, :n] for t, n in enumerate(self.n.tolist()) if n]
+        rec = torch.cat(parts) if parts else self.buf[0, :0]
+        return rec[:, 0], rec[:, 1], rec[:, 2], rec[:, 3].view(torch.float32)
+
+
 def nested_tile(levels: torch.Tensor, nc: int, lo: float, skip: float, slack: float, block: int,
-                scratch: torch.Tensor, csr: torch.Tensor, nthreads: int) -> None:
+                scratch: torch.Tensor, csr: torch.Tensor, nthreads: int,
+                records: Optional[RefineRecords] = None) -> bool:
     """Run ``els_nested_tile`` (the C source documents it) over one tile's levels.
 
     levels: (nlev, NESTED_LEVEL_FIELDS) int64, one row per level in the order of the C struct
@@ -245,7 +271,10 @@ def nested_tile(levels: torch.Tensor, nc: int, lo: float, skip: float, slack: fl
     ``scratch_per_thread = scratch.numel() // nthreads`` >= 2 * (largest level's nodes) *
     block * 16; csr: float32 room for each level's key rows as nonzero entries (levels with
     fewer than 60% nonzero run sparse).  :func:`nested_tile_buffers` sizes both.  Updates the levels'
-    running maxima and sums in place.  Call only when :func:`available`.
+    running maxima and sums in place.  ``records``: where levels with a ``top`` field record
+    their keys for the float64 refinement (``records.take()`` reads them).  Returns False when
+    a record buffer overflowed (the sums are still right, the records incomplete).  Call only
+    when :func:`available`.
     """
     lib = _get()
     if levels.dtype != torch.int64 or levels.dim() != 2 or levels.shape[1] != NESTED_LEVEL_FIELDS \
@@ -255,7 +284,15 @@ def nested_tile(levels: torch.Tensor, nc: int, lo: float, skip: float, slack: fl
         raise ValueError("native nested_tile takes an int64 (levels, 22) table and float32 scratch and csr buffers "
                          "(64-bit platforms)")
     per_thread = scratch.numel() // nthreads
+    if records is not None:
+        if records.n.numel() < nthreads:
+            raise ValueError("native nested_tile: fewer record buffers than threads")
+        records.n.zero_()
+        rec = (records.buf.data_ptr(), records.buf.shape[1], records.n.data_ptr(), records.bits)
+    else:
+        rec = (0, 0, 0, 0.0)
     rc = lib.els_nested_tile(levels.data_ptr(), levels.shape[0], nc, float(lo), float(skip), float(slack), block,
-                             scratch.data_ptr(), per_thread, csr.data_ptr(), csr.numel(), nthreads)
+                             scratch.data_ptr(), per_thread, csr.data_ptr(), csr.numel(), *rec, nthreads)
     if rc:
         raise ValueError(f"native nested_tile rejected its arguments (code {rc})")
+    return records is None or bool((records.n >= 0).all())

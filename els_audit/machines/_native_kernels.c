@@ -56,7 +56,7 @@ static inline float exp2_f32(float x) {
     return p * s;
 }
 
-int els_native_abi(void) { return 2; }
+int els_native_abi(void) { return 3; }
 
 /* The column-block body for a compile-time channel count NC (so that the loop over r, with
  * its NC accumulators, vectorises). */
@@ -231,7 +231,55 @@ typedef struct {           /* one level of a tile; every field 8 bytes (filled f
     const float *extra;    /* (n, 2), row stride lde */
     int64_t lde;
     const float *bias;     /* optional (n,): added to each node's logit (single-k dictionaries' log2 counts) */
+    float *top;            /* optional (>= rows rounded up to 16): the rows' true running maxima, updated, for
+                            * the float64 refinement's records (-inf: record this row; +inf: never) */
 } els_level_t;
+
+/* The float64 refinement's records (_engine.Float64Refinement), one buffer per thread: every
+ * owned node whose float32 logit s lies within `bits` of its row's true running maximum
+ * (top, updated with every logit; the softmax's m can lag it by `slack`) is appended as
+ * (level, row, node, bits of s), s exactly as summed.  A key within `bits` of the row's final
+ * maximum was within `bits` of every earlier maximum, so it is recorded.  A full buffer drops
+ * the records that fell below their rows' maxima since (its rows belong to this thread's
+ * work items of this call, so their maxima are its own); if over half stays full, the
+ * buffer gives up (overflow) and the caller falls back. */
+typedef struct {
+    int32_t *buf;          /* (cap, 4) */
+    int64_t cap, n;
+    int overflow;
+    float bits;
+    const els_level_t *lv; /* the call's levels (for pruning) */
+} rec_t;
+
+static void rec_prune(rec_t *rb) {
+    int64_t kept = 0;
+    for (int64_t i = 0; i < rb->n; i++) {
+        int32_t *e = rb->buf + 4 * i;
+        float s;
+        memcpy(&s, e + 3, sizeof s);
+        if (s >= rb->lv[e[0]].top[e[1]] - rb->bits) {
+            memmove(rb->buf + 4 * kept, e, 4 * sizeof(int32_t));
+            kept++;
+        }
+    }
+    rb->n = kept;
+}
+
+static void rec_push(rec_t *rb, int level, int64_t row, int64_t j, float s) {
+    if (rb->overflow) return;
+    if (rb->n == rb->cap) {
+        rec_prune(rb);
+        if (2 * rb->n > rb->cap) {
+            rb->overflow = 1;
+            return;
+        }
+    }
+    int32_t *e = rb->buf + 4 * rb->n++;
+    e[0] = level;
+    e[1] = (int32_t)row;
+    e[2] = (int32_t)j;
+    memcpy(e + 3, &s, sizeof s);
+}
 
 #define MW 16              /* rows per micro-column: two 8-lane vectors */
 
@@ -348,10 +396,32 @@ static void logits_sparse(const els_level_t *L, int first, int64_t j, const uint
     }
 }
 
+/* The refinement's records among NQ nodes j.. at 8 rows from r (logits s): raise the rows'
+ * true maxima, then record the logits within rb->bits of them (rows below L->rows only). */
+static inline __attribute__((always_inline)) void
+record_nodes(const int NQ, const els_level_t *L, int64_t j, const v8f *s, int64_t r, rec_t *rb, int level) {
+    float *tp = L->top + r;
+    v8f tv = v8_ld(tp), smax = s[0];
+    _Pragma("GCC unroll 4")
+    for (int q = 1; q < NQ; q++) smax = v8_max(smax, s[q]);
+    if (v8_any(smax > tv)) {
+        tv = v8_max(tv, smax);
+        v8_st(tp, tv);
+    }
+    const v8f thr = tv - v8_splat(rb->bits);
+    _Pragma("GCC unroll 4")
+    for (int q = 0; q < NQ; q++) {
+        const v8i hit = s[q] >= thr;
+        if (!v8_any(hit)) continue;
+        for (int l = 0; l < 8; l++)
+            if (hit[l] && r + l < L->rows) rec_push(rb, level, r + l, j + q, s[q][l]);
+    }
+}
+
 /* The online softmax of the NQ nodes j.. (logits in Scur) into the tile's sums P. */
 static inline __attribute__((always_inline)) void
 softmax_nodes(const int NQ, const els_level_t *L, int64_t j, const float *Scur, float *P, int64_t ub0, int64_t ue,
-              int64_t WB, int64_t nc, float lo, float skip, float slack) {
+              int64_t WB, int64_t nc, float lo, float skip, float slack, rec_t *rb, int level) {
     for (int64_t u = ub0; u < ue; u++) {
         const int64_t ul = u - ub0, r = u * MW;
         _Pragma("GCC unroll 2")
@@ -364,6 +434,7 @@ softmax_nodes(const int NQ, const els_level_t *L, int64_t j, const float *Scur, 
                 d[q] = s[q] - mv;
                 dmax = v8_max(dmax, d[q]);
             }
+            if (L->top) record_nodes(NQ, L, j, s, r + 8 * h, rb, level);
             const v8i raise = dmax > v8_splat(slack);
             if (v8_any(raise)) {               /* rare once the maxima settle */
                 v8f smax = s[0];
@@ -412,7 +483,7 @@ typedef struct {           /* a level's key rows as nonzero entries (sparse leve
 /* Nodes [j0, j1) of level L: logits, and with `own` their softmax. */
 static void nested_range(const els_level_t *L, const csr_t *Z, int first, int64_t j0, int64_t j1,
                          const float *Sprev, float *Scur, float *P, int64_t ub0, int64_t ue, int64_t WB, int own,
-                         int64_t nc, float lo, float skip, float slack) {
+                         int64_t nc, float lo, float skip, float slack, rec_t *rb, int level) {
     for (int64_t j = j0; j < j1; j += 4) {
         const int nq = j1 - j < 4 ? (int)(j1 - j) : 4;
         if (Z->sparse) {
@@ -429,9 +500,10 @@ static void nested_range(const els_level_t *L, const csr_t *Z, int first, int64_
             }
         }
         if (!own) continue;
-        if (nq == 4) softmax_nodes(4, L, j, Scur, P, ub0, ue, WB, nc, lo, skip, slack);
+        if (nq == 4) softmax_nodes(4, L, j, Scur, P, ub0, ue, WB, nc, lo, skip, slack, rb, level);
         else
-            for (int q = 0; q < nq; q++) softmax_nodes(1, L, j + q, Scur, P, ub0, ue, WB, nc, lo, skip, slack);
+            for (int q = 0; q < nq; q++)
+                softmax_nodes(1, L, j + q, Scur, P, ub0, ue, WB, nc, lo, skip, slack, rb, level);
     }
 }
 
@@ -440,13 +512,19 @@ static void nested_range(const els_level_t *L, const csr_t *Z, int first, int64_
 
 /* csr: float32 scratch of at least sum over levels of n * (ceil(D / 2) + D + 1) floats, plus
  * n * D more for byte-coded levels (capacity csr_floats); scratch: per thread
- * (2 * largest n + MAX_NC) * WB * 16 floats. */
+ * (2 * largest n + MAX_NC) * WB * 16 floats.  Levels with `top` record into rec (per thread
+ * rec_cap records of 4 int32, see rec_t); rec_n[t] receives thread t's count, or -1 where its
+ * buffer overflowed (the sums are still right; the records are not all there). */
 int els_nested_tile(const els_level_t *lv, int64_t nlev, int64_t nc, float lo, float skip, float slack,
                     int64_t WB, float *scratch, int64_t scratch_per_thread, float *csr, int64_t csr_floats,
-                    int nthreads) {
+                    int32_t *rec, int64_t rec_cap, int64_t *rec_n, float rec_bits, int nthreads) {
     if (nlev < 1 || nlev > MAX_LEVELS || nc < 1 || nc > MAX_NC || WB < 1 || nthreads < 1 || !(slack > 0.0f) ||
         slack > 64.0f)
         return 1;
+    for (int64_t i = 0; i < nlev; i++)
+        if (lv[i].top && (!rec || !rec_n || rec_cap < 2 || !(rec_bits >= 0.0f) || lv[i].rows > INT32_MAX ||
+                          lv[i].n > INT32_MAX))
+            return 7;
     int64_t nmax = 0, need = 0;
     csr_t Z[MAX_LEVELS];
     for (int64_t i = 0; i < nlev; i++) {
@@ -476,6 +554,8 @@ int els_nested_tile(const els_level_t *lv, int64_t nlev, int64_t nc, float lo, f
     const int64_t U0 = (lv[0].rows + MW - 1) / MW, items = (U0 + WB - 1) / WB;
     #pragma omp parallel num_threads(nthreads)
     {
+        const int tid = omp_get_thread_num();
+        rec_t rb = {rec ? rec + 4 * rec_cap * tid : NULL, rec_cap, 0, 0, rec_bits, lv};
         /* key rows to nonzero entries, every level (one read of the rows) */
         for (int64_t i = 0; i < nlev; i++) {
             const els_level_t *L = lv + i;
@@ -509,7 +589,7 @@ int els_nested_tile(const els_level_t *lv, int64_t nlev, int64_t nc, float lo, f
         #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < items; item++) {
             float *buf[2];
-            buf[0] = scratch + (int64_t)omp_get_thread_num() * scratch_per_thread;
+            buf[0] = scratch + (int64_t)tid * scratch_per_thread;
             buf[1] = buf[0] + nmax * WB * MW;
             float *P = buf[1] + nmax * WB * MW;          /* this tile's sums of the level (nc, WB, MW) */
             const int64_t ub0 = item * WB;
@@ -523,12 +603,15 @@ int els_nested_tile(const els_level_t *lv, int64_t nlev, int64_t nc, float lo, f
                 const int first = i == 0, last = i == nlev - 1;
                 const int64_t own0 = L->want ? L->own0 : L->n;
                 /* nodes before own0 only feed the next level (none at the last) */
-                if (!last) nested_range(L, Z + i, first, 0, own0, Sprev, Scur, P, ub0, ue, WB, 0, nc, lo, skip, slack);
+                if (!last)
+                    nested_range(L, Z + i, first, 0, own0, Sprev, Scur, P, ub0, ue, WB, 0, nc, lo, skip, slack, &rb,
+                                 (int)i);
                 if (own0 == L->n) continue;
                 /* the tile's sums apart, added at the end (as the torch path does: float32 sums
                  * over a whole dictionary in one accumulator lose ~1e-5) */
                 memset(P, 0, (size_t)(nc * WB * MW) * sizeof(float));
-                nested_range(L, Z + i, first, own0, L->n, Sprev, Scur, P, ub0, ue, WB, 1, nc, lo, skip, slack);
+                nested_range(L, Z + i, first, own0, L->n, Sprev, Scur, P, ub0, ue, WB, 1, nc, lo, skip, slack, &rb,
+                             (int)i);
                 for (int64_t c = 0; c < nc; c++)
                     for (int64_t u = ub0; u < ue; u++) {
                         float *ap = L->acc + c * L->ldacc + u * MW;
@@ -537,6 +620,7 @@ int els_nested_tile(const els_level_t *lv, int64_t nlev, int64_t nc, float lo, f
                     }
             }
         }
+        if (rec_n) rec_n[tid] = rb.overflow ? -1 : rb.n;
     }
     return 0;
 }

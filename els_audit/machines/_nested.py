@@ -47,8 +47,9 @@ logits small; :func:`_shift_of`), the logit is, as in :mod:`._engine`, a GEMM of
 In float32, when the native kernels build (:mod:`._native`), each tile's levels run as one
 fused C step (``els_nested_tile``: parent logit + ring GEMM + online softmax per block of
 query rows, only the sums written back; levels whose key rows are mostly zero run as
-sparse products), except at low noise where the float64 refinement needs each tile's
-logits; there each step's softmax sums run as one C pass.
+sparse products); at low noise it also records the keys that the float64 refinement needs
+(those within REFINE_BITS of their pixel's maximum), and should its record buffers overflow,
+the row block runs step by step (each step's softmax sums as one C pass).
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ import torch.nn.functional as F
 
 from ._dictionary import _hash_dedup, _KeyEnumerator, background_of, circular_pad, patch_offsets, prefix_rows
 from . import _native as native
-from ._engine import (FUSED_SCRATCH_BYTES, FUSED_SLACK_BITS, LOG2E, Float64Refinement, exact_logits, exp2_floor, log2_norm_of,
-                      refine_rows, skip_threshold)
+from . import _engine
+from ._engine import (FUSED_SCRATCH_BYTES, FUSED_SLACK_BITS, LOG2E, REFINE_BITS, Float64Refinement, exact_logits,
+                      exp2_floor, log2_norm_of, refine_rows, skip_threshold)
 
 __all__ = ["NestedLevel", "NestedDictionary", "build_nested_dictionary", "nested_softmax_average",
            "nested_dictionary_bytes", "interior_tree_bytes", "onion_offsets", "palette_of", "NESTED_BYTES_PER_NODE"]
@@ -448,10 +450,16 @@ def _query_columns(Q: torch.Tensor, cols: slice, coef_lin: torch.Tensor, coef_sq
 
 def _fused_row_block(nd: NestedDictionary, levels: list[NestedLevel], wanted: list[bool], Q: torch.Tensor,
                      coef_lin: torch.Tensor, coef_sq: torch.Tensor, nr: list[int], lo: float, skip: float,
-                     nmax: int, counts: dict) -> torch.Tensor:
+                     nmax: int, counts: dict, refine: Optional[list[Float64Refinement]] = None):
     """Softmax sums (L, C+1, rows padded to 16) of one block of query rows over the whole tree,
     one fused C call per tile (``els_nested_tile``); float32, the rows of level i are the
-    first ``nr[i]`` of ``Q`` (R, C k_max^2); ``nmax``: the most nodes of a level in a tile."""
+    first ``nr[i]`` of ``Q`` (R, C k_max^2); ``nmax``: the most nodes of a level in a tile.
+
+    Returns (acc, m, top): the sums relative to the running maxima m (L, rows padded), and the
+    true maxima top, which m may lag by FUSED_SLACK_BITS (m itself without ``refine``).  With
+    ``refine`` (a :class:`Float64Refinement` per level), the kernel records each wanted
+    level's keys within REFINE_BITS of their rows' true maxima into them; None if its record
+    buffers overflowed (the caller then runs the step-by-step path)."""
     L = len(levels)
     C = nd.mu.numel()
     mw = native.NESTED_MICRO_ROWS
@@ -460,11 +468,18 @@ def _fused_row_block(nd: NestedDictionary, levels: list[NestedLevel], wanted: li
     m = torch.full((L, pad), float("-inf"), dtype=Q.dtype)
     acc = torch.zeros(L, C + 1, pad, dtype=Q.dtype)
     threads = torch.get_num_threads()
+    top, records = m, None
+    if refine is not None:
+        top = torch.full((L, pad), float("inf"), dtype=Q.dtype)          # +inf: never recorded
+        for i in range(L):
+            if wanted[i]:
+                top[i, : nr[i]].masked_fill_(refine[i].active, float("-inf"))
+        records = native.RefineRecords(threads, REFINE_BITS, _engine.FUSED_RECORDS_PER_THREAD)
     block, scratch, csr = native.nested_tile_buffers(nmax, [lv.offsets.numel() + 2 for lv in levels], pad, threads,
                                                      FUSED_SCRATCH_BYTES, Q.dtype)
     item = Q.element_size()
     for tile in nd.tiles:
-        fields, alive, prev_j0 = [], [], 0
+        fields, alive, prev_j0, j0s = [], [], 0, []
         for i, lv in enumerate(levels):
             j0, j1, own0 = tile[i]
             if j1 == j0:
@@ -488,11 +503,106 @@ def _fused_row_block(nd: NestedDictionary, levels: list[NestedLevel], wanted: li
                 **rows, D=lv.offsets.numel() + 2, n=j1 - j0, parent=0 if par is None else par.data_ptr(),
                 Q=qaT[i].data_ptr(), ldQ=pad, own0=own0 - j0, want=want, rows=nr[i],
                 vals=lv.vals.data_ptr() + j0 * item, ldv=lv.vals.stride(0), m=m[i].data_ptr(), acc=acc[i].data_ptr(),
-                ldacc=pad))
+                ldacc=pad, top=0 if records is None else top[i].data_ptr()))
             prev_j0 = j0
-        if fields:
-            native.nested_tile(torch.tensor(fields, dtype=torch.int64), C + 1, lo, skip, FUSED_SLACK_BITS, block,
-                               scratch, csr, threads)
+            j0s.append(j0)
+        if not fields:
+            continue
+        if not native.nested_tile(torch.tensor(fields, dtype=torch.int64), C + 1, lo, skip, FUSED_SLACK_BITS, block,
+                                  scratch, csr, threads, records):
+            return None                                                    # a record buffer overflowed
+        if records is not None:
+            _add_records(records.take(), j0s, refine, top)
+    return acc, m, top
+
+
+def _add_records(taken, j0s: list[int], refine: list[Float64Refinement], top: torch.Tensor) -> None:
+    """The fused kernel's records of one tile (level, row, node in the tile, logit) into each
+    level's refinement (nodes numbered in the level), pruned against the true maxima."""
+    level, rows, nodes, logits = taken
+    for i, j0 in enumerate(j0s):
+        sel = (level == i).nonzero().flatten()
+        refine[i].add_records(rows[sel], nodes[sel] + j0, logits[sel])
+        refine[i].prune(top[i, : refine[i].active.numel()])
+
+
+def _stepwise_row_block(nd: NestedDictionary, levels: list[NestedLevel], wanted: list[bool], Q: torch.Tensor,
+                        coef_lin: torch.Tensor, coef_sq: torch.Tensor, nr: list[int], underflow: float,
+                        skip_below: float, counts: dict, refine: Optional[list[Float64Refinement]],
+                        use_native: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Softmax sums of one block of query rows over the whole tree, step by step: per (tile,
+    level) the parent gather and ring GEMM into a (nodes, rows) logit tile, then its softmax
+    sums (one C pass when ``use_native``, else torch ops) and the refinement's records.
+    Returns per level (acc (C+1, rows), m (rows,)); see :func:`nested_softmax_average`."""
+    dtype, dev = Q.dtype, Q.device
+    C = nd.mu.numel()
+    Lb = len(levels)
+    qaT = [_query_columns(Q, lv.cols, coef_lin, coef_sq, n) for lv, n in zip(levels, nr)]   # (ring+2, rows)
+    m = [torch.full((n,), float("-inf"), dtype=dtype, device=dev) for n in nr[:Lb]]
+    acc = [torch.zeros(C + 1, n, dtype=dtype, device=dev) for n in nr[:Lb]]
+    # per level: was the last tile negligible?  (then check the next one's max first)
+    checking = [True] * Lb
+    scratch = [torch.empty(0, dtype=dtype, device=dev)]
+    m_known = [False] * Lb                    # every row of the level has a finite running max
+    for tile in nd.tiles:
+        S_prev, prev_j0 = None, 0
+        for i in range(Lb):
+            lv = levels[i]
+            j0, j1, own0 = tile[i]
+            if j1 == j0:
+                break                                                                 # no deeper nodes here
+            kaug = lv.keys(nd.padded_flat, j0, j1)                                    # (n, ring+2)
+            # S: base-2 logits of nodes j0..j1-1 including their log2(count) bias
+            # NB: fresh tensors; into two reused buffers (index_select(out=), mm(out=)) the
+            # sweep at N = 5000 ran 1.6x slower at t = 0.5 and 5.5x at t = 0.9
+            if S_prev is None:
+                S = torch.mm(kaug, qaT[i])                                            # (n, rows)
+            else:
+                par = lv.parent[j0:j1].long() - prev_j0
+                S = (S_prev if nr[i] == S_prev.shape[1] else S_prev[:, : nr[i]]).index_select(0, par)
+                S.addmm_(kaug, qaT[i])
+            S_prev, prev_j0 = S, j0
+            if j1 == own0 or not wanted[i]:
+                continue
+            S_own = S[own0 - j0:]
+            m_old = m[i]
+            if checking[i] or not m_known[i]:
+                tmax = S_own.amax(0)
+                if bool((tmax - m_old).max() < skip_below):
+                    counts["skipped"] += 1
+                    continue                                                          # negligible tile
+                m_new = torch.maximum(m_old, tmax)
+            else:
+                m_new = m_old                                                         # optimistic, see below
+            vals = lv.vals[:, own0:j1]
+            part = _weighted_sums(S_own, m_new, vals, scratch, underflow, use_native)  # (C+1, rows)
+            if not checking[i]:
+                # NB: without the tile max, a logit far above the running max overflows;
+                # then redo the tile with its max (rare: the max settles early).  One
+                # sync: the normaliser's largest entry (NaN / inf compare False).
+                z_hi = float(part[C].max())
+                if not z_hi < 2.0 ** 60:
+                    counts["redone"] += 1
+                    checking[i] = True
+                    m_new = torch.maximum(m_old, S_own.amax(0))
+                    part = _weighted_sums(S_own, m_new, vals, scratch, underflow, use_native)
+                elif z_hi < 2.0 ** skip_below:
+                    counts["skipped"] += 1
+                    checking[i] = True                                                # negligible: check next
+                    continue
+            else:
+                checking[i] = refine is not None                                      # it needs tile maxima
+            if refine is not None:
+                refine[i].add(S_own, tmax, m_new, 0, own0, keys_first=True)
+            if m_new is not m_old:
+                acc[i].mul_(torch.exp2(m_old - m_new)[None, :])
+            acc[i].add_(part)
+            m[i] = m_new
+            m_known[i] = True
+            counts["done"] += 1
+        if refine is not None:
+            for i in range(Lb):
+                refine[i].prune(m[i])
     return acc, m
 
 
@@ -521,8 +631,10 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
         row_block: query pixels per block (each block walks every tile).
         stats: if a dict, receives counts of (tile, level) steps: "done", "skipped", "redone"
             (the fused C step counts every step with a softmax as "done").
-        fuse: run each tile's levels as one fused C step where it applies (float32 without
-            the float64 refinement, native kernels built); False: the step by step path.
+        fuse: run each tile's levels as one fused C step where it applies (float32, native
+            kernels built; at low noise it records the float64 refinement's keys, and falls
+            back to the step by step path should its record buffers overflow); False: the
+            step by step path.
         log_norms: if a dict, receives ``{k: (B, H, W) float64}`` the absolute log2
             normaliser of each wanted level (:func:`._engine.log2_norm_of`; NaN where the
             level does not answer), with which answers over disjoint trees merge exactly.
@@ -573,90 +685,27 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
             norms[i, rr] = log2_norm_of(m_i, z_i, Q[rr, :width], b_row[rr])
     # float32 softmax sums run fused in C when the native kernels build (:mod:`._native`)
     use_native = dtype == torch.float32 and C <= native.MAX_CHANNELS and dev.type == "cpu" and native.available()
-    # float32 without the float64 refinement: the whole tile step fused in C (els_nested_tile)
-    fused = use_native and refine_all is None and fuse
+    # float32: each tile's levels as one fused C step (els_nested_tile), which also records the
+    # keys for the float64 refinement where it applies
+    fused = use_native and fuse
     nmax = max(j1 - j0 for t in nd.tiles for j0, j1, _ in t[:L]) if fused else 0
     for r0 in range(0, R, row_block):
         r1 = min(R, r0 + row_block)
-        Rb = r1 - r0
-        nr = [max(0, min(Rb, n - r0)) for n in n_rows]                                     # active rows per level
+        nr = [max(0, min(r1 - r0, n - r0)) for n in n_rows]                                # active rows per level
         Lb = sum(1 for n in nr if n)                                                       # levels with rows
-        if fused:
-            acc, m = _fused_row_block(nd, levels[:Lb], wanted, Q[r0:r1], coef_lin[r0:r1], coef_sq[r0:r1], nr,
-                                      underflow, skip_below, nmax, counts)
-            for i in range(Lb):
-                means[i, :, r0:r0 + nr[i]] = acc[i, :C, : nr[i]] / acc[i, C, : nr[i]]
-                if wanted[i]:
-                    keep_norm(i, slice(r0, r0 + nr[i]), m[i, : nr[i]], acc[i, C, : nr[i]])
-            continue
-        qaT = [_query_columns(Q[r0:r1], lv.cols, coef_lin[r0:r1], coef_sq[r0:r1], n)
-               for lv, n in zip(levels[:Lb], nr)]                                        # (ring+2, rows)
-        m = [torch.full((n,), float("-inf"), dtype=dtype, device=dev) for n in nr[:Lb]]
-        acc = [torch.zeros(C + 1, n, dtype=dtype, device=dev) for n in nr[:Lb]]
-        # per level: was the last tile negligible?  (then check the next one's max first)
-        checking = [True] * Lb
-        refine = None if refine_all is None else [Float64Refinement(refine_all[r0:r0 + n]) for n in nr[:Lb]]
-        scratch = [torch.empty(0, dtype=dtype, device=dev)]
-        m_known = [False] * Lb                    # every row of the level has a finite running max
-        for tile in nd.tiles:
-            S_prev, prev_j0 = None, 0
-            for i in range(Lb):
-                lv = levels[i]
-                j0, j1, own0 = tile[i]
-                if j1 == j0:
-                    break                                                                 # no deeper nodes here
-                kaug = lv.keys(nd.padded_flat, j0, j1)                                    # (n, ring+2)
-                # S: base-2 logits of nodes j0..j1-1 including their log2(count) bias
-                # NB: fresh tensors; into two reused buffers (index_select(out=), mm(out=)) the
-                # sweep at N = 5000 ran 1.6x slower at t = 0.5 and 5.5x at t = 0.9
-                if S_prev is None:
-                    S = torch.mm(kaug, qaT[i])                                            # (n, rows)
-                else:
-                    par = lv.parent[j0:j1].long() - prev_j0
-                    S = (S_prev if nr[i] == S_prev.shape[1] else S_prev[:, : nr[i]]).index_select(0, par)
-                    S.addmm_(kaug, qaT[i])
-                S_prev, prev_j0 = S, j0
-                if j1 == own0 or not wanted[i]:
-                    continue
-                S_own = S[own0 - j0:]
-                m_old = m[i]
-                if checking[i] or not m_known[i]:
-                    tmax = S_own.amax(0)
-                    if bool((tmax - m_old).max() < skip_below):
-                        counts["skipped"] += 1
-                        continue                                                          # negligible tile
-                    m_new = torch.maximum(m_old, tmax)
-                else:
-                    m_new = m_old                                                         # optimistic, see below
-                vals = lv.vals[:, own0:j1]
-                part = _weighted_sums(S_own, m_new, vals, scratch, underflow, use_native)  # (C+1, rows)
-                if not checking[i]:
-                    # NB: without the tile max, a logit far above the running max overflows;
-                    # then redo the tile with its max (rare: the max settles early).  One
-                    # sync: the normaliser's largest entry (NaN / inf compare False).
-                    z_hi = float(part[C].max())
-                    if not z_hi < 2.0 ** 60:
-                        counts["redone"] += 1
-                        checking[i] = True
-                        m_new = torch.maximum(m_old, S_own.amax(0))
-                        part = _weighted_sums(S_own, m_new, vals, scratch, underflow, use_native)
-                    elif z_hi < 2.0 ** skip_below:
-                        counts["skipped"] += 1
-                        checking[i] = True                                                # negligible: check next
-                        continue
-                else:
-                    checking[i] = refine is not None                                      # it needs tile maxima
-                if refine is not None:
-                    refine[i].add(S_own, tmax, m_new, 0, own0, keys_first=True)
-                if m_new is not m_old:
-                    acc[i].mul_(torch.exp2(m_old - m_new)[None, :])
-                acc[i].add_(part)
-                m[i] = m_new
-                m_known[i] = True
-                counts["done"] += 1
-            if refine is not None:
-                for i in range(Lb):
-                    refine[i].prune(m[i])
+
+        def fresh_refinement():
+            return None if refine_all is None else [Float64Refinement(refine_all[r0:r0 + n]) for n in nr[:Lb]]
+        refine = fresh_refinement()
+        block = (_fused_row_block(nd, levels[:Lb], wanted, Q[r0:r1], coef_lin[r0:r1], coef_sq[r0:r1], nr, underflow,
+                                  skip_below, nmax, counts, refine) if fused else None)
+        if block is not None:
+            acc, m, top = ([t[i, ..., : nr[i]] for i in range(Lb)] for t in block)
+        else:                                     # step by step (also after the records overflowed)
+            refine = fresh_refinement()
+            acc, m = _stepwise_row_block(nd, levels[:Lb], wanted, Q[r0:r1], coef_lin[r0:r1], coef_sq[r0:r1], nr,
+                                         underflow, skip_below, counts, refine, use_native)
+            top = m
         for i in range(Lb):
             if refine is None:
                 means[i, :, r0:r0 + nr[i]] = acc[i][:C] / acc[i][C:]
@@ -673,7 +722,7 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
                                    lv.count[j].to(torch.float64).log2())
                 return s64, lv.vals[:, j].t()
 
-            acc64 = refine[i].corrected(acc[i].t(), m[i], exact)                               # (rows, C+1)
+            acc64 = refine[i].corrected(acc[i].t(), m[i], exact, top=top[i])                  # (rows, C+1)
             means[i, :, r0:r0 + nr[i]] = (acc64[:, :C] / acc64[:, C:]).t().to(dtype)
             if wanted[i]:
                 keep_norm(i, slice(r0, r0 + nr[i]), m[i], acc64[:, C])
