@@ -363,7 +363,10 @@ def _gemm_group_sums(chunks, qa: torch.Tensor, R: int, C: int, diagnostics: bool
                 torch.addmm(bias, qa[rs:re], kaug_t, out=L)
             m_old = m[rs:re]
             tile_max = L.amax(1)
-            if not diagnostics and bool((tile_max - m_old).max() < skip_below):
+            # NB: negligible with diagnostics too: the winning entry's logit is at least the final
+            # maximum less log2(keys) (its key's count), above any skipped tile's; the entropy's
+            # terms there weigh < (SKIP_BITS + log2 keys) 2**-SKIP_BITS in all
+            if bool((tile_max - m_old).max() < skip_below):
                 continue                                                            # negligible tile
             m_new = torch.maximum(m_old, tile_max)
             if refine is not None:
