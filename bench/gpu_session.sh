@@ -34,7 +34,7 @@ case $WHAT in tests|all)
 esac
 case $WHAT in bench|all)
   part bench-cuda $PY bench/bench_cuda.py --data mnist5k:size=32 --data /tmp/cifar/cifar10/train \
-      --memory-budget $((40 << 30)) --json "$OUT/cuda.json" ;;
+      --memory-budget $((32 << 30)) --json "$OUT/cuda.json" ;;
 esac
 case $WHAT in train|all)
   # a small class-conditional CIFAR-10 model for the conditional audit (the unconditional one
@@ -47,9 +47,9 @@ case $WHAT in audits|all)
   ARCH='{"in_channels": 3, "width": 32, "n_layers": 6, "padding_mode": "zeros", "time_dim": 64}'
   part audit-uncond els-audit bench/models/cifar10-resnet/model.safetensors --arch PaperResNet \
       --arch-kwargs "$ARCH" --data /tmp/cifar/cifar10/train --device cuda --budget none --steps 20 \
-      --seeds 16 --calibration-seeds 8 --memory-budget 40G --out "$OUT/audit-uncond"
+      --seeds 16 --calibration-seeds 8 --memory-budget 32G --out "$OUT/audit-uncond"
   CARCH='{"in_channels": 3, "width": 32, "n_layers": 6, "padding_mode": "zeros", "time_dim": 64, "num_classes": 10}'
   part audit-cond els-audit "$OUT/cifar10-cond/model.safetensors" --arch PaperResNet --arch-kwargs "$CARCH" \
       --conditional --data /tmp/cifar/cifar10/train --device cuda --budget none --steps 20 --seeds 16 \
-      --calibration-seeds 8 --memory-budget 40G --out "$OUT/audit-cond" ;;
+      --calibration-seeds 8 --memory-budget 32G --out "$OUT/audit-cond" ;;
 esac

@@ -299,7 +299,7 @@ def _fused_group_means(chunks, qa: torch.Tensor, R: int, C: int, lo: float, skip
             return None                                                    # a record buffer overflowed
         if records is not None:
             _, rows, keys, logits = records.take()
-            refine.add_records(rows, keys + ch.start, logits)
+            refine.add_records(rows, keys.long() + ch.start, logits)       # int64: > 2**31 keys
             refine.prune(top[:R])
     return acc[:, :R].t(), m[:R], top[:R]
 

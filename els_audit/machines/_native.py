@@ -281,7 +281,7 @@ def nested_tile(levels: torch.Tensor, nc: int, lo: float, skip: float, slack: fl
             or not levels.is_contiguous() or scratch.dtype != torch.float32 or not scratch.is_contiguous() \
             or csr.dtype != torch.float32 or not csr.is_contiguous() \
             or ctypes.sizeof(ctypes.c_void_p) != 8:
-        raise ValueError("native nested_tile takes an int64 (levels, 22) table and float32 scratch and csr buffers "
+        raise ValueError(f"native nested_tile takes an int64 (levels, {NESTED_LEVEL_FIELDS}) table and float32 scratch and csr buffers "
                          "(64-bit platforms)")
     per_thread = scratch.numel() // nthreads
     if records is not None:

@@ -522,7 +522,7 @@ def _add_records(taken, j0s: list[int], refine: list[Float64Refinement], top: to
     level, rows, nodes, logits = taken
     for i, j0 in enumerate(j0s):
         sel = (level == i).nonzero().flatten()
-        refine[i].add_records(rows[sel], nodes[sel] + j0, logits[sel])
+        refine[i].add_records(rows[sel], nodes[sel].long() + j0, logits[sel])
         refine[i].prune(top[i, : refine[i].active.numel()])
 
 

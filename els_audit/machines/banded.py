@@ -77,5 +77,5 @@ def band_pair_errors(sq_err: dict, ks: Sequence[int], shape: Optional[tuple] = N
         band = band_mask(H, W, k, sq_err[k].device)
         inner = (sq_err[k] * ~band).sum((1, 2))                                       # (B,)
         for j, kb in enumerate(ks):
-            out[i, j] = (inner + (sq_err[kb] * band).sum((1, 2))).double().numpy()
+            out[i, j] = (inner + (sq_err[kb] * band).sum((1, 2))).double().cpu().numpy()
     return out

@@ -27,6 +27,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import DEFAULT_MEMORY_BUDGET, ScoreMachine, build_machine
+from ._device import machine_call
 from ._partial import Partial, merge_partials
 from .supports import SupportSchedule
 from ..schedules import NoiseSchedule, get_schedule
@@ -139,6 +140,7 @@ class ShardedMachine(ScoreMachine):
     def to_dict(self) -> dict:
         return {**super().to_dict(), **self.pool.describe()}
 
+    @machine_call
     def score(self, x, t, k=None, label=None, *, diagnostics: bool = False):
         x, a, b = self._checked_coefficients(x, t)
         t_vec = self._check_t(t, x.shape[0], x.dtype)

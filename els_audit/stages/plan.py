@@ -78,7 +78,8 @@ def plan_audit(cfg, clock: Clock, inp: Inputs, probes: Probes) -> tuple[Plan, An
         tp = probe_throughput(kind, inp.train_images, inp.full.labels if inp.conditional else None,
                               schedule=inp.den.schedule, dictionary=cfg.dictionary, predicted=fine,
                               candidates=cands, eps_fn=inp.eps_fn, n_probe=PROBE_IMAGES, seed=cfg.data_seed,
-                              label=label, device=str(inp.device), target_seconds=probe_seconds(cfg.budget))
+                              label=label, target_seconds=probe_seconds(cfg.budget),
+                              device="cpu" if cfg.ray is not None else str(inp.device))  # Ray shards: CPUs
 
     workers = ray_workers(cfg, clock) if tp is not None else 1.0
 
