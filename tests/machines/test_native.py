@@ -19,13 +19,6 @@ HAVE_CC = shutil.which("cc") is not None
 needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the engine runs torch ops (tested elsewhere)")
 
 
-@pytest.fixture
-def two_threads():
-    """The kernels split columns (or rows) over OpenMP threads: test with two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ machines and the torch refined path, to the tolerance of tests/machines/test_nes
 refinement test; and that the fused path did run (and with records).
 """
 
-import shutil
-
 import pytest
 import torch
 
@@ -19,17 +17,7 @@ from els_audit.machines import _engine, _native, _nested, build_machine
 
 from .test_machines import SCHED, rel_err
 from .test_nested import _low_noise_case
-from .test_native import _random_tile, _tile_fields
-
-needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: no fused kernel")
-
-
-@pytest.fixture
-def two_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
+from .test_native import _random_tile, _tile_fields, needs_cc
 
 
 # -- the kernel's records ------------------------------------------------------------------
