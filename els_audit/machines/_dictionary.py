@@ -40,6 +40,8 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from . import _native as native
+
 __all__ = ["KeyChunk", "PatchGroup", "PatchDictionary", "build_dictionary", "circular_pad", "patch_offsets",
            "prefix_rows", "DEDUP_BYTES_PER_KEY"]
 
@@ -352,6 +354,8 @@ def _hash_dedup(patches_fn: "_KeyEnumerator", total: int, K: int, chunk: int, se
     dev = patches_fn.padded.device
     g = torch.Generator().manual_seed(seed)                        # the same projection on every device
     R = torch.randn(K, generator=g, dtype=torch.float64, device="cpu").to(dev)
+    if patches_fn.native_keys():
+        return _native_dedup(patches_fn, total, R, chunk)
     h = torch.empty(total, dtype=torch.float64, device=dev)
     row_sum = torch.zeros(K, dtype=torch.float64, device=dev)
     for s in range(0, total, chunk):
@@ -370,11 +374,33 @@ def _hash_dedup(patches_fn: "_KeyEnumerator", total: int, K: int, chunk: int, se
             break
     else:
         return rep, inverse, counts, row_sum
-    # NB: hash collision (never observed); exact but slow fallback.
+    return _exact_dedup(patches_fn, total, chunk) + (row_sum,)
+
+
+def _exact_dedup(patches_fn: "_KeyEnumerator", total: int, chunk: int):
+    """(rep, inverse, counts) by a row-wise ``torch.unique`` of every key: exact, slow, the
+    fallback should two different keys share a hash (never observed)."""
+    dev = patches_fn.padded.device
     allrows = torch.cat([patches_fn(s, min(total, s + chunk)) for s in range(0, total, chunk)])
     _, inverse, counts = torch.unique(allrows, dim=0, return_inverse=True, return_counts=True)
     rep = torch.full((counts.numel(),), total, dtype=torch.long, device=dev)
     rep.scatter_reduce_(0, inverse, torch.arange(total, device=dev), reduce="amin")
+    return rep, inverse, counts
+
+
+def _native_dedup(enum: "_KeyEnumerator", total: int, R: torch.Tensor, chunk: int):
+    """:func:`_hash_dedup` with the C kernels (:func:`._native.key_hash` and ``key_verify``):
+    the keys are hashed and compared where they lie in the padded images, never gathered
+    into rows (the torch path's gathers and float64 copies were most of a build's time).
+    The same groups, representatives and counts as the torch path (the hashes, and so the
+    order of the groups, differ; the partition does not); the column sums agree to float64
+    rounding."""
+    layout = (enum.padded.reshape(-1), enum.img_stride, enum.pos_base.contiguous(), enum.row_offsets.contiguous(), enum.k)
+    h, row_sum = native.key_hash(*layout, R, 0, total)
+    rep, inverse, counts = _runs(h)
+    del h
+    if native.key_verify(*layout, rep, inverse, 0, total):
+        rep, inverse, counts = _exact_dedup(enum, total, chunk)            # a hash collision
     return rep, inverse, counts, row_sum
 
 
@@ -413,6 +439,12 @@ class _KeyEnumerator:
         # index of each key position among the unfold windows of a padded image
         self.pos_win = (yy.reshape(-1) + oy) * (Wp - self.k + 1) + (xx.reshape(-1) + ox)
         self.n_windows = (Hp - self.k + 1) * (Wp - self.k + 1)
+
+    def native_keys(self) -> bool:
+        """Whether the C kernels can hash and compare these keys in place (CPU, float32 or
+        float64 contiguous images, kernels built)."""
+        return (self.padded.device.type == "cpu" and self.padded.dtype in (torch.float32, torch.float64)
+                and self.padded.is_contiguous() and native.available())
 
     def base(self, idx: torch.Tensor) -> torch.Tensor:
         img, pos = idx // self.npos, idx % self.npos

@@ -40,7 +40,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "status", "softmax_sums", "softmax_sums_rows", "decode_rows", "nested_tile",
+__all__ = ["available", "status", "softmax_sums", "softmax_sums_rows", "decode_rows", "nested_tile", "key_hash",
+           "key_verify",
            "nested_level_fields", "nested_tile_buffers", "RefineRecords", "NESTED_LEVEL_FIELDS", "NESTED_MICRO_ROWS",
            "ENV_SWITCH", "MAX_CHANNELS"]
 
@@ -49,7 +50,7 @@ MAX_CHANNELS = 7                          # MAX_NC - 1 in the C source
 NESTED_LEVEL_FIELDS = 23                  # int64 fields of els_level_t (pointers as integers)
 NESTED_MICRO_ROWS = 16                    # MW in the C source
 _SOURCE = Path(__file__).with_name("_native_kernels.c")
-_ABI = 3
+_ABI = 4
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -123,6 +124,13 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.els_nested_tile.argtypes = [ptr, i64, i64, ctypes.c_float, ctypes.c_float, ctypes.c_float, i64, ptr, i64,
                                     ptr, i64, ptr, i64, ptr, ctypes.c_float, ctypes.c_int]
     lib.els_nested_tile.restype = ctypes.c_int
+    for t in ("f32", "f64"):
+        fn = getattr(lib, f"els_key_hash_{t}")
+        fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        fn = getattr(lib, f"els_key_verify_{t}")
+        fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, ptr, i64, i64, ctypes.c_int]
+        fn.restype = i64
     _status = f"on ({path.name}, {' '.join(_arch_flags()) or 'no vector flags'})"
     return lib
 
@@ -296,3 +304,54 @@ def nested_tile(levels: torch.Tensor, nc: int, lo: float, skip: float, slack: fl
     if rc:
         raise ValueError(f"native nested_tile rejected its arguments (code {rc})")
     return records is None or bool((records.n >= 0).all())
+
+
+def _key_layout(x: torch.Tensor, pos_base: torch.Tensor, row_off: torch.Tensor, k: int, img_stride: int) -> tuple:
+    """Check the key layout shared by :func:`key_hash` and :func:`key_verify`."""
+    if x.dtype not in (torch.float32, torch.float64) or x.device.type != "cpu" or not x.is_contiguous() \
+            or any(t.dtype != torch.int64 or not t.is_contiguous() or t.device.type != "cpu"
+                   for t in (pos_base, row_off)) or k < 1:
+        raise ValueError("native key kernels take contiguous float32/float64 images on the CPU and int64 "
+                         "position and row offsets")
+    suffix = "f32" if x.dtype == torch.float32 else "f64"
+    return suffix, (x.data_ptr(), int(img_stride), pos_base.data_ptr(), pos_base.numel(), row_off.data_ptr(),
+                    row_off.numel(), int(k))
+
+
+def key_hash(x: torch.Tensor, img_stride: int, pos_base: torch.Tensor, row_off: torch.Tensor, k: int,
+             R: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h (end - start,) float64, column sums (K,) float64) of keys start..end-1 of a group
+    (``els_key_hash``: the C source documents the layout): each key's row is the
+    ``row_off.numel()`` runs of k elements at ``x.flat[(q // npos) * img_stride +
+    pos_base[q % npos] + row_off[i]]``, h its float64 dot product with R (K,).  Equal rows get
+    equal hashes.  Call only when :func:`available`."""
+    lib = _get()
+    suffix, layout = _key_layout(x, pos_base, row_off, k, img_stride)
+    K = row_off.numel() * k
+    if R.dtype != torch.float64 or R.shape != (K,) or not R.is_contiguous() or not 0 <= start <= end:
+        raise ValueError(f"native key_hash takes R ({K},) float64 and 0 <= start <= end")
+    threads = torch.get_num_threads()
+    h = torch.empty(end - start, dtype=torch.float64)
+    colsum = torch.empty(threads, K, dtype=torch.float64)
+    rc = getattr(lib, f"els_key_hash_{suffix}")(*layout, R.data_ptr(), start, end, h.data_ptr(), colsum.data_ptr(),
+                                                 threads)
+    if rc:
+        raise ValueError(f"native key_hash rejected its arguments (code {rc})")
+    return h, colsum.sum(0)
+
+
+def key_verify(x: torch.Tensor, img_stride: int, pos_base: torch.Tensor, row_off: torch.Tensor, k: int,
+               rep: torch.Tensor, inverse: torch.Tensor, start: int, end: int) -> int:
+    """How many keys q in start..end-1 differ, element for element, from their group's
+    representative ``rep[inverse[q - start]]`` (same layout as :func:`key_hash`): 0 when a
+    deduplication is exact.  Call only when :func:`available`."""
+    lib = _get()
+    suffix, layout = _key_layout(x, pos_base, row_off, k, img_stride)
+    if any(t.dtype != torch.int64 or not t.is_contiguous() for t in (rep, inverse)) \
+            or inverse.numel() != end - start or not 0 <= start <= end:
+        raise ValueError("native key_verify takes int64 rep and inverse (end - start,)")
+    bad = getattr(lib, f"els_key_verify_{suffix}")(*layout, rep.data_ptr(), inverse.data_ptr(), start, end,
+                                                    torch.get_num_threads())
+    if bad < 0:
+        raise ValueError("native key_verify rejected its arguments")
+    return int(bad)

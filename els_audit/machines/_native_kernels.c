@@ -56,7 +56,7 @@ static inline float exp2_f32(float x) {
     return p * s;
 }
 
-int els_native_abi(void) { return 3; }
+int els_native_abi(void) { return 4; }
 
 /* The column-block body for a compile-time channel count NC (so that the loop over r, with
  * its NC accumulators, vectorises). */
@@ -624,3 +624,72 @@ int els_nested_tile(const els_level_t *lv, int64_t nlev, int64_t nc, float lo, f
     }
     return 0;
 }
+
+/* els_key_hash_f32 / _f64: the deduplication's hash of every key of one group (_dictionary.py,
+ * _hash_dedup), read straight from the padded images instead of gathered into (keys, K) rows.
+ *
+ * Key q in [start, end) is image q / npos at position q % npos; its row is the C*k runs of k
+ * elements at x[img * img_stride + pos_base[pos] + row_off[i] + dx] (i < nrows = C*k, the
+ * unfold order).  Per key
+ *
+ *   h[q - start] = sum_d row[d] * R[d]        (float64; four partial sums by d mod 4, added
+ *                                              in a fixed order: the same bits for equal rows)
+ *
+ * and colsum (nthreads, K) receives each thread's float64 column sums of its keys' rows
+ * (the caller adds the threads' rows in order).  Threads over keys, static schedule. */
+#define KEY_HASH(NAME, T)                                                                   \
+int NAME(const T *x, int64_t img_stride, const int64_t *pos_base, int64_t npos, const int64_t *row_off,     \
+         int64_t nrows, int64_t k, const double *R, int64_t start, int64_t end, double *h, double *colsum,  \
+         int nthreads) {                                                                    \
+    if (npos < 1 || nrows < 1 || k < 1 || end < start || start < 0) return 1;              \
+    const int64_t K = nrows * k;                                                            \
+    _Pragma("omp parallel num_threads(nthreads)")                                           \
+    {                                                                                       \
+        double *cs = colsum + (int64_t)omp_get_thread_num() * K;                            \
+        for (int64_t d = 0; d < K; d++) cs[d] = 0.0;                                        \
+        _Pragma("omp for schedule(static)")                                                 \
+        for (int64_t q = start; q < end; q++) {                                             \
+            const T *b = x + (q / npos) * img_stride + pos_base[q % npos];                  \
+            double s[4] = {0.0, 0.0, 0.0, 0.0};                                             \
+            int64_t d = 0;                                                                  \
+            for (int64_t i = 0; i < nrows; i++) {                                           \
+                const T *p = b + row_off[i];                                                \
+                for (int64_t dx = 0; dx < k; dx++, d++) {                                   \
+                    const double v = (double)p[dx];                                         \
+                    s[d & 3] += v * R[d];                                                   \
+                    cs[d] += v;                                                             \
+                }                                                                           \
+            }                                                                               \
+            h[q - start] = (s[0] + s[1]) + (s[2] + s[3]);                                   \
+        }                                                                                   \
+    }                                                                                       \
+    return 0;                                                                               \
+}
+KEY_HASH(els_key_hash_f32, float)
+KEY_HASH(els_key_hash_f64, double)
+
+/* els_key_verify_f32 / _f64: after grouping keys by hash, check that every key q in
+ * [start, end) equals its group's representative rep[inv[q]] element for element (the
+ * same layout as els_key_hash).  Returns the number of keys that differ (0: the
+ * deduplication is exact), or -1 for bad arguments. */
+#define KEY_VERIFY(NAME, T)                                                                 \
+int64_t NAME(const T *x, int64_t img_stride, const int64_t *pos_base, int64_t npos, const int64_t *row_off, \
+             int64_t nrows, int64_t k, const int64_t *rep, const int64_t *inv, int64_t start, int64_t end,  \
+             int nthreads) {                                                                \
+    if (npos < 1 || nrows < 1 || k < 1 || end < start || start < 0) return -1;             \
+    int64_t bad = 0;                                                                        \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static) reduction(+:bad)")     \
+    for (int64_t q = start; q < end; q++) {                                                 \
+        const int64_t o = rep[inv[q - start]];                                              \
+        if (o == q) continue;                                                               \
+        const T *a = x + (q / npos) * img_stride + pos_base[q % npos];                      \
+        const T *b = x + (o / npos) * img_stride + pos_base[o % npos];                      \
+        int diff = 0;                                                                       \
+        for (int64_t i = 0; i < nrows && !diff; i++)                                        \
+            for (int64_t dx = 0; dx < k; dx++) diff |= a[row_off[i] + dx] != b[row_off[i] + dx];  \
+        bad += diff;                                                                        \
+    }                                                                                       \
+    return bad;                                                                             \
+}
+KEY_VERIFY(els_key_verify_f32, float)
+KEY_VERIFY(els_key_verify_f64, double)
