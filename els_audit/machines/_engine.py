@@ -251,7 +251,8 @@ FUSED_SLACK_BITS = 32.0
 FUSED_SCRATCH_BYTES = 512 << 10
 FUSED_MIN_ROWS = 128          # per thread (two of the kernel's 64-row blocks)
 # the float64 refinement's records per thread and kernel call (16 bytes each; more, after
-# pruning, and the call falls back to the step-by-step torch path)
+# pruning, and the call falls back to the step-by-step torch path); the nested pass, whose
+# fused blocks hold up to _nested.FUSED_MAX_ROWS query rows, has this many per 1,024 rows
 FUSED_RECORDS_PER_THREAD = 1 << 16
 
 

@@ -73,6 +73,11 @@ __all__ = ["NestedLevel", "NestedDictionary", "build_nested_dictionary", "nested
 # centre + 1
 NESTED_BYTES_PER_NODE = 8 + 4 + 4 + 4 + 8
 
+# the fused pass's row blocks: up to this many query rows, and their engine columns within
+# FUSED_BLOCK_ELEMS elements (the per-level query columns are copied once per block)
+FUSED_MAX_ROWS = 1 << 14
+FUSED_BLOCK_ELEMS = 1 << 24
+
 
 def onion_offsets(k: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dy, dx) of the k x k window's pixels, centre first, then ring by ring (Chebyshev
@@ -474,7 +479,8 @@ def _fused_row_block(nd: NestedDictionary, levels: list[NestedLevel], wanted: li
         for i in range(L):
             if wanted[i]:
                 top[i, : nr[i]].masked_fill_(refine[i].active, float("-inf"))
-        records = native.RefineRecords(threads, REFINE_BITS, _engine.FUSED_RECORDS_PER_THREAD)
+        # room in proportion to the block's rows (a thread may take most of them)
+        records = native.RefineRecords(threads, REFINE_BITS, _engine.FUSED_RECORDS_PER_THREAD * -(-pad // 1024))
     block, scratch, csr = native.nested_tile_buffers(nmax, [lv.offsets.numel() + 2 for lv in levels], pad, threads,
                                                      FUSED_SCRATCH_BYTES, Q.dtype)
     item = Q.element_size()
@@ -628,7 +634,8 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
         a, b: (B,) schedule coefficients.
         ks: the sizes wanted (a subset of ``nd.ks``; default all): levels above the largest
             are not computed, and only wanted levels pay for a softmax.
-        row_block: query pixels per block (each block walks every tile).
+        row_block: query pixels per block of the step-by-step path (each block walks every
+            tile); the fused C step takes blocks of up to FUSED_MAX_ROWS.
         stats: if a dict, receives counts of (tile, level) steps: "done", "skipped", "redone"
             (the fused C step counts every step with a softmax as "done").
         fuse: run each tile's levels as one fused C step where it applies (float32, native
@@ -689,23 +696,16 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
     # keys for the float64 refinement where it applies
     fused = use_native and fuse
     nmax = max(j1 - j0 for t in nd.tiles for j0, j1, _ in t[:L]) if fused else 0
-    for r0 in range(0, R, row_block):
-        r1 = min(R, r0 + row_block)
-        nr = [max(0, min(r1 - r0, n - r0)) for n in n_rows]                                # active rows per level
-        Lb = sum(1 for n in nr if n)                                                       # levels with rows
 
-        def fresh_refinement():
-            return None if refine_all is None else [Float64Refinement(refine_all[r0:r0 + n]) for n in nr[:Lb]]
-        refine = fresh_refinement()
-        block = (_fused_row_block(nd, levels[:Lb], wanted, Q[r0:r1], coef_lin[r0:r1], coef_sq[r0:r1], nr, underflow,
-                                  skip_below, nmax, counts, refine) if fused else None)
-        if block is not None:
-            acc, m, top = ([t[i, ..., : nr[i]] for i in range(Lb)] for t in block)
-        else:                                     # step by step (also after the records overflowed)
-            refine = fresh_refinement()
-            acc, m = _stepwise_row_block(nd, levels[:Lb], wanted, Q[r0:r1], coef_lin[r0:r1], coef_sq[r0:r1], nr,
-                                         underflow, skip_below, counts, refine, use_native)
-            top = m
+    def block_rows(r0: int, r1: int) -> tuple[list[int], int]:
+        nr = [max(0, min(r1 - r0, n - r0)) for n in n_rows]                                # active rows per level
+        return nr, sum(1 for n in nr if n)                                                 # levels with rows
+
+    def fresh_refinement(r0: int, nr: list[int], Lb: int):
+        return None if refine_all is None else [Float64Refinement(refine_all[r0:r0 + n]) for n in nr[:Lb]]
+
+    def finish(r0: int, nr: list[int], Lb: int, acc, m, top, refine) -> None:
+        """Means (and norms) of rows r0.. from their softmax sums, refined where needed."""
         for i in range(Lb):
             if refine is None:
                 means[i, :, r0:r0 + nr[i]] = acc[i][:C] / acc[i][C:]
@@ -726,6 +726,33 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
             means[i, :, r0:r0 + nr[i]] = (acc64[:, :C] / acc64[:, C:]).t().to(dtype)
             if wanted[i]:
                 keep_norm(i, slice(r0, r0 + nr[i]), m[i], acc64[:, C])
+
+    def stepwise(r0: int, r1: int) -> None:
+        nr, Lb = block_rows(r0, r1)
+        refine = fresh_refinement(r0, nr, Lb)
+        acc, m = _stepwise_row_block(nd, levels[:Lb], wanted, Q[r0:r1], coef_lin[r0:r1], coef_sq[r0:r1], nr,
+                                     underflow, skip_below, counts, refine, use_native)
+        finish(r0, nr, Lb, acc, m, m, refine)
+
+    # NB: the fused step takes many more rows per block than the torch path's (nodes, rows) logit
+    # tiles allow: each block walks the whole tree (a C call per tile, whose key rows are converted
+    # afresh per call), so fewer blocks cost less Python and fewer conversions
+    step = max(row_block, min(FUSED_MAX_ROWS, FUSED_BLOCK_ELEMS // Q.shape[1])) if fused else row_block
+    for r0 in range(0, R, step):
+        r1 = min(R, r0 + step)
+        if not fused:
+            stepwise(r0, r1)
+            continue
+        nr, Lb = block_rows(r0, r1)
+        refine = fresh_refinement(r0, nr, Lb)
+        block = _fused_row_block(nd, levels[:Lb], wanted, Q[r0:r1], coef_lin[r0:r1], coef_sq[r0:r1], nr, underflow,
+                                 skip_below, nmax, counts, refine)
+        if block is None:                         # the records overflowed: step by step, in small blocks
+            for s0 in range(r0, r1, row_block):
+                stepwise(s0, min(r1, s0 + row_block))
+            continue
+        acc, m, top = ([t[i, ..., : nr[i]] for i in range(Lb)] for t in block)
+        finish(r0, nr, Lb, acc, m, top, refine)
     if stats is not None:
         stats.update(counts)
     out = {}

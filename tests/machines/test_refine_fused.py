@@ -239,6 +239,34 @@ def test_record_overflow_falls_back_to_the_torch_path(where, monkeypatch, two_th
 
 
 @needs_cc
+@pytest.mark.parametrize("overflow", [False, True])
+def test_fused_row_blocks_and_their_fallback_cover_every_row(overflow, monkeypatch, two_threads):
+    # the fused pass takes blocks of up to FUSED_MAX_ROWS rows; after an overflow the torch
+    # path redoes that block in blocks of the step-by-step size
+    from els_audit.machines import _device
+
+    imgs, x, t = _low_noise(C=1, H=16, W=16, B=2, N=30)                        # 512 query rows
+    want = {k: build_machine("ELS", imgs).score(x, t, k=k) for k in (3, 5)}
+    m32 = build_machine("ELS", imgs.float())
+    monkeypatch.setattr(_nested, "FUSED_MAX_ROWS", 96)
+    monkeypatch.setattr(_device, "CPU_NESTED_ROWS", 40)
+    if overflow:
+        monkeypatch.setattr(_engine, "FUSED_RECORDS_PER_THREAD", 2)
+    sizes = {"fused": [], "stepwise": []}
+    for name, key, real in (("_fused_row_block", "fused", _nested._fused_row_block),
+                            ("_stepwise_row_block", "stepwise", _nested._stepwise_row_block)):
+        def spy(*args, real=real, key=key):
+            sizes[key].append(args[3].shape[0])                                # Q's rows
+            return real(*args)
+        monkeypatch.setattr(_nested, name, spy)
+    got = m32.score_sweep(x.float(), t, (3, 5))
+    assert sizes["fused"] == [96] * 5 + [32]
+    assert sizes["stepwise"] == ([40, 40, 16] * 5 + [32] if overflow else [])
+    for k in (3, 5):
+        assert rel_err(got[k].double(), want[k]) < 3e-6, k
+
+
+@needs_cc
 def test_shaped_support_refined_in_the_fused_kernel(monkeypatch, two_threads):
     # a data support with holes (col_scale with zeros: dropped columns) at low noise
     import numpy as np
