@@ -187,6 +187,11 @@ class PatchGroup:
         """(len(idx), 3) long: (image, centre y, centre x) of keys at positions idx."""
         return self.enum.source(self.rep[idx] if self.deduplicated else idx)
 
+    def key_bases(self, idx: torch.Tensor) -> torch.Tensor:
+        """(len(idx),) flat index, in the padded images, of the first element of the keys at
+        positions idx of the key order (add :meth:`_KeyEnumerator.flat_offsets` for the rest)."""
+        return self.enum.base(self.rep[idx] if self.deduplicated else idx)
+
     def patches(self, idx: torch.Tensor) -> torch.Tensor:
         """(len(idx), K) the patches of the keys at positions idx of the key order."""
         return self.enum.at(self.rep[idx] if self.deduplicated else idx)
@@ -445,6 +450,10 @@ class _KeyEnumerator:
         float64 contiguous images, kernels built)."""
         return (self.padded.device.type == "cpu" and self.padded.dtype in (torch.float32, torch.float64)
                 and self.padded.is_contiguous() and native.available())
+
+    def flat_offsets(self) -> torch.Tensor:
+        """(K,) offsets of a key's elements from its :meth:`base`, in unfold order."""
+        return (self.row_offsets[:, None] + torch.arange(self.k, device=self.padded.device)[None, :]).reshape(-1)
 
     def base(self, idx: torch.Tensor) -> torch.Tensor:
         img, pos = idx // self.npos, idx % self.npos

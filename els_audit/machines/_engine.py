@@ -483,11 +483,22 @@ def grouped_softmax_average(
         else:
             q_rows = q_raw.reshape(R, K)
             w = torch.ones(K, dtype=dtype, device=dev) if col_scale is None else col_scale
+            in_place = g.enum.native_keys()                   # the C kernel reads the keys in place
+            if in_place:
+                q_rows = q_rows.contiguous()                  # one query item: a transposed view
+                a_rows = a.to(torch.float64)[:, None].expand(B, P).reshape(R).contiguous()
+                b_rows64 = b_rows.to(torch.float64).contiguous()
+                offsets = g.enum.flat_offsets()
 
             def exact(rows, keys):
-                bi = rows // P
-                s64 = exact_logits(q_rows[rows] * w, g.patches(keys) * w, a[bi], b[bi], g.mean * w,
-                                   g.log2_multiplicity(keys))
+                if in_place:
+                    s64 = native.exact_logits(q_rows, rows, g.enum.padded.reshape(-1), g.key_bases(keys), offsets,
+                                              g.mean, None if col_scale is None else col_scale.contiguous(), a_rows,
+                                              b_rows64, g.log2_multiplicity(keys))
+                else:
+                    bi = rows // P
+                    s64 = exact_logits(q_rows[rows] * w, g.patches(keys) * w, a[bi], b[bi], g.mean * w,
+                                       g.log2_multiplicity(keys))
                 return s64, torch.cat([g.centres(keys), torch.ones(keys.numel(), 1, dtype=dtype, device=dev)], 1)
 
             acc64 = refine.corrected(acc[:, : C + 1], m, exact, top=top)

@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 __all__ = ["available", "status", "softmax_sums", "softmax_sums_rows", "decode_rows", "nested_tile", "key_hash",
-           "key_verify",
+           "key_verify", "exact_logits",
            "nested_level_fields", "nested_tile_buffers", "RefineRecords", "NESTED_LEVEL_FIELDS", "NESTED_MICRO_ROWS",
            "ENV_SWITCH", "MAX_CHANNELS"]
 
@@ -131,6 +131,9 @@ def _load() -> Optional[ctypes.CDLL]:
         fn = getattr(lib, f"els_key_verify_{t}")
         fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, ptr, i64, i64, ctypes.c_int]
         fn.restype = i64
+        fn = getattr(lib, f"els_exact_logits_{t}")
+        fn.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
+        fn.restype = ctypes.c_int
     _status = f"on ({path.name}, {' '.join(_arch_flags()) or 'no vector flags'})"
     return lib
 
@@ -355,3 +358,34 @@ def key_verify(x: torch.Tensor, img_stride: int, pos_base: torch.Tensor, row_off
     if bad < 0:
         raise ValueError("native key_verify rejected its arguments")
     return int(bad)
+
+
+def exact_logits(q_rows: torch.Tensor, qrow: torch.Tensor, x: torch.Tensor, kbase: torch.Tensor, off: torch.Tensor,
+                 mu: torch.Tensor, w: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor,
+                 log2c: torch.Tensor) -> torch.Tensor:
+    """(n,) float64 base-2 logits of n (query row, key) records (``els_exact_logits``, the C
+    source documents them; the same formula as ``_engine.exact_logits``): queries are rows
+    ``qrow`` of q_rows (R, >= K) with unit column stride, keys the elements ``kbase[i] + off``
+    of the flat images x, ``mu`` (K,) the shift, ``w`` (K,) a column scale or None, a and b
+    (R,) float64 per query row, log2c (n,) float64.  Call only when :func:`available`."""
+    lib = _get()
+    T = x.dtype
+    K = off.numel()
+    n = qrow.numel()
+    if T not in (torch.float32, torch.float64) or q_rows.dtype != T or mu.dtype != T \
+            or (w is not None and (w.dtype != T or not w.is_contiguous() or w.numel() != K)) \
+            or q_rows.dim() != 2 or q_rows.stride(1) != 1 or q_rows.shape[1] < K or not x.is_contiguous() \
+            or not mu.is_contiguous() or mu.numel() != K \
+            or any(t.dtype != torch.int64 or not t.is_contiguous() for t in (qrow, kbase, off)) or kbase.numel() != n \
+            or any(t.dtype != torch.float64 or not t.is_contiguous() for t in (a, b, log2c)) or log2c.numel() != n:
+        raise ValueError("native exact_logits takes float32/float64 q_rows, images, mu and w of one dtype, int64 "
+                         "qrow/kbase (n,) and off (K,), float64 a, b (R,) and log2c (n,)")
+    out = torch.empty(n, dtype=torch.float64)
+    suffix = "f32" if T == torch.float32 else "f64"
+    rc = getattr(lib, f"els_exact_logits_{suffix}")(q_rows.data_ptr(), q_rows.stride(0), qrow.data_ptr(), x.data_ptr(),
+                                                     kbase.data_ptr(), off.data_ptr(), K, mu.data_ptr(),
+                                                     0 if w is None else w.data_ptr(), a.data_ptr(), b.data_ptr(),
+                                                     log2c.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise ValueError(f"native exact_logits rejected its arguments (code {rc})")
+    return out

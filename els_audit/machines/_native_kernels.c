@@ -693,3 +693,37 @@ int64_t NAME(const T *x, int64_t img_stride, const int64_t *pos_base, int64_t np
 }
 KEY_VERIFY(els_key_verify_f32, float)
 KEY_VERIFY(els_key_verify_f64, double)
+
+/* els_exact_logits_f32 / _f64: the float64 refinement's logits (_engine.exact_logits) of n
+ * (query row, key) records, the key read where it lies in the images:
+ *
+ *   out[i] = log2(e) (||q' ||^2 - ||q - a p||^2) / (2 b^2) + log2c[i],   q' = q - a mu,
+ *
+ * q = w * q_rows[qrow[i], :K] (row stride ldq), p = w * x[kbase[i] + off[d]] (d < K), a and b
+ * the row's (a[qrow[i]], b[qrow[i]]), w an optional column scale (NULL: ones).  As in torch,
+ * the products with w are rounded to T and the rest is float64.  Threads over records. */
+#define EXACT_LOGITS(NAME, T)                                                               \
+int NAME(const T *q, int64_t ldq, const int64_t *qrow, const T *x, const int64_t *kbase, const int64_t *off, \
+         int64_t K, const T *mu, const T *w, const double *a, const double *b, const double *log2c, int64_t n, \
+         double *out, int nthreads) {                                                      \
+    if (K < 1 || n < 0 || ldq < K) return 1;                                                \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static) if (n * K > (1 << 16))") \
+    for (int64_t i = 0; i < n; i++) {                                                       \
+        const T *qr = q + qrow[i] * ldq;                                                    \
+        const T *p = x + kbase[i];                                                          \
+        const double ai = a[qrow[i]], bi = b[qrow[i]];                                      \
+        double sq = 0.0, sd = 0.0;                                                          \
+        for (int64_t d = 0; d < K; d++) {                                                   \
+            const double qv = w ? (double)(T)(qr[d] * w[d]) : (double)qr[d];                \
+            const double mv = w ? (double)(T)(mu[d] * w[d]) : (double)mu[d];                \
+            const double pv = w ? (double)(T)(p[off[d]] * w[d]) : (double)p[off[d]];        \
+            const double c = qv - ai * mv, e = qv - ai * pv;                                \
+            sq += c * c;                                                                    \
+            sd += e * e;                                                                    \
+        }                                                                                   \
+        out[i] = 1.4426950408889634 * (sq - sd) / (2.0 * bi * bi) + log2c[i];               \
+    }                                                                                       \
+    return 0;                                                                               \
+}
+EXACT_LOGITS(els_exact_logits_f32, float)
+EXACT_LOGITS(els_exact_logits_f64, double)

@@ -697,6 +697,10 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
     fused = use_native and fuse
     nmax = max(j1 - j0 for t in nd.tiles for j0, j1, _ in t[:L]) if fused else 0
 
+    in_place = refine_all is not None and dev.type == "cpu" and native.available() and Q_raw.is_contiguous()
+    if in_place:
+        a_row64, b_row64 = a_row.to(torch.float64).contiguous(), b_row.to(torch.float64).contiguous()
+
     def block_rows(r0: int, r1: int) -> tuple[list[int], int]:
         nr = [max(0, min(r1 - r0, n - r0)) for n in n_rows]                                # active rows per level
         return nr, sum(1 for n in nr if n)                                                 # levels with rows
@@ -717,9 +721,14 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
 
             def exact(r, j, lv=lv, win=win):
                 rr = r0 + r
-                keys = nd.padded_flat[lv.rep_base[j, None] + win[None, :]]
-                s64 = exact_logits(Q_raw[rr, : win.numel()], keys, a_row[rr], b_row[rr], mu_cols[: win.numel()],
-                                   lv.count[j].to(torch.float64).log2())
+                log2c = lv.count[j].to(torch.float64).log2()
+                if in_place:                              # the C kernel reads the keys in place
+                    s64 = native.exact_logits(Q_raw, rr, nd.padded_flat, lv.rep_base[j], win,
+                                              mu_cols[: win.numel()].contiguous(), None, a_row64, b_row64, log2c)
+                else:
+                    keys = nd.padded_flat[lv.rep_base[j, None] + win[None, :]]
+                    s64 = exact_logits(Q_raw[rr, : win.numel()], keys, a_row[rr], b_row[rr], mu_cols[: win.numel()],
+                                       log2c)
                 return s64, lv.vals[:, j].t()
 
             acc64 = refine[i].corrected(acc[i].t(), m[i], exact, top=top[i])                  # (rows, C+1)

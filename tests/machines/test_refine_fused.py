@@ -137,6 +137,28 @@ def test_kernel_with_nothing_to_record(two_threads):
 
 
 # -- the engines, refined inside the fused kernel -------------------------------------------
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_exact_logits_in_place_match_the_torch_formula(dtype, scaled, two_threads):
+    g = torch.Generator().manual_seed(7)
+    R, K, n = 9, 13, 500
+    x = torch.randn(4000, generator=g).to(dtype)                                # flat images
+    off = torch.randperm(40, generator=g)[:K].sort().values                     # a window's offsets
+    kbase = torch.randint(0, 4000 - 40, (n,), generator=g)
+    q_rows = torch.randn(R, K + 3, generator=g).to(dtype)[:, :K]                 # a row stride > K
+    qrow = torch.randint(0, R, (n,), generator=g)
+    mu = torch.randn(K, generator=g).to(dtype)
+    w = torch.rand(K, generator=g).to(dtype) if scaled else None
+    a, b = torch.rand(R, generator=g, dtype=torch.float64) + 0.5, torch.rand(R, generator=g, dtype=torch.float64) * 0.1 + 0.02
+    log2c = torch.rand(n, generator=g, dtype=torch.float64) * 3
+    got = _native.exact_logits(q_rows, qrow, x, kbase, off, mu, w, a, b, log2c)
+    ww = torch.ones(K, dtype=dtype) if w is None else w
+    want = _engine.exact_logits(q_rows[qrow] * ww, x[kbase[:, None] + off[None, :]] * ww, a[qrow], b[qrow], mu * ww,
+                                log2c)
+    assert ((got - want).abs() / want.abs().clamp(min=1)).max() < 1e-12
+
+
 def _low_noise(C=1, H=16, W=16, B=2, N=30, seed=5, t=0.03):
     """Near-copies of one image and queries near it at t = 0.03 (as test_nested.py's
     refinement case): float32 rounding of the logits shows in the weights unless refined."""
