@@ -34,9 +34,8 @@ def _tile_with_tops(g, spread):
 
 
 def _fields_with_tops(levels):
-    fields = _tile_fields(levels)
-    fields[:, -1] = torch.tensor([lv["top"].data_ptr() for lv in levels])
-    return fields
+    assert all(lv.get("top") is not None for lv in levels)
+    return _tile_fields(levels)                             # with each level's top
 
 
 def _float64_logits(levels):
@@ -54,7 +53,7 @@ def _float64_logits(levels):
 def test_kernel_records_every_key_near_the_true_maximum(two_threads):
     g = torch.Generator().manual_seed(3)
     levels = _tile_with_tops(g, spread=12.0)
-    plain = [dict(lv, m=lv["m"].clone(), acc=lv["acc"].clone()) for lv in levels]
+    plain = [dict(lv, m=lv["m"].clone(), acc=lv["acc"].clone(), top=None) for lv in levels]
     scratch = torch.empty(2 * (2 * 30 + 8) * 4 * 16)
     rec = _native.RefineRecords(2, 8.0, 1 << 12)
     assert _native.nested_tile(_fields_with_tops(levels), 2, -126.0, -60.0, 32.0, 4, scratch, torch.empty(10000), 2,
