@@ -38,6 +38,10 @@ that carry each query's softmax (within ``REFINE_BITS`` of its maximum) then get
 logits after the pass (:class:`Float64Refinement`); float64 inputs compute in float64
 throughout.  The fused C kernel records those keys itself (per-thread buffers; should they
 overflow, the group runs the step-by-step path instead).
+
+Diagnostics (winning entry, its weight, the entropy) come from the float32 sums, refined or
+not; the fused kernel keeps them too (each row's best entry and the entropy's T1, one more
+channel for the log counts), with a small slack (FUSED_DIAG_SLACK_BITS) for T1's precision.
 """
 
 from __future__ import annotations
@@ -248,6 +252,9 @@ def log2_norm_of(m: torch.Tensor, z: torch.Tensor, q_shifted: torch.Tensor, b: t
 # previous and current level) is kept near FUSED_SCRATCH_BYTES, within a core's L2 cache
 FUSED_CHUNK_KEYS = 1024
 FUSED_SLACK_BITS = 32.0
+# with diagnostics the slack is small: the entropy's t1 sums 2**(S - m) (S - m) in float32, whose
+# rounding grows with the lag of m behind the true maximum (~1e-7 (lag + spread) nats)
+FUSED_DIAG_SLACK_BITS = 1.0
 FUSED_SCRATCH_BYTES = 512 << 10
 FUSED_MIN_ROWS = 128          # per thread (two of the kernel's 64-row blocks)
 # the float64 refinement's records per thread and kernel call (16 bytes each; more, after
@@ -257,7 +264,7 @@ FUSED_RECORDS_PER_THREAD = 1 << 16
 
 
 def _fused_group_means(chunks, qa: torch.Tensor, R: int, C: int, lo: float, skip: float,
-                       refine: Optional[Float64Refinement] = None):
+                       refine: Optional[Float64Refinement] = None, diagnostics: bool = False):
     """Softmax sums of one group's key centres for float32 query rows ``qa`` (R, K + 1)
     (``[q' a/b^2 log2e, coef_sq]``), with ``els_nested_tile`` as a one-level tree per key
     chunk (``chunks(size)`` yields the group's :class:`KeyChunk` s): the log2 multiplicity
@@ -265,16 +272,27 @@ def _fused_group_means(chunks, qa: torch.Tensor, R: int, C: int, lo: float, skip
     added at its end (:mod:`._native`).
 
     Returns (acc (R, C+1) sums relative to m, m (R,), top (R,) the true maxima, which m may
-    lag by FUSED_SLACK_BITS), or None when ``refine`` is given and the kernel's record buffers
-    overflowed (the caller then runs the torch path).  With ``refine``, the kernel records the
-    keys within REFINE_BITS of their rows' true maxima into it."""
+    lag by FUSED_SLACK_BITS, diag), or None when ``refine`` is given and the kernel's record
+    buffers overflowed (the caller then runs the torch path).  With ``refine``, the kernel
+    records the keys within REFINE_BITS of their rows' true maxima into it.  With
+    ``diagnostics`` (C + 2 <= MAX_CHANNELS + 1), as :func:`_gemm_group_sums`: acc is (R, C+2)
+    (the last column: sum of weights x log count) and diag is (t1, best, best_i), computed in
+    the kernel (m then lags the true maxima by at most FUSED_DIAG_SLACK_BITS); else diag is
+    None."""
     mw = native.NESTED_MICRO_ROWS
     pad = -(-R // mw) * mw
     D = qa.shape[1]
     qT = torch.zeros(D, pad, dtype=qa.dtype)
     qT[:, :R] = qa.t()
     m = torch.full((pad,), float("-inf"), dtype=qa.dtype)
-    acc = torch.zeros(C + 1, pad, dtype=qa.dtype)
+    acc = torch.zeros(C + 2 if diagnostics else C + 1, pad, dtype=qa.dtype)
+    slack = FUSED_DIAG_SLACK_BITS if diagnostics else FUSED_SLACK_BITS
+    diag_fields = {}
+    if diagnostics:
+        t1 = torch.zeros(pad, dtype=qa.dtype)
+        best = torch.full((pad,), float("-inf"), dtype=qa.dtype)
+        best_i = torch.zeros(pad, dtype=torch.long)
+        diag_fields = dict(t1=t1.data_ptr(), best=best.data_ptr(), best_j=best_i.data_ptr(), ones=C)
     threads = torch.get_num_threads()
     top, records = m, None                   # the true maxima: m itself without records
     if refine is not None:
@@ -289,20 +307,25 @@ def _fused_group_means(chunks, qa: torch.Tensor, R: int, C: int, lo: float, skip
             n = mc
             block, scratch, csr = native.nested_tile_buffers(n, [D], R, threads, FUSED_SCRATCH_BYTES, qa.dtype)
             ones = torch.ones(1, n, dtype=qa.dtype)
-        vals = torch.cat([ch.centre.t(), ones[:, :mc]], 0)                                # (C + 1, mc)
+        cols = [ch.centre.t(), ones[:, :mc]]
+        if diagnostics and ch.log_count is not None:
+            cols.append(ch.log_count[None, :])          # acc's last row (without counts it stays 0)
+        vals = torch.cat(cols, 0)                                                         # (C + 1 [+ 1], mc)
         bias = None if ch.log_count is None else (ch.log_count * LOG2E).contiguous()      # base 2
         fields = native.nested_level_fields(
             K=kaug.data_ptr(), ldK=kaug.stride(0), D=D, n=mc, parent=0, Q=qT.data_ptr(), ldQ=pad, own0=0, want=True,
             rows=R, vals=vals.data_ptr(), ldv=vals.stride(0), m=m.data_ptr(), acc=acc.data_ptr(), ldacc=pad,
-            bias=0 if bias is None else bias.data_ptr(), top=0 if records is None else top.data_ptr())
-        if not native.nested_tile(torch.tensor([fields], dtype=torch.int64), C + 1, lo, skip, FUSED_SLACK_BITS,
+            bias=0 if bias is None else bias.data_ptr(), top=0 if records is None else top.data_ptr(),
+            key0=ch.start, **diag_fields)
+        if not native.nested_tile(torch.tensor([fields], dtype=torch.int64), vals.shape[0], lo, skip, slack,
                                   block, scratch, csr, threads, records):
             return None                                                    # a record buffer overflowed
         if records is not None:
             _, rows, keys, logits = records.take()
             refine.add_records(rows, keys.long() + ch.start, logits)       # int64: > 2**31 keys
             refine.prune(top[:R])
-    return acc[:, :R].t(), m[:R], top[:R]
+    diag = (t1[:R], best[:R], best_i[:R]) if diagnostics else None
+    return acc[:, :R].t(), m[:R], top[:R], diag
 
 
 def _scaled_chunks(g, scale: torch.Tensor, keep: Optional[torch.Tensor] = None):
@@ -438,9 +461,12 @@ def grouped_softmax_average(
     coef_lin = LOG2E * a / b**2                                                        # (B,)
     coef_sq = -LOG2E * (a**2) / (2 * b**2)                                            # (B,)
     refine_items = refine_rows(dtype, coef_sq)                                          # (B,) or None
-    # float32 softmax sums run fused in C when the native kernels build (:mod:`._native`)
-    use_native = (not diagnostics and dtype == torch.float32 and C <= native.MAX_CHANNELS
-                  and dev.type == "cpu" and native.available())
+    # float32 softmax sums run fused in C when the native kernels build (:mod:`._native`), with
+    # diagnostics too (one more channel: the sum of weights x log count); the step-by-step path's
+    # C pass has no diagnostics
+    use_native = (dtype == torch.float32 and C <= native.MAX_CHANNELS and dev.type == "cpu"
+                  and native.available())
+    fuse = use_native and (not diagnostics or C + 1 <= native.MAX_CHANNELS)
     for g in dic.groups:
         P = g.query_pixels.numel()
         q_raw = queries[:, :, g.query_pixels].permute(0, 2, 1)                          # (B, P, K)
@@ -462,20 +488,20 @@ def grouped_softmax_average(
         active = None if refine_items is None else refine_items[:, None].expand(B, P).reshape(R)
         refine = None if active is None else Float64Refinement(active)      # the float64 refinement's records
         fused = None
-        if use_native and R >= FUSED_MIN_ROWS * torch.get_num_threads():
+        if fuse and R >= FUSED_MIN_ROWS * torch.get_num_threads():
             # float32: logits and softmax fused in C, one call per key chunk, recording the keys for
-            # the refinement (its threads split the query rows: small groups, e.g. bbELS edges, keep
-            # the GEMM; None: the records overflowed, see below)
-            fused = _fused_group_means(chunks, qa, R, C, underflow, skip_below, refine)
+            # the refinement and the diagnostics (its threads split the query rows: small groups,
+            # e.g. bbELS edges, keep the GEMM; None: the records overflowed, see below)
+            fused = _fused_group_means(chunks, qa, R, C, underflow, skip_below, refine, diagnostics)
         top = None                                      # true maxima where m lags them (fused)
         if fused is not None:
-            acc, m, top = fused
+            acc, m, top, diag = fused
         else:
             refine = None if active is None else Float64Refinement(active)   # afresh after an overflow
             acc, m, diag = _gemm_group_sums(chunks, qa, R, C, diagnostics, Mc, underflow, skip_below, refine,
-                                            use_native, tile_elems)
-            if diagnostics:
-                t1, best, best_i = diag
+                                            use_native and not diagnostics, tile_elems)
+        if diagnostics:
+            t1, best, best_i = diag
         z = acc[:, C]                                                                   # (R,)
         z_norm = z
         if refine is None:

@@ -47,7 +47,7 @@ __all__ = ["available", "status", "softmax_sums", "softmax_sums_rows", "decode_r
 
 ENV_SWITCH = "ELS_AUDIT_NATIVE"
 MAX_CHANNELS = 7                          # MAX_NC - 1 in the C source
-NESTED_LEVEL_FIELDS = 23                  # int64 fields of els_level_t (pointers as integers)
+NESTED_LEVEL_FIELDS = 28                  # int64 fields of els_level_t (pointers as integers)
 NESTED_MICRO_ROWS = 16                    # MW in the C source
 _SOURCE = Path(__file__).with_name("_native_kernels.c")
 _ABI = 4
@@ -228,24 +228,29 @@ def decode_rows(codes: torch.Tensor, palette: torch.Tensor, mu: torch.Tensor, ex
 def nested_level_fields(*, K: int, ldK: int, D: int, n: int, parent: int, Q: int, ldQ: int, own0: int, want: bool,
                         rows: int, vals: int, ldv: int, m: int, acc: int, ldacc: int, codes: int = 0, ldc: int = 0,
                         palette: int = 0, mu: int = 0, extra: int = 0, lde: int = 0, bias: int = 0,
-                        top: int = 0) -> list[int]:
+                        top: int = 0, best: int = 0, best_j: int = 0, key0: int = 0, t1: int = 0,
+                        ones: int = 0) -> list[int]:
     """One level's row of :func:`nested_tile`'s table, in the order of the C struct
     ``els_level_t`` (which documents each field): addresses as integers, 0 for none.
     ``top``: the rows' true running maxima when the level records keys for the float64
-    refinement (:class:`RefineRecords`)."""
+    refinement (:class:`RefineRecords`).  Diagnostics (per row, updated): ``best`` float32 the
+    largest per-entry logit (logit less bias), ``best_j`` int64 its key ``key0 + node``;
+    ``t1`` float32 the entropy's sum of ``2**(S - m) (S - m)``, ``ones`` the row of vals that
+    holds ones."""
     return [K, ldK, D, n, parent, Q, ldQ, own0, int(want), rows, vals, ldv, m, acc, ldacc, codes, ldc, palette, mu,
-            extra, lde, bias, top]
+            extra, lde, bias, top, best, best_j, key0, t1, ones]
 
 
 def nested_tile_buffers(n_nodes: int, widths, rows: int, nthreads: int, scratch_bytes: int,
                         dtype: torch.dtype = torch.float32) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(block, scratch, csr) for :func:`nested_tile` calls on levels of at most ``n_nodes`` nodes,
     key rows of ``widths`` (D per level) and ``rows`` query rows: ``block`` micro-columns of 16
-    rows per work item, as many as keep a worker's scratch near ``scratch_bytes``."""
+    rows per work item, as many as keep a worker's scratch near ``scratch_bytes`` (with room
+    for the diagnostics' t1)."""
     n = max(1, n_nodes)
     mw = NESTED_MICRO_ROWS
     block = max(1, min(-(-rows // mw), scratch_bytes // (2 * n * mw * 4)))
-    scratch = torch.empty(nthreads * (2 * n + MAX_CHANNELS + 1) * block * mw, dtype=dtype)
+    scratch = torch.empty(nthreads * (2 * n + MAX_CHANNELS + 2) * block * mw, dtype=dtype)
     csr = torch.empty(sum(2 * n * d + (n * d + 1) // 2 + n for d in widths), dtype=dtype)
     return block, scratch, csr
 
@@ -280,7 +285,8 @@ def nested_tile(levels: torch.Tensor, nc: int, lo: float, skip: float, slack: fl
     ``els_level_t`` (pointers as integers; the caller keeps the tensors they point to alive);
     block: micro-columns of 16 rows per work item; scratch: float32 with
     ``scratch_per_thread = scratch.numel() // nthreads`` >= 2 * (largest level's nodes) *
-    block * 16; csr: float32 room for each level's key rows as nonzero entries (levels with
+    block * 16 (+ (MAX_CHANNELS + 1) * block * 16, and block * 16 more where a level has
+    ``t1``); csr: float32 room for each level's key rows as nonzero entries (levels with
     fewer than 60% nonzero run sparse).  :func:`nested_tile_buffers` sizes both.  Updates the levels'
     running maxima and sums in place.  ``records``: where levels with a ``top`` field record
     their keys for the float64 refinement (``records.take()`` reads them).  Returns False when

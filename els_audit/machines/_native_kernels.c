@@ -202,8 +202,17 @@ int els_decode_rows(const uint8_t *codes, int64_t n, int64_t ring, int64_t ldc, 
  * rounding: _engine.skip_threshold) and is not exponentiated.  Weights below 2**lo are
  * clamped to 2**lo as in els_softmax_sums.
  *
+ * Diagnostics (levels given best/best_j/t1, the single-k engine's): per row the largest
+ * per-entry logit S - bias and its key (the first on ties: nodes in order, strictly greater
+ * only; micro-tiles skipped as negligible cannot hold it), and the entropy's
+ * t1 = sum 2**(S - m) (S - m), kept relative to m as acc is (a tile's part apart, rescaled
+ * with P when m rises: t1 <- scale (t1 + (m_old - m_new) z_old), z the `ones` row of the
+ * sums).  t1 loses precision to float32 rounding of (S - m) when m lags the true maximum:
+ * the caller passes a small slack then.
+ *
  * Rows: level i computes rows [0, rows_i) rounded up to 16 (rows_i non-increasing in i); the
- * caller pads Q, m and acc to that width and ignores the extra rows.
+ * caller pads Q, m and acc (and the diagnostics' arrays) to that width and ignores the extra
+ * rows.
  * Returns 0, or a code > 0 for bad arguments (nothing written).
  */
 typedef float v8f __attribute__((vector_size(32)));
@@ -233,6 +242,12 @@ typedef struct {           /* one level of a tile; every field 8 bytes (filled f
     const float *bias;     /* optional (n,): added to each node's logit (single-k dictionaries' log2 counts) */
     float *top;            /* optional (>= rows rounded up to 16): the rows' true running maxima, updated, for
                             * the float64 refinement's records (-inf: record this row; +inf: never) */
+    /* optional diagnostics (single-k engine), per row (>= rows rounded up to 16), updated: */
+    float *best;           /* the largest per-entry logit S - bias seen (-inf at first) ... */
+    int64_t *best_j;       /* ... and its key, key0 + node (the first such node on ties) */
+    int64_t key0;
+    float *t1;             /* sum over nodes of 2**(S - m) (S - m), relative to m as acc is */
+    int64_t ones;          /* with t1: the row of vals that holds ones (acc's normaliser) */
 } els_level_t;
 
 /* The float64 refinement's records (_engine.Float64Refinement), one buffer per thread: every
@@ -418,10 +433,37 @@ record_nodes(const int NQ, const els_level_t *L, int64_t j, const v8f *s, int64_
     }
 }
 
-/* The online softmax of the NQ nodes j.. (logits in Scur) into the tile's sums P. */
+/* The diagnostics' best entries among NQ nodes j.. at 8 rows from r (logits s): the largest
+ * per-entry logit s - bias and its key; strictly greater only, nodes in order, so the first
+ * of equal entries stays (as the torch path). */
+static inline __attribute__((always_inline)) void
+best_nodes(const int NQ, const els_level_t *L, int64_t j, const v8f *s, int64_t r) {
+    float *bp = L->best + r;
+    v8f e[4], emax = v8_splat(-INFINITY);
+    _Pragma("GCC unroll 4")
+    for (int q = 0; q < NQ; q++) {
+        e[q] = L->bias ? s[q] - v8_splat(L->bias[j + q]) : s[q];
+        emax = v8_max(emax, e[q]);
+    }
+    if (!v8_any(emax > v8_ld(bp))) return;                 /* rare once the maxima settle */
+    for (int l = 0; l < 8; l++)
+        for (int q = 0; q < NQ; q++)
+            if (e[q][l] > bp[l]) {
+                bp[l] = e[q][l];
+                L->best_j[r + l] = L->key0 + j + q;
+            }
+}
+
+/* A worker's scratch for the tile's sums: P (nc <= MAX_NC rows of WB * MW), then the
+ * diagnostics' t1 of the tile (WB * MW). */
+#define T1_OF(P, WB) ((P) + MAX_NC * (WB) * MW)
+
+/* The online softmax of the NQ nodes j.. (logits in Scur) into the tile's sums P (and with
+ * diagnostics, t1 into T1_OF(P) and the best entries into L->best, L->best_j). */
 static inline __attribute__((always_inline)) void
 softmax_nodes(const int NQ, const els_level_t *L, int64_t j, const float *Scur, float *P, int64_t ub0, int64_t ue,
               int64_t WB, int64_t nc, float lo, float skip, float slack, rec_t *rb, int level) {
+    float *PT = T1_OF(P, WB);
     for (int64_t u = ub0; u < ue; u++) {
         const int64_t ul = u - ub0, r = u * MW;
         _Pragma("GCC unroll 2")
@@ -442,6 +484,17 @@ softmax_nodes(const int NQ, const els_level_t *L, int64_t j, const float *Scur, 
                 for (int q = 1; q < NQ; q++) smax = v8_max(smax, s[q]);
                 const v8f mnew = v8_sel(raise, smax, mv);
                 const v8f scale = v8_exp2(v8_min(v8_max(mv - mnew, v8_splat(lo)), v8_splat(0.0f)));
+                if (L->t1) {
+                    /* t1 relative to the new maximum: scale (t1 + (m_old - m_new) z_old), for the
+                     * sums so far and this tile's apart, each with its own z (none yet: 0, as
+                     * m_old may be -inf) */
+                    const v8f delta = v8_sel(raise, mv - mnew, v8_splat(0.0f)), zero = v8_splat(0.0f);
+                    float *tp = L->t1 + r + 8 * h, *ptp = PT + ul * MW + 8 * h;
+                    const v8f za = v8_ld(L->acc + L->ones * L->ldacc + r + 8 * h);
+                    const v8f zp = v8_ld(P + (L->ones * WB + ul) * MW + 8 * h);
+                    v8_st(tp, (v8_ld(tp) + v8_sel(za > zero, delta * za, zero)) * scale);
+                    v8_st(ptp, (v8_ld(ptp) + v8_sel(zp > zero, delta * zp, zero)) * scale);
+                }
                 for (int64_t c = 0; c < nc; c++) {
                     float *ap = L->acc + c * L->ldacc + r + 8 * h, *pp = P + (c * WB + ul) * MW + 8 * h;
                     v8_st(ap, v8_ld(ap) * scale);
@@ -456,10 +509,23 @@ softmax_nodes(const int NQ, const els_level_t *L, int64_t j, const float *Scur, 
                     dmax = v8_max(dmax, d[q]);
                 }
             }
-            if (!v8_any(dmax >= v8_splat(skip))) continue;       /* negligible micro-tile */
+            /* negligible micro-tile; with diagnostics too: the best entry's logit is at least
+             * the final maximum less log2(keys) (its key's count), above any skipped one's */
+            if (!v8_any(dmax >= v8_splat(skip))) continue;
+            if (L->best) best_nodes(NQ, L, j, s, r + 8 * h);
             v8f e[4];
             _Pragma("GCC unroll 4")
-            for (int q = 0; q < NQ; q++) e[q] = v8_exp2(v8_min(v8_max(d[q], v8_splat(lo)), v8_splat(127.0f)));
+            for (int q = 0; q < NQ; q++) {
+                d[q] = v8_min(v8_max(d[q], v8_splat(lo)), v8_splat(127.0f));
+                e[q] = v8_exp2(d[q]);
+            }
+            if (L->t1) {
+                float *ptp = PT + ul * MW + 8 * h;
+                v8f a = v8_ld(ptp);
+                _Pragma("GCC unroll 4")
+                for (int q = 0; q < NQ; q++) a += e[q] * d[q];
+                v8_st(ptp, a);
+            }
             for (int64_t c = 0; c < nc; c++) {
                 float *pp = P + (c * WB + ul) * MW + 8 * h;
                 v8f a = v8_ld(pp);
@@ -512,7 +578,8 @@ static void nested_range(const els_level_t *L, const csr_t *Z, int first, int64_
 
 /* csr: float32 scratch of at least sum over levels of n * (ceil(D / 2) + D + 1) floats, plus
  * n * D more for byte-coded levels (capacity csr_floats); scratch: per thread
- * (2 * largest n + MAX_NC) * WB * 16 floats.  Levels with `top` record into rec (per thread
+ * (2 * largest n + MAX_NC) * WB * 16 floats, (2 * largest n + MAX_NC + 1) * WB * 16 when a
+ * level has t1.  Levels with `top` record into rec (per thread
  * rec_cap records of 4 int32, see rec_t); rec_n[t] receives thread t's count, or -1 where its
  * buffer overflowed (the sums are still right; the records are not all there). */
 int els_nested_tile(const els_level_t *lv, int64_t nlev, int64_t nc, float lo, float skip, float slack,
@@ -521,10 +588,15 @@ int els_nested_tile(const els_level_t *lv, int64_t nlev, int64_t nc, float lo, f
     if (nlev < 1 || nlev > MAX_LEVELS || nc < 1 || nc > MAX_NC || WB < 1 || nthreads < 1 || !(slack > 0.0f) ||
         slack > 64.0f)
         return 1;
-    for (int64_t i = 0; i < nlev; i++)
+    int diag = 0;
+    for (int64_t i = 0; i < nlev; i++) {
         if (lv[i].top && (!rec || !rec_n || rec_cap < 2 || !(rec_bits >= 0.0f) || lv[i].rows > INT32_MAX ||
                           lv[i].n > INT32_MAX))
             return 7;
+        if ((lv[i].best != NULL) != (lv[i].best_j != NULL) || (lv[i].t1 && (lv[i].ones < 0 || lv[i].ones >= nc)))
+            return 8;
+        diag |= lv[i].t1 != NULL;
+    }
     int64_t nmax = 0, need = 0;
     csr_t Z[MAX_LEVELS];
     for (int64_t i = 0; i < nlev; i++) {
@@ -549,7 +621,7 @@ int els_nested_tile(const els_level_t *lv, int64_t nlev, int64_t nc, float lo, f
         Z[i].ldK = coded ? L->D : L->ldK;
         need += coded ? L->n * L->D : 0;
     }
-    if ((2 * nmax + MAX_NC) * WB * MW > scratch_per_thread) return 5;
+    if ((2 * nmax + MAX_NC + diag) * WB * MW > scratch_per_thread) return 5;
     if (need > csr_floats) return 6;
     const int64_t U0 = (lv[0].rows + MW - 1) / MW, items = (U0 + WB - 1) / WB;
     #pragma omp parallel num_threads(nthreads)
@@ -610,6 +682,7 @@ int els_nested_tile(const els_level_t *lv, int64_t nlev, int64_t nc, float lo, f
                 /* the tile's sums apart, added at the end (as the torch path does: float32 sums
                  * over a whole dictionary in one accumulator lose ~1e-5) */
                 memset(P, 0, (size_t)(nc * WB * MW) * sizeof(float));
+                if (L->t1) memset(T1_OF(P, WB), 0, (size_t)(WB * MW) * sizeof(float));
                 nested_range(L, Z + i, first, own0, L->n, Sprev, Scur, P, ub0, ue, WB, 1, nc, lo, skip, slack, &rb,
                              (int)i);
                 for (int64_t c = 0; c < nc; c++)
@@ -617,6 +690,12 @@ int els_nested_tile(const els_level_t *lv, int64_t nlev, int64_t nc, float lo, f
                         float *ap = L->acc + c * L->ldacc + u * MW;
                         const float *pp = P + (c * WB + u - ub0) * MW;
                         for (int l = 0; l < MW; l++) ap[l] += pp[l];
+                    }
+                if (L->t1)
+                    for (int64_t u = ub0; u < ue; u++) {
+                        float *tp = L->t1 + u * MW;
+                        const float *pp = T1_OF(P, WB) + (u - ub0) * MW;
+                        for (int l = 0; l < MW; l++) tp[l] += pp[l];
                     }
             }
         }

@@ -5,6 +5,7 @@ with the kernels on and off must give the same float32 answers.  The suite's con
 the kernels into a fresh folder, so these tests also exercise the compile step.
 """
 
+import math
 import shutil
 
 import pytest
@@ -151,14 +152,17 @@ def test_decode_rows_refuses_a_short_palette():
 
 
 def _tile_fields(levels):
-    """An int64 (levels, fields) table for native.nested_tile from dicts of tensors."""
+    """An int64 (levels, fields) table for native.nested_tile from dicts of tensors (with the
+    optional tensors bias, top, best, best_j, t1 and integers key0, ones where a dict has them)."""
     rows = []
     for lv in levels:
         K, par, Q, vals, m, acc = lv["K"], lv.get("par"), lv["Q"], lv["vals"], lv["m"], lv["acc"]
+        extra = {f: lv[f].data_ptr() for f in ("bias", "top", "best", "best_j", "t1") if lv.get(f) is not None}
+        extra.update({f: lv[f] for f in ("key0", "ones") if f in lv})
         rows.append(_native.nested_level_fields(
             K=K.data_ptr(), ldK=K.stride(0), D=K.shape[1], n=K.shape[0], parent=0 if par is None else par.data_ptr(),
             Q=Q.data_ptr(), ldQ=Q.stride(0), own0=lv["own0"], want=lv["want"], rows=lv["rows"], vals=vals.data_ptr(),
-            ldv=vals.stride(0), m=m.data_ptr(), acc=acc.data_ptr(), ldacc=acc.stride(0)))
+            ldv=vals.stride(0), m=m.data_ptr(), acc=acc.data_ptr(), ldacc=acc.stride(0), **extra))
     return torch.tensor(rows, dtype=torch.int64)
 
 
@@ -227,6 +231,87 @@ def test_nested_tile_refuses_bad_tables():
         _native.nested_tile(_tile_fields(levels), 2, -126.0, -60.0, 32.0, 4, scratch[:100], torch.empty(10000), 2)
     with pytest.raises(ValueError, match="int64"):
         _native.nested_tile(_tile_fields(levels).int(), 2, -126.0, -60.0, 32.0, 4, scratch, torch.empty(10000), 2)
+    R = levels[0]["m"].numel()
+    levels[0].update(best=torch.zeros(R), t1=torch.zeros(R), ones=1)                  # best without best_j
+    with pytest.raises(ValueError, match="code 8"):
+        _native.nested_tile(_tile_fields(levels), 2, -126.0, -60.0, 32.0, 4, scratch, torch.empty(10000), 2)
+    levels[0].update(best_j=torch.zeros(R, dtype=torch.int64), ones=2)               # ones: no such row of vals
+    with pytest.raises(ValueError, match="code 8"):
+        _native.nested_tile(_tile_fields(levels), 2, -126.0, -60.0, 32.0, 4, scratch, torch.empty(10000), 2)
+    levels[0]["ones"] = 1                                                               # no room for t1's tile part
+    with pytest.raises(ValueError, match="code 5"):
+        _native.nested_tile(_tile_fields(levels), 2, -126.0, -60.0, 32.0, 4, scratch, torch.empty(10000), 2)
+
+
+def _diagnostics_level(g, n=150, R=45, D=5, spread=12.0):
+    """One level as the single-k engine passes it, with diagnostics: keys (n, D) with log2
+    counts as bias, vals [centre, ones, log count]; rows 0-15 see their logits rise along the
+    keys (the running maximum is raised again and again, in both calls below), and the best
+    keys of rows 20-27 come again at the end with the same bias (exact ties: the first counts)."""
+    pad = -(-R // 16) * 16
+    Q = torch.zeros(D, pad)
+    Q[:, :R] = torch.randn(D, R, generator=g) * spread
+    qb = torch.randn(D, generator=g)
+    Q[:, :16] = qb[:, None] * spread * torch.linspace(1.0, 2.5, 16) + torch.randn(D, 16, generator=g) * 0.01
+    K = torch.randn(n, D, generator=g) * 0.7
+    K = K[(K @ qb).argsort()]                                        # rising for rows 0-15
+    counts = torch.randint(1, 5, (n,), generator=g).float()
+    S = K.double() @ Q.double() + counts.log2().double()[:, None]
+    firsts = sorted(set((S - counts.log2().double()[:, None])[:, 20:28].argmax(0).tolist()))
+    K, counts = torch.cat([K, K[firsts]]), torch.cat([counts, counts[firsts]])   # later copies, the same counts
+    n = K.shape[0]
+    vals = torch.stack([torch.randn(n, generator=g), torch.ones(n), counts.log()])
+    return K, Q, counts, vals, firsts
+
+
+@needs_cc
+@pytest.mark.parametrize("slack", [1.0, 32.0])
+def test_nested_tile_diagnostics_against_float64(slack, two_threads):
+    # The single-k engine's use of the kernel with diagnostics: one level per key chunk (two
+    # here, keys 1000.. and 1070..), the best per-entry logit S - bias and its key (the first
+    # on exact ties), and the entropy's t1 = sum 2**(S - m) (S - m), relative to the final m as
+    # the sums are; against float64 sums over the same float32 keys and queries.
+    g = torch.Generator().manual_seed(31)
+    R, cut, key0 = 45, 70, 1000
+    K, Q, counts, vals, firsts = _diagnostics_level(g, 150, R)
+    n, pad = K.shape[0], Q.shape[1]
+    bias = counts.log2()
+    m, acc = torch.full((pad,), float("-inf")), torch.zeros(3, pad)
+    t1, best, best_j = torch.zeros(pad), torch.full((pad,), float("-inf")), torch.full((pad,), -1, dtype=torch.int64)
+    scratch = torch.empty(2 * (2 * n + 8 + 1) * 4 * 16)
+    for lo, hi in ((0, cut), (cut, n)):
+        lv = dict(K=K[lo:hi], Q=Q, vals=vals[:, lo:hi].contiguous(), m=m, acc=acc, own0=0, want=1, rows=R,
+                  bias=bias[lo:hi].contiguous(), best=best, best_j=best_j, key0=key0 + lo, t1=t1, ones=1)
+        _native.nested_tile(_tile_fields([lv]), 3, -126.0, -60.0, slack, 4, scratch, torch.empty(10000), 2)
+    S = (K.double() @ Q.double() + bias.double()[:, None])[:, :R]          # (n, R)
+    e = S - bias.double()[:, None]                                          # per-entry logits
+    emax = e.amax(0)
+    first = torch.where(e == emax, torch.arange(n)[:, None], n).amin(0)
+    second = torch.where(e == emax, float("-inf"), e).amax(0)
+    assert (emax - second).min() > 1e-3                                    # no near-ties but the exact ones
+    assert (first[20:28, None] == torch.tensor(firsts)).any(1).all()        # whose copies come later
+    assert torch.equal(best_j[:R], first + key0)
+    assert torch.allclose(best[:R].double(), emax, rtol=0, atol=1e-4)
+    top, mk = S.amax(0), m[:R].double()
+    assert ((top - mk) < slack + 1e-3).all() and ((top - mk) > -1e-3).all()     # m within the slack
+    if slack > 1:
+        assert (top - mk).max() > 4.0                                       # and lagging
+    w = torch.exp2(S - mk)
+    z, d = w.sum(0), S - mk
+    assert torch.allclose(acc[1, :R].double(), z, rtol=1e-5, atol=0)
+    assert torch.allclose(acc[2, :R].double(), (w * counts.log().double()[:, None]).sum(0), rtol=1e-5, atol=0)
+    # t1 to the float32 rounding of the logits (|S| up to ~200 bits here) and of its sums
+    dS = 1e-6 * (K.double().abs() @ Q.double().abs()[:, :R] + 1)
+    bound = (w * ((1 + d.abs()) * dS + 1e-6 * d.abs())).sum(0)
+    assert ((t1[:R].double() - (w * d).sum(0)).abs() <= bound).all()
+    # what the engine makes of them: entropy over entries and the best entry's weight
+    p = torch.exp2(e - emax)
+    p = p / (p * counts.double()[:, None]).sum(0)
+    h_want = -(counts.double()[:, None] * torch.xlogy(p, p)).sum(0)
+    z32 = acc[1, :R].double()
+    h = torch.log(z32) - t1[:R].double() * math.log(2) / z32 + acc[2, :R].double() / z32
+    assert ((h - h_want).abs() <= 1e-5 * h_want.abs() + bound / z).all()
+    assert torch.allclose(torch.exp2(best[:R].double() - mk) / z32, p.amax(0), rtol=1e-5, atol=0)
 
 
 @needs_cc

@@ -15,7 +15,7 @@ import torch
 import els_audit.machines as machines
 from els_audit.machines import _engine, _native, _nested, build_machine
 
-from .test_machines import SCHED, rel_err
+from .test_machines import SCHED, ab, data, rel_err
 from .test_nested import _low_noise_case
 from .test_native import _random_tile, _tile_fields, needs_cc
 
@@ -34,9 +34,8 @@ def _tile_with_tops(g, spread):
 
 
 def _fields_with_tops(levels):
-    fields = _tile_fields(levels)
-    fields[:, -1] = torch.tensor([lv["top"].data_ptr() for lv in levels])
-    return fields
+    assert all(lv.get("top") is not None for lv in levels)
+    return _tile_fields(levels)                             # with each level's top
 
 
 def _float64_logits(levels):
@@ -54,7 +53,7 @@ def _float64_logits(levels):
 def test_kernel_records_every_key_near_the_true_maximum(two_threads):
     g = torch.Generator().manual_seed(3)
     levels = _tile_with_tops(g, spread=12.0)
-    plain = [dict(lv, m=lv["m"].clone(), acc=lv["acc"].clone()) for lv in levels]
+    plain = [dict(lv, m=lv["m"].clone(), acc=lv["acc"].clone(), top=None) for lv in levels]
     scratch = torch.empty(2 * (2 * 30 + 8) * 4 * 16)
     rec = _native.RefineRecords(2, 8.0, 1 << 12)
     assert _native.nested_tile(_fields_with_tops(levels), 2, -126.0, -60.0, 32.0, 4, scratch, torch.empty(10000), 2,
@@ -308,3 +307,145 @@ def test_shaped_support_refined_in_the_fused_kernel(monkeypatch, two_threads):
     torch_path = build_machine("ELS", imgs.float(), supports=sup).score(x.float(), t, k=5)
     assert rel_err(got.double(), m64) < 3e-6
     assert rel_err(got.double(), torch_path.double()) < 3e-6
+
+
+# -- the diagnostics in the fused kernel -----------------------------------------------------
+# With diagnostics the fused kernel also keeps each row's best entry (largest logit less its
+# key's log2 count, the first on ties) and the entropy's t1, and sums weights x log counts as
+# one more channel; the float32 diagnostics come from the float32 sums, refined or not (as the
+# torch path's).  Checked: against brute force, against the torch path and the float64 engine,
+# without deduplication (exact ties: the first key wins), after a record overflow, and the
+# channel limit.
+DIAG_TIMES = (0.05, 0.2, 0.5, 0.9)
+# float32 logits at low noise are hundreds of bits: their rounding shows in the weights
+DIAG_ABS = {0.05: 1e-4, 0.2: 1e-5, 0.5: 3e-6, 0.9: 3e-6}
+
+
+def _spy_diagnostics(monkeypatch):
+    """Wrap _engine._fused_group_means: a list of (diagnostics asked, ran and returned them)."""
+    calls, real = [], _engine._fused_group_means
+
+    def spy(*args):
+        out = real(*args)
+        calls.append((bool(args[7]), out is not None and out[3] is not None))
+        return out
+    monkeypatch.setattr(_engine, "_fused_group_means", spy)
+    return calls
+
+
+def _diag_data(C=1, H=6, W=6, N=4, seed=0):
+    """test_machines.data (a duplicate image, a flat band: merged keys with counts > 1) with one
+    query per time of DIAG_TIMES."""
+    imgs, x = data(C, H, W, N=N, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    x = torch.cat([x, torch.randn(len(DIAG_TIMES) - x.shape[0], C, H, W, generator=g, dtype=x.dtype)])
+    return imgs, x, torch.tensor(DIAG_TIMES, dtype=torch.float64)
+
+
+@needs_cc
+@pytest.mark.parametrize("kind", ["LS", "ELS", "bbELS"])
+def test_fused_diagnostics_match_brute_force(kind, monkeypatch, two_threads):
+    # every group fused (bbELS's edges too), in chunks of 16 keys: the rows' maxima rise from
+    # call to call, with sums and t1 to rescale
+    from .brute_force import brute_score
+
+    imgs, x, t = _diag_data()
+    monkeypatch.setattr(_engine, "FUSED_MIN_ROWS", 1)
+    monkeypatch.setattr(_engine, "FUSED_CHUNK_KEYS", 16)
+    calls = _spy_diagnostics(monkeypatch)
+    _, diag = build_machine(kind, imgs.float()).score(x.float(), t.float(), k=3, diagnostics=True)
+    assert calls and all(asked and ran for asked, ran in calls), calls
+    _, ref = brute_score(kind, imgs, x, ab(t), k=3, diagnostics=True)
+    for bi, tt in enumerate(DIAG_TIMES):
+        tol = DIAG_ABS[tt]
+        for (y, xx), (ents, w) in ref[bi].items():
+            wmax = w.max()
+            first = next(i for i in range(len(ents)) if w[i] >= wmax * (1 - 1e-9))
+            j, qy, qx, _ = ents[first]
+            ties = int((w >= wmax * (1 - 1e-9)).sum())
+            assert (diag.source_image[bi, y, xx].item(), diag.source_y[bi, y, xx].item(),
+                    diag.source_x[bi, y, xx].item(), diag.multiplicity[bi, y, xx].item()) == (j, qy, qx, ties)
+            assert diag.weight[bi, y, xx].item() == pytest.approx(wmax.item(), rel=1e-5, abs=tol)
+            h = -torch.xlogy(w, w).sum().item()
+            assert diag.entropy[bi, y, xx].item() == pytest.approx(h, rel=1e-5, abs=tol), (tt, y, xx)
+
+
+@needs_cc
+@pytest.mark.parametrize("kind,C,stream", [("LS", 1, False), ("ELS", 1, False), ("bbELS", 1, False),
+                                           ("ELS", 3, False), ("ELS", 1, True), ("bbELS", 1, True)])
+def test_fused_diagnostics_match_the_torch_path(kind, C, stream, monkeypatch, two_threads):
+    # Bigger images with a background (sparse key rows); stream: no deduplication, so the
+    # duplicate image's keys tie exactly with the first's (the first wins, as when merged) and
+    # no counts (no bias)
+    imgs, x, t = _diag_data(C, 14, 15, N=5, seed=2)
+    imgs[:, :, :, :6] = -1.0
+    budget = 20_000 if stream else None
+    kw = {} if budget is None else dict(memory_budget=budget)
+    m32 = build_machine(kind, imgs.float(), **kw)
+    assert m32.dictionary_stats(k=3)["deduplicated"] != stream
+    monkeypatch.setattr(_engine, "FUSED_MIN_ROWS", 1)
+    monkeypatch.setattr(_engine, "FUSED_CHUNK_KEYS", 64)
+    calls = _spy_diagnostics(monkeypatch)
+    s_f, fused = m32.score(x.float(), t.float(), k=3, diagnostics=True)
+    assert calls and all(asked and ran for asked, ran in calls), calls
+    monkeypatch.setattr(_engine, "FUSED_MIN_ROWS", 10**9)                      # the torch path
+    calls.clear()
+    s_t, torch_path = m32.score(x.float(), t.float(), k=3, diagnostics=True)
+    assert not calls
+    s64, want = build_machine(kind, imgs).score(x, t, k=3, diagnostics=True)
+    merged = want if not stream else build_machine(kind, imgs).score(x, t, k=3, diagnostics=True)[1]
+    for f in ("source_image", "source_y", "source_x"):
+        assert torch.equal(getattr(fused, f), getattr(torch_path, f)), f
+        assert torch.equal(getattr(fused, f), getattr(merged, f)), f
+    assert torch.equal(fused.multiplicity, torch_path.multiplicity)
+    assert torch.equal(fused.multiplicity, torch.ones_like(want.multiplicity) if stream else want.multiplicity)
+    if not stream:
+        assert (want.multiplicity > 1).any()                                   # counts > 1 where it matters
+    for bi, tt in enumerate(DIAG_TIMES):
+        for f in ("weight", "entropy"):
+            got, ref, w64 = (getattr(d, f)[bi].double() for d in (fused, torch_path, want))
+            # as close to float64 as the torch path's float32, and close to it
+            assert (got - w64).abs().max() <= 2 * (ref - w64).abs().max() + 1e-6, (tt, f)
+            assert ((got - ref).abs() <= 1e-5 * ref.abs() + DIAG_ABS[tt]).all(), (tt, f)
+    assert rel_err(s_f.double(), s64) < 3e-5 and rel_err(s_t.double(), s64) < 3e-5
+
+
+@needs_cc
+def test_fused_diagnostics_after_a_record_overflow(monkeypatch, two_threads):
+    # at low noise the kernel records keys for the float64 refinement: should its buffers
+    # overflow, the group runs the torch path, diagnostics included
+    imgs, x, t = _low_noise(C=1, H=16, W=16, B=2, N=30)
+    m32 = build_machine("ELS", imgs.float())
+    calls = _spy_diagnostics(monkeypatch)
+    s_ok, ok = m32.score(x.float(), t, k=5, diagnostics=True)
+    assert calls and all(asked and ran for asked, ran in calls), calls
+    monkeypatch.setattr(_engine, "FUSED_RECORDS_PER_THREAD", 2)               # every buffer overflows
+    calls.clear()
+    s_fb, fallen = m32.score(x.float(), t, k=5, diagnostics=True)
+    assert calls and all(asked and not ran for asked, ran in calls), calls
+    s64, want = build_machine("ELS", imgs).score(x, t, k=5, diagnostics=True)
+    for f in ("source_image", "source_y", "source_x", "multiplicity"):
+        assert torch.equal(getattr(ok, f), getattr(want, f)), f
+        assert torch.equal(getattr(fallen, f), getattr(want, f)), f
+    for f in ("weight", "entropy"):
+        # the two float32 paths alike (measured 3e-7 relative); both off float64 by the float32
+        # logits' rounding at t = 0.03 (measured 1.1e-4, unrefined as the torch path's)
+        assert torch.allclose(getattr(ok, f), getattr(fallen, f), rtol=1e-5, atol=1e-6), f
+        assert torch.allclose(getattr(ok, f).double(), getattr(want, f), rtol=0, atol=5e-4), f
+    assert rel_err(s_ok.double(), s64) < 3e-6 and rel_err(s_fb.double(), s64) < 3e-6
+
+
+@needs_cc
+def test_diagnostics_beyond_the_kernels_channels_run_the_torch_path(monkeypatch, two_threads):
+    # diagnostics take one channel more (sum of weights x log count): with C + 1 channels over
+    # the kernel's limit the torch path runs them (here a limit of 3 for 3 colour channels)
+    imgs, x, t = _diag_data(3, 6, 6)
+    m32 = build_machine("ELS", imgs.float())
+    monkeypatch.setattr(_engine, "FUSED_MIN_ROWS", 1)
+    want = m32.score(x.float(), t.float(), k=3, diagnostics=True)[1]
+    monkeypatch.setattr(_native, "MAX_CHANNELS", 3)
+    calls = _spy_diagnostics(monkeypatch)
+    got = m32.score(x.float(), t.float(), k=3, diagnostics=True)[1]
+    assert not calls
+    assert torch.equal(got.source_image, want.source_image) and torch.equal(got.multiplicity, want.multiplicity)
+    assert torch.allclose(got.entropy, want.entropy, rtol=1e-5, atol=1e-4)
