@@ -166,3 +166,37 @@ def test_bad_input(els):
         calibrate_scales(net, els, seeds=[1, 1], steps=STEPS)
     with pytest.raises(ValueError, match="NaN"):
         calibrate_scales(lambda x, t, lab: x * math.nan, els, seeds=[1], steps=STEPS, candidates=(3,))
+
+
+# ---------------------------------------------------------------------------------------
+# the zoo: the fast calibration (nested sweeps, fused native kernels, float32 with the
+# float64 refinement) chooses what an exhaustive one does (every candidate by its own call)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,kind,dictionary", [("resnet-zeros", "bbELS", "periodic"),
+                                                  ("resnet-circular", "ELS", "periodic"),
+                                                  ("resnet-circular", "ELS", "valid"),
+                                                  ("unet-zeros", "bbELS", "periodic")])
+def test_zoo_calibration_chooses_what_the_exhaustive_search_does(name, kind, dictionary):
+    from els_audit.data import load_dataset
+    from els_audit.models import load_model, make_denoiser
+
+    den = make_denoiser(load_model(f"zoo:{name}"), check=False)
+    imgs = load_dataset("mnist5k:size=32:limit=60").images                   # class-balanced sample
+
+    def net(x, t, label=None):
+        with torch.no_grad():
+            return den.eps(x, t, label)
+
+    cands = (3, 5, 7, 9, 11)
+    kw = dict(seeds=[10_000, 10_001, 10_002], steps=6, candidates=cands, schedule=den.schedule)
+    fast_machine = build_machine(kind, imgs, schedule=den.schedule, dictionary=dictionary)
+    assert fast_machine._nests(cands)                                        # one nested pass per step
+    fast = calibrate_scales(net, fast_machine, **kw)
+    slow = build_machine(kind, imgs, schedule=den.schedule, dictionary=dictionary)
+    slow.denoised_sweep = lambda x, t, ks, label=None: {k: slow.denoised(x, t, k=k, label=label) for k in ks}
+    slow.prepare_sweep = lambda ks, label=None: None
+    exhaustive = calibrate_scales(net, slow, **kw)
+    assert fast.scales == exhaustive.scales
+    assert np.array_equal(fast.per_seed_best, exhaustive.per_seed_best)
+    assert np.allclose(fast.per_seed_values, exhaustive.per_seed_values, rtol=1e-4, atol=1e-7)
+    assert len(set(fast.scales)) > 1                                          # a schedule, not one size
