@@ -84,6 +84,15 @@ def brute_score(kind, images, x, t_a_b, k=None, dictionary="periodic", diagnosti
     return (s, diag) if diagnostics else s
 
 
+def brute_winner(ents, w):
+    """The diagnostics' winner of one pixel's brute-force entries: ((image, y, x) of the first
+    entry of largest weight, how many entries tie with it, that weight)."""
+    wmax = w.max()
+    first = next(i for i in range(len(ents)) if w[i] >= wmax * (1 - 1e-9))
+    j, qy, qx, _ = ents[first]
+    return (j, qy, qx), int((w >= wmax * (1 - 1e-9)).sum()), wmax
+
+
 def brute_log2_norm(kind, images, x, t_a_b, k=None, dictionary="periodic"):
     """(B, H, W) log2 of the softmax normaliser sum_j exp(-||Omega_p(x) - a patch_j||^2 / (2 b^2))
     over every entry competing at each pixel (duplicates counted), straight from the loops."""

@@ -11,7 +11,7 @@ from els_audit.machines import _device as device_mod
 from els_audit.machines import _dictionary as dictionary_mod
 from els_audit.machines._engine import grouped_softmax_average
 
-from .brute_force import brute_score, window
+from .brute_force import brute_score, brute_winner, window
 
 SCHED = get_schedule("cosine-legacy")
 
@@ -132,12 +132,9 @@ def test_diagnostics_match_brute_force(tiny_tiles, times, monkeypatch):
         _, ref = brute_score(kind, imgs, x, ab(t), k=3, diagnostics=True)
         for bi in range(3):
             for (y, xx), (ents, w) in ref[bi].items():
-                wmax = w.max()
-                first = next(i for i in range(len(ents)) if w[i] >= wmax * (1 - 1e-9))
-                j, qy, qx, _ = ents[first]
-                ties = int((w >= wmax * (1 - 1e-9)).sum())
+                src, ties, wmax = brute_winner(ents, w)
                 assert (diag.source_image[bi, y, xx].item(), diag.source_y[bi, y, xx].item(),
-                        diag.source_x[bi, y, xx].item()) == (j, qy, qx)
+                        diag.source_x[bi, y, xx].item()) == src
                 assert diag.weight[bi, y, xx].item() == pytest.approx(wmax.item(), rel=1e-9)
                 assert diag.multiplicity[bi, y, xx].item() == ties
                 h = -torch.xlogy(w, w).sum().item()                         # 0 log 0 = 0
