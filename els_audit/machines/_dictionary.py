@@ -403,17 +403,31 @@ def _native_dedup(enum: "_KeyEnumerator", total: int, R: torch.Tensor, chunk: in
     layout = (enum.padded.reshape(-1), enum.img_stride, enum.pos_base.contiguous(), enum.row_offsets.contiguous(), enum.k)
     h, row_sum = native.key_hash(*layout, R, 0, total)
     rep, inverse, counts = _runs(h)
-    del h
     if native.key_verify(*layout, rep, inverse, 0, total):
-        rep, inverse, counts = _exact_dedup(enum, total, chunk)            # a hash collision
+        # NB: two different keys share a float64 hash (at 5e7 distinct keys a few percent
+        # likely): group by a second, independent hash too before the exact row-wise way,
+        # which holds every key in memory at once
+        g = torch.Generator().manual_seed(0x5EED2)
+        h2, _ = native.key_hash(*layout, torch.randn(R.numel(), generator=g, dtype=torch.float64), 0, total)
+        rep, inverse, counts = _runs(h, h2)
+        if native.key_verify(*layout, rep, inverse, 0, total):
+            rep, inverse, counts = _exact_dedup(enum, total, chunk)
     return rep, inverse, counts, row_sum
 
 
-def _runs(h: torch.Tensor):
-    """Groups of equal values in h: (first index of each group, group id per element, sizes)."""
-    hs, order = torch.sort(h, stable=True)              # equal hashes keep index order
-    new = torch.ones_like(hs, dtype=torch.bool)
-    new[1:] = hs[1:] != hs[:-1]
+def _runs(h: torch.Tensor, h2: Optional[torch.Tensor] = None):
+    """Groups of equal values in h (of equal pairs (h, h2) when h2 is given): (first index of
+    each group, group id per element, sizes)."""
+    if h2 is None:
+        hs, order = torch.sort(h, stable=True)          # equal hashes keep index order
+        new = torch.ones_like(hs, dtype=torch.bool)
+        new[1:] = hs[1:] != hs[:-1]
+    else:
+        order = torch.sort(h2, stable=True).indices
+        order = order[torch.sort(h[order], stable=True).indices]       # by (h, h2), then index
+        hs, hs2 = h[order], h2[order]
+        new = torch.ones_like(hs, dtype=torch.bool)
+        new[1:] = (hs[1:] != hs[:-1]) | (hs2[1:] != hs2[:-1])
     run_id = torch.cumsum(new, 0) - 1                                                # (total,)
     rep = order[new]                                     # first (lowest) index of each run
     inverse = torch.empty_like(run_id)

@@ -337,11 +337,12 @@ def key_hash(x: torch.Tensor, img_stride: int, pos_base: torch.Tensor, row_off: 
     lib = _get()
     suffix, layout = _key_layout(x, pos_base, row_off, k, img_stride)
     K = row_off.numel() * k
-    if R.dtype != torch.float64 or R.shape != (K,) or not R.is_contiguous() or not 0 <= start <= end:
+    if R.dtype != torch.float64 or R.shape != (K,) or not R.is_contiguous() or R.device.type != "cpu" \
+            or not 0 <= start <= end:
         raise ValueError(f"native key_hash takes R ({K},) float64 and 0 <= start <= end")
     threads = torch.get_num_threads()
     h = torch.empty(end - start, dtype=torch.float64)
-    colsum = torch.empty(threads, K, dtype=torch.float64)
+    colsum = torch.zeros(threads, K, dtype=torch.float64)        # OpenMP may start fewer threads
     rc = getattr(lib, f"els_key_hash_{suffix}")(*layout, R.data_ptr(), start, end, h.data_ptr(), colsum.data_ptr(),
                                                  threads)
     if rc:
@@ -356,7 +357,7 @@ def key_verify(x: torch.Tensor, img_stride: int, pos_base: torch.Tensor, row_off
     deduplication is exact.  Call only when :func:`available`."""
     lib = _get()
     suffix, layout = _key_layout(x, pos_base, row_off, k, img_stride)
-    if any(t.dtype != torch.int64 or not t.is_contiguous() for t in (rep, inverse)) \
+    if any(t.dtype != torch.int64 or not t.is_contiguous() or t.device.type != "cpu" for t in (rep, inverse)) \
             or inverse.numel() != end - start or not 0 <= start <= end:
         raise ValueError("native key_verify takes int64 rep and inverse (end - start,)")
     bad = getattr(lib, f"els_key_verify_{suffix}")(*layout, rep.data_ptr(), inverse.data_ptr(), start, end,
@@ -380,7 +381,8 @@ def exact_logits(q_rows: torch.Tensor, qrow: torch.Tensor, x: torch.Tensor, kbas
     n = qrow.numel()
     if T not in (torch.float32, torch.float64) or q_rows.dtype != T or mu.dtype != T \
             or (w is not None and (w.dtype != T or not w.is_contiguous() or w.numel() != K)) \
-            or q_rows.dim() != 2 or q_rows.stride(1) != 1 or q_rows.shape[1] < K or not x.is_contiguous() \
+            or q_rows.dim() != 2 or (q_rows.stride(1) != 1 and q_rows.shape[1] > 1) or q_rows.shape[1] < K \
+            or not x.is_contiguous() or any(t.device.type != "cpu" for t in (q_rows, x, qrow, kbase, off, mu, a, b)) \
             or not mu.is_contiguous() or mu.numel() != K \
             or any(t.dtype != torch.int64 or not t.is_contiguous() for t in (qrow, kbase, off)) or kbase.numel() != n \
             or any(t.dtype != torch.float64 or not t.is_contiguous() for t in (a, b, log2c)) or log2c.numel() != n:

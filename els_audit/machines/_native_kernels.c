@@ -780,7 +780,8 @@ KEY_VERIFY(els_key_verify_f64, double)
  *
  * q = w * q_rows[qrow[i], :K] (row stride ldq), p = w * x[kbase[i] + off[d]] (d < K), a and b
  * the row's (a[qrow[i]], b[qrow[i]]), w an optional column scale (NULL: ones).  As in torch,
- * the products with w are rounded to T and the rest is float64.  Threads over records. */
+ * the products with w are rounded to T; the rest is float64 (equal to torch's to float64
+ * rounding: the order of the sums and fused multiply-adds differ).  Threads over records. */
 #define EXACT_LOGITS(NAME, T)                                                               \
 int NAME(const T *q, int64_t ldq, const int64_t *qrow, const T *x, const int64_t *kbase, const int64_t *off, \
          int64_t K, const T *mu, const T *w, const double *a, const double *b, const double *log2c, int64_t n, \

@@ -54,6 +54,7 @@ the row block runs step by step (each step's softmax sums as one C pass).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -746,22 +747,34 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
     # NB: the fused step takes many more rows per block than the torch path's (nodes, rows) logit
     # tiles allow: each block walks the whole tree (a C call per tile, whose key rows are converted
     # afresh per call), so fewer blocks cost less Python and fewer conversions
+    def fused_block(r0: int, r1: int) -> bool:
+        """Rows r0..r1-1 by the fused step; False (nothing written) when its record buffers
+        overflowed or the refinement gave up (more near-maximum keys than it holds)."""
+        nr, Lb = block_rows(r0, r1)
+        refine = fresh_refinement(r0, nr, Lb)
+        large = r1 - r0 > row_block
+        with warnings.catch_warnings():
+            if large:                               # a refinement that gives up is redone below
+                warnings.simplefilter("ignore", RuntimeWarning)
+            block = _fused_row_block(nd, levels[:Lb], wanted, Q[r0:r1], coef_lin[r0:r1], coef_sq[r0:r1], nr,
+                                     underflow, skip_below, nmax, counts, refine)
+        if block is None or (large and refine is not None and any(f.gave_up for f in refine)):
+            return False
+        acc, m, top = ([t[i, ..., : nr[i]] for i in range(Lb)] for t in block)
+        finish(r0, nr, Lb, acc, m, top, refine)
+        return True
+
     step = max(row_block, min(FUSED_MAX_ROWS, FUSED_BLOCK_ELEMS // Q.shape[1])) if fused else row_block
     for r0 in range(0, R, step):
         r1 = min(R, r0 + step)
-        if not fused:
-            stepwise(r0, r1)
+        if fused and fused_block(r0, r1):
             continue
-        nr, Lb = block_rows(r0, r1)
-        refine = fresh_refinement(r0, nr, Lb)
-        block = _fused_row_block(nd, levels[:Lb], wanted, Q[r0:r1], coef_lin[r0:r1], coef_sq[r0:r1], nr, underflow,
-                                 skip_below, nmax, counts, refine)
-        if block is None:                         # the records overflowed: step by step, in small blocks
-            for s0 in range(r0, r1, row_block):
-                stepwise(s0, min(r1, s0 + row_block))
-            continue
-        acc, m, top = ([t[i, ..., : nr[i]] for i in range(Lb)] for t in block)
-        finish(r0, nr, Lb, acc, m, top, refine)
+        # step by step; or, after a large fused block overflowed, in blocks of row_block rows,
+        # fused where they do not overflow (the refinement's room is per block)
+        for s0 in range(r0, r1, row_block):
+            s1 = min(r1, s0 + row_block)
+            if not (fused and r1 - r0 > row_block and fused_block(s0, s1)):
+                stepwise(s0, s1)
     if stats is not None:
         stats.update(counts)
     out = {}

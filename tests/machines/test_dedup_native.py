@@ -12,6 +12,8 @@ from els_audit.machines._dictionary import _KeyEnumerator, circular_pad, patch_o
 
 from .test_native import needs_cc
 
+_exact_dedup_ref = _dictionary._exact_dedup
+
 
 def _images(dtype, n=30, C=2, H=11, W=9, seed=0):
     """Sparse small-integer images: many equal patches at every k."""
@@ -91,17 +93,29 @@ def test_key_verify_counts_the_keys_unequal_to_their_representative():
 
 
 @needs_cc
-def test_a_hash_collision_falls_back_to_the_exact_partition(monkeypatch):
+@pytest.mark.parametrize("colliding", ["first hash", "both hashes"])
+def test_a_hash_collision_falls_back_to_the_exact_partition(colliding, monkeypatch):
+    # the first hash collides: a second, independent one separates the keys; both collide:
+    # the exact row-wise partition
     imgs = _images(torch.float64)
     enum = _enumerator(imgs, 3, "circular")
     want = _torch_dedup(enum, 18)
+    calls = []
 
-    def colliding(x, img_stride, pos_base, row_off, k, R, start, end):        # every key one hash
+    def hashing(x, img_stride, pos_base, row_off, k, R, start, end):
         h, colsum = real(x, img_stride, pos_base, row_off, k, R, start, end)
-        return torch.zeros_like(h), colsum
+        calls.append(R)
+        if colliding == "both hashes" or len(calls) == 1:
+            h = torch.zeros_like(h)                                              # every key one hash
+        return h, colsum
     real = _native.key_hash
-    monkeypatch.setattr(_native, "key_hash", colliding)
+    monkeypatch.setattr(_native, "key_hash", hashing)
+    exact = []
+    monkeypatch.setattr(_dictionary, "_exact_dedup", lambda *a: exact.append(1) or real_exact(*a))
+    real_exact = _exact_dedup_ref
     got = _dictionary._hash_dedup(enum, enum.total, 18, 3 * enum.npos)
+    assert len(calls) == 2 and not torch.equal(calls[0], calls[1])
+    assert len(exact) == (colliding == "both hashes")
     for a, b in zip(_canonical(*got[:3]), _canonical(*want[:3])):
         assert torch.equal(a, b)
 
