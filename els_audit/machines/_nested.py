@@ -48,8 +48,11 @@ In float32, when the native kernels build (:mod:`._native`), each tile's levels 
 fused C step (``els_nested_tile``: parent logit + ring GEMM + online softmax per block of
 query rows, only the sums written back; levels whose key rows are mostly zero run as
 sparse products); at low noise it also records the keys that the float64 refinement needs
-(those within REFINE_BITS of their pixel's maximum), and should its record buffers overflow,
-the row block runs step by step (each step's softmax sums as one C pass).
+(those within REFINE_BITS of their pixel's maximum).  Its row blocks are large (up to
+FUSED_MAX_ROWS query rows: every block walks the whole tree); should a block's record buffers
+overflow, or its refinement give up, the block is redone in blocks of ``row_block`` rows,
+fused where they fit and step by step where they overflow again (each step's softmax sums
+as one C pass).
 """
 
 from __future__ import annotations
