@@ -58,6 +58,7 @@ from . import _native as native
 from ._dictionary import KeyChunk, PatchDictionary
 
 __all__ = ["GroupedResult", "grouped_softmax_average", "log2_norm_of", "SKIP_BITS", "exp2_floor", "skip_threshold",
+           "exact_logits", "exact_logits_at",
            "REFINE_BITS", "REFINE_MIN_COEF", "refine_rows", "Float64Refinement"]
 
 LOG2E = 1.0 / math.log(2.0)
@@ -203,6 +204,24 @@ def exact_logits(q: torch.Tensor, p: torch.Tensor, a: torch.Tensor, b: torch.Ten
     qc = q - a[:, None] * mu.to(torch.float64)
     d = q - a[:, None] * p
     return LOG2E * ((qc * qc).sum(1) - (d * d).sum(1)) / (2 * b * b) + log2_count.to(torch.float64)
+
+
+def exact_logits_at(q_rows: torch.Tensor, qrow: torch.Tensor, x: torch.Tensor, kbase: torch.Tensor,
+                    off: torch.Tensor, mu: torch.Tensor, w: Optional[torch.Tensor], a_rows: torch.Tensor,
+                    b_rows: torch.Tensor, log2c: torch.Tensor) -> torch.Tensor:
+    """:func:`exact_logits` of n (query row, key) records whose keys lie in the flat images x
+    (key i: ``x[kbase[i] + off]``): queries ``q_rows[qrow]`` (R, >= K), ``w`` (K,) a column
+    scale or None, a_rows and b_rows (R,) contiguous float64 per query row, log2c (n,).  On the
+    CPU the C kernel reads the keys where they lie (:func:`._native.exact_logits`); elsewhere
+    they are gathered."""
+    if x.device.type == "cpu" and x.is_contiguous() and native.available():
+        q = q_rows if q_rows.stride(-1) == 1 or q_rows.shape[1] == 1 else q_rows.contiguous()
+        return native.exact_logits(q, qrow, x, kbase, off.contiguous(), mu.contiguous(),
+                                   None if w is None else w.contiguous(), a_rows, b_rows, log2c)
+    K = off.numel()
+    ww = torch.ones(K, dtype=x.dtype, device=x.device) if w is None else w
+    return exact_logits(q_rows[qrow, :K] * ww, x[kbase[:, None] + off[None, :]] * ww, a_rows[qrow], b_rows[qrow],
+                        mu * ww, log2c)
 
 
 def skip_threshold(n_keys: int) -> float:
@@ -508,23 +527,15 @@ def grouped_softmax_average(
             mean_c = (acc[:, :C] / z[:, None]).reshape(B, P, C).permute(0, 2, 1)
         else:
             q_rows = q_raw.reshape(R, K)
-            w = torch.ones(K, dtype=dtype, device=dev) if col_scale is None else col_scale
-            in_place = g.enum.native_keys()                   # the C kernel reads the keys in place
-            if in_place:
-                q_rows = q_rows.contiguous()                  # one query item: a transposed view
-                a_rows = a.to(torch.float64)[:, None].expand(B, P).reshape(R).contiguous()
-                b_rows64 = b_rows.to(torch.float64).contiguous()
-                offsets = g.enum.flat_offsets()
+            if q_rows.stride(-1) != 1 and K > 1:
+                q_rows = q_rows.contiguous()                  # once, not per chunk of records
+            x_flat, offsets = g.enum.padded.reshape(-1), g.enum.flat_offsets()
+            a64 = a.to(torch.float64)[:, None].expand(B, P).reshape(R).contiguous()
+            b64 = b_rows.to(torch.float64).contiguous()
 
             def exact(rows, keys):
-                if in_place:
-                    s64 = native.exact_logits(q_rows, rows, g.enum.padded.reshape(-1), g.key_bases(keys), offsets,
-                                              g.mean, None if col_scale is None else col_scale.contiguous(), a_rows,
-                                              b_rows64, g.log2_multiplicity(keys))
-                else:
-                    bi = rows // P
-                    s64 = exact_logits(q_rows[rows] * w, g.patches(keys) * w, a[bi], b[bi], g.mean * w,
-                                       g.log2_multiplicity(keys))
+                s64 = exact_logits_at(q_rows, rows, x_flat, g.key_bases(keys), offsets, g.mean, col_scale, a64, b64,
+                                      g.log2_multiplicity(keys))
                 return s64, torch.cat([g.centres(keys), torch.ones(keys.numel(), 1, dtype=dtype, device=dev)], 1)
 
             acc64 = refine.corrected(acc[:, : C + 1], m, exact, top=top)

@@ -714,8 +714,9 @@ int els_nested_tile(const els_level_t *lv, int64_t nlev, int64_t nc, float lo, f
  *   h[q - start] = sum_d row[d] * R[d]        (float64; four partial sums by d mod 4, added
  *                                              in a fixed order: the same bits for equal rows)
  *
- * and colsum (nthreads, K) receives each thread's float64 column sums of its keys' rows
- * (the caller adds the threads' rows in order).  Threads over keys, static schedule. */
+ * and colsum (nthreads, K, zeroed by the caller: OpenMP may start fewer threads) receives each
+ * thread's float64 column sums of its keys' rows (the caller adds the threads' rows in order).
+ * Threads over keys, static schedule. */
 #define KEY_HASH(NAME, T)                                                                   \
 int NAME(const T *x, int64_t img_stride, const int64_t *pos_base, int64_t npos, const int64_t *row_off,     \
          int64_t nrows, int64_t k, const double *R, int64_t start, int64_t end, double *h, double *colsum,  \
@@ -725,7 +726,6 @@ int NAME(const T *x, int64_t img_stride, const int64_t *pos_base, int64_t npos, 
     _Pragma("omp parallel num_threads(nthreads)")                                           \
     {                                                                                       \
         double *cs = colsum + (int64_t)omp_get_thread_num() * K;                            \
-        for (int64_t d = 0; d < K; d++) cs[d] = 0.0;                                        \
         _Pragma("omp for schedule(static)")                                                 \
         for (int64_t q = start; q < end; q++) {                                             \
             const T *b = x + (q / npos) * img_stride + pos_base[q % npos];                  \

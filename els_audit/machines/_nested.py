@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from ._dictionary import _hash_dedup, _KeyEnumerator, background_of, circular_pad, patch_offsets, prefix_rows
 from . import _native as native
 from . import _engine
-from ._engine import (FUSED_SCRATCH_BYTES, FUSED_SLACK_BITS, LOG2E, REFINE_BITS, Float64Refinement, exact_logits,
+from ._engine import (FUSED_SCRATCH_BYTES, FUSED_SLACK_BITS, LOG2E, REFINE_BITS, Float64Refinement, exact_logits_at,
                       exp2_floor, log2_norm_of, refine_rows, skip_threshold)
 
 __all__ = ["NestedLevel", "NestedDictionary", "build_nested_dictionary", "nested_softmax_average",
@@ -701,8 +701,7 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
     fused = use_native and fuse
     nmax = max(j1 - j0 for t in nd.tiles for j0, j1, _ in t[:L]) if fused else 0
 
-    in_place = refine_all is not None and dev.type == "cpu" and native.available() and Q_raw.is_contiguous()
-    if in_place:
+    if refine_all is not None:
         a_row64, b_row64 = a_row.to(torch.float64).contiguous(), b_row.to(torch.float64).contiguous()
 
     def block_rows(r0: int, r1: int) -> tuple[list[int], int]:
@@ -724,15 +723,8 @@ def nested_softmax_average(nd: NestedDictionary, x: torch.Tensor, a: torch.Tenso
             win = all_off[: C * lv.k * lv.k]                                               # the level's window
 
             def exact(r, j, lv=lv, win=win):
-                rr = r0 + r
-                log2c = lv.count[j].to(torch.float64).log2()
-                if in_place:                              # the C kernel reads the keys in place
-                    s64 = native.exact_logits(Q_raw, rr, nd.padded_flat, lv.rep_base[j], win,
-                                              mu_cols[: win.numel()].contiguous(), None, a_row64, b_row64, log2c)
-                else:
-                    keys = nd.padded_flat[lv.rep_base[j, None] + win[None, :]]
-                    s64 = exact_logits(Q_raw[rr, : win.numel()], keys, a_row[rr], b_row[rr], mu_cols[: win.numel()],
-                                       log2c)
+                s64 = exact_logits_at(Q_raw, r0 + r, nd.padded_flat, lv.rep_base[j], win, mu_cols[: win.numel()],
+                                      None, a_row64, b_row64, lv.count[j].to(torch.float64).log2())
                 return s64, lv.vals[:, j].t()
 
             acc64 = refine[i].corrected(acc[i].t(), m[i], exact, top=top[i])                  # (rows, C+1)
