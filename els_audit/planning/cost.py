@@ -29,6 +29,7 @@ import torch
 from ..calibrate import step_candidates
 from ..data import balanced_subset_indices
 from ..machines import DEFAULT_MEMORY_BUDGET, build_machine
+from ..machines import _native as native
 from ..novelty import nearest_neighbours
 from ..serialize import json_float
 
@@ -240,6 +241,10 @@ def probe_throughput(kind: str, images: torch.Tensor, labels: Optional[torch.Ten
     Returns:
         :class:`Throughput`.
     """
+    # NB: the machines' C kernels compile on their first use (seconds, once per machine and
+    # source); inside the small size's timing that looked like a fixed cost, and the cost per
+    # image fell to its floor (a new user's first audit planned 4x the work its budget held)
+    native.available()
     t_start = time.perf_counter()
     N, C, H, W = images.shape
     g = torch.Generator().manual_seed(seed + 1)

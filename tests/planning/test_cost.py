@@ -188,3 +188,20 @@ def test_predict_costs_follow_the_support():
     assert shaped.calibrate > square.calibrate and wide.calibrate > shaped.calibrate
     assert wide.predict > shaped.predict == pytest.approx(square.predict)
     assert border.calibrate == pytest.approx(square.calibrate) and border.predict > square.predict
+
+
+def test_the_probe_builds_the_c_kernels_before_it_times_anything(monkeypatch):
+    # a first audit compiles the machines' C kernels: inside the small size's timing that looked
+    # like a fixed cost, and the fitted cost per image fell to its floor (4x the work planned)
+    from els_audit.machines import _native
+    from els_audit.planning import cost
+
+    events, real_available, real_once = [], _native.available, cost._probe_once
+    monkeypatch.setattr(_native, "available", lambda: events.append("build") or real_available())
+    monkeypatch.setattr(cost, "_probe_once", lambda **kw: events.append("time") or real_once(**kw))
+    full = load_dataset("mnist5k:size=32:limit=40")
+    fine = (3, 5, 5, 7)
+    probe_throughput("bbELS", full.images, None, schedule="cosine-legacy", dictionary="periodic", predicted=fine,
+                     candidates=candidates_near(fine, 1, k_max=31), eps_fn=lambda x, t, label=None: torch.zeros_like(x),
+                     n_probe=8, seed=0)
+    assert events[0] == "build" and "time" in events
